@@ -1,0 +1,483 @@
+//! The broker's configuration file: boards, their ttys, and who may use them.
+//!
+//! Parsing happens in two steps. serde reads the TOML into raw structs that
+//! keep each value's position; [`validate`] then checks the rules serde can't
+//! (names, duplicates, overlapping matches) and collects every problem, each
+//! with `file:line:col`, the offending value, and what to write instead.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+use toml::Spanned;
+use wire::names::{check_link_name, check_name, socket_name, suggest_name};
+
+/// Where the broker looks for its config when `--config` is not given.
+pub const DEFAULT_PATH: &str = "/etc/devbroker/devbroker.toml";
+/// Rate a tty gets when the config does not give one.
+pub const DEFAULT_RATE: u32 = 115_200;
+
+/// A checked configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Config {
+    pub boards: Vec<Board>,
+}
+
+/// One board: a device under test with one or more USB serial ttys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Board {
+    pub name: String,
+    /// Types this board can stand in for, as in Sai's device conf.
+    pub compatible: Vec<String>,
+    /// Containers that may use the board.
+    pub machines: Vec<String>,
+    /// Host unix groups whose members may use the board.
+    pub host_groups: Vec<String>,
+    pub ttys: Vec<Tty>,
+}
+
+/// One serial port of a board.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tty {
+    pub name: String,
+    /// The rate a new session starts at.
+    pub rate: u32,
+    pub matcher: Match,
+}
+
+/// Which adapter is this tty: every key given must match.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Match {
+    /// Link name in `/dev/serial/by-id`.
+    pub by_id: Option<String>,
+    /// `ID_SERIAL_SHORT`.
+    pub serial: Option<String>,
+    /// `ID_PATH`: the port path, for adapters without a serial number.
+    pub path: Option<String>,
+    /// USB vendor and product id.
+    pub usb: Option<UsbId>,
+}
+
+/// A USB vendor:product pair.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct UsbId {
+    pub vendor: u16,
+    pub product: u16,
+}
+
+impl fmt::Display for UsbId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{:04x}:{:04x}", self.vendor, self.product)
+    }
+}
+
+impl UsbId {
+    /// Parses `"0403:6001"`.
+    pub fn parse(s: &str) -> Option<UsbId> {
+        let (v, p) = s.split_once(':')?;
+        if v.len() != 4 || p.len() != 4 {
+            return None;
+        }
+        Some(UsbId { vendor: u16::from_str_radix(v, 16).ok()?, product: u16::from_str_radix(p, 16).ok()? })
+    }
+}
+
+impl Board {
+    /// A board given to exactly one machine and no host group is attached to
+    /// that machine all the time; any other board is shared.
+    pub fn dedicated_machine(&self) -> Option<&str> {
+        match (&self.machines[..], self.host_groups.is_empty()) {
+            ([m], true) => Some(m),
+            _ => None,
+        }
+    }
+}
+
+/// One problem found in a config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+    /// What to write instead.
+    pub help: Option<String>,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)?;
+        if let Some(h) = &self.help {
+            write!(f, "\n  help: {h}")?;
+        }
+        Ok(())
+    }
+}
+
+/// All the problems of one config file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigErrors(pub Vec<ConfigError>);
+
+impl fmt::Display for ConfigErrors {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        for (i, e) in self.0.iter().enumerate() {
+            if i > 0 {
+                writeln!(f)?;
+            }
+            write!(f, "{e}")?;
+        }
+        Ok(())
+    }
+}
+
+impl std::error::Error for ConfigErrors {}
+
+/// Reads and checks a config file.
+pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+    let text = std::fs::read_to_string(path).map_err(|e| {
+        ConfigErrors(vec![ConfigError {
+            file: path.to_owned(),
+            line: 0,
+            col: 0,
+            message: format!("can't read the config: {e}"),
+            help: Some(format!("write one (see devbroker.example.toml) or pass --config; the default is {DEFAULT_PATH}")),
+        }])
+    })?;
+    parse(path, &text)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    #[serde(default)]
+    board: Vec<RawBoard>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawBoard {
+    name: Spanned<String>,
+    #[serde(default)]
+    compatible: Vec<Spanned<String>>,
+    #[serde(default)]
+    machines: Vec<Spanned<String>>,
+    #[serde(default, rename = "host-groups")]
+    host_groups: Vec<Spanned<String>>,
+    #[serde(default)]
+    tty: Vec<RawTty>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTty {
+    name: Spanned<String>,
+    rate: Option<Spanned<i64>>,
+    #[serde(rename = "match")]
+    matcher: Spanned<RawMatch>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMatch {
+    #[serde(rename = "by-id")]
+    by_id: Option<Spanned<String>>,
+    serial: Option<Spanned<String>>,
+    path: Option<Spanned<String>>,
+    usb: Option<Spanned<String>>,
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    text: &'a str,
+    errors: Vec<ConfigError>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, span: Range<usize>, message: String, help: Option<String>) {
+        let (line, col) = line_col(self.text, span.start);
+        self.errors.push(ConfigError { file: self.file.to_owned(), line, col, message, help });
+    }
+
+    fn pos(&self, span: &Range<usize>) -> String {
+        let (l, c) = line_col(self.text, span.start);
+        format!("{l}:{c}")
+    }
+}
+
+/// 1-based line and column of a byte offset.
+fn line_col(text: &str, offset: usize) -> (usize, usize) {
+    let before = &text[..offset.min(text.len())];
+    let line = before.matches('\n').count() + 1;
+    let col = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+    (line, col)
+}
+
+/// Parses and checks config text; `file` is only used in messages.
+pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
+    let mut cx = Ctx { file, text, errors: Vec::new() };
+    let raw: RawConfig = match toml::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            let span = e.span().unwrap_or(0..0);
+            let msg = e.message().trim().to_string();
+            let help = if msg.contains("unknown field") {
+                Some("remove the key or fix its spelling; board keys are name, compatible, machines, host-groups, tty; tty keys are name, rate, match; match keys are by-id, serial, path, usb".into())
+            } else {
+                None
+            };
+            cx.err(span, msg, help);
+            return Err(ConfigErrors(cx.errors));
+        }
+    };
+    let config = validate(&mut cx, raw);
+    if cx.errors.is_empty() {
+        Ok(config)
+    } else {
+        Err(ConfigErrors(cx.errors))
+    }
+}
+
+fn check_named(cx: &mut Ctx, what: &str, name: &Spanned<String>) {
+    if let Err(why) = check_name(name.get_ref()) {
+        cx.err(
+            name.span(),
+            format!("{what} name {:?} is not allowed: {why}", name.get_ref()),
+            Some(format!(
+                "names are 1-63 characters of a-z, 0-9, '.' and '-', starting with a letter or digit, e.g. {:?}",
+                suggest_name(name.get_ref())
+            )),
+        );
+    }
+}
+
+fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
+    let mut boards = Vec::new();
+    let mut board_names: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    let mut sockets: BTreeMap<String, (String, Range<usize>)> = BTreeMap::new();
+    // (board, tty, span of the match table, match)
+    let mut matches: Vec<(String, String, Range<usize>, Match)> = Vec::new();
+
+    for rb in raw.board {
+        check_named(cx, "board", &rb.name);
+        let bname = rb.name.get_ref().clone();
+        if let Some(first) = board_names.get(&bname).cloned() {
+            cx.err(
+                rb.name.span(),
+                format!("board name {bname:?} is used twice (first at {})", cx.pos(&first)),
+                Some("give each board its own name".into()),
+            );
+        } else {
+            board_names.insert(bname.clone(), rb.name.span());
+        }
+        for c in &rb.compatible {
+            let ok = !c.get_ref().is_empty()
+                && c.get_ref().chars().all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
+            if !ok {
+                cx.err(
+                    c.span(),
+                    format!("compatible type {:?} is not allowed", c.get_ref()),
+                    Some("types use only letters, digits, '.', '_' and '-', as Sai device types do".into()),
+                );
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for m in &rb.machines {
+            check_named(cx, "machine", m);
+            if let Some(first) = seen.insert(m.get_ref().clone(), m.span()) {
+                cx.err(m.span(), format!("machine {:?} is listed twice (first at {})", m.get_ref(), cx.pos(&first)), Some("list each machine once".into()));
+            }
+        }
+        for g in &rb.host_groups {
+            let name = g.get_ref();
+            let ok = !name.is_empty()
+                && name.len() <= 32
+                && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+            if !ok {
+                cx.err(g.span(), format!("host group {name:?} is not a unix group name"), Some("write the group's name as in /etc/group, e.g. \"dialout\"".into()));
+            }
+        }
+        if rb.tty.is_empty() {
+            cx.err(
+                rb.name.span(),
+                format!("board {bname:?} has no tty"),
+                Some("add one: [[board.tty]] with name = \"console\" and match = { by-id = \"usb-...\" }".into()),
+            );
+        }
+        let mut ttys = Vec::new();
+        let mut tty_names: BTreeMap<String, Range<usize>> = BTreeMap::new();
+        for rt in rb.tty {
+            check_named(cx, "tty", &rt.name);
+            let tname = rt.name.get_ref().clone();
+            if let Some(first) = tty_names.get(&tname).cloned() {
+                cx.err(rt.name.span(), format!("board {bname:?} has two ttys named {tname:?} (first at {})", cx.pos(&first)), Some("give each tty of a board its own name".into()));
+            } else {
+                tty_names.insert(tname.clone(), rt.name.span());
+                let sock = socket_name(&bname, &tname);
+                if let Some((other, first)) = sockets.get(&sock).cloned() {
+                    cx.err(
+                        rt.name.span(),
+                        format!("board {bname:?} tty {tname:?} needs the socket {sock:?}, which {other} (at {}) needs too", cx.pos(&first)),
+                        Some("board and tty names are joined with '.'; rename one so the joined names differ".into()),
+                    );
+                } else {
+                    sockets.insert(sock, (format!("board {bname:?} tty {tname:?}"), rt.name.span()));
+                }
+            }
+            let rate = match rt.rate {
+                None => DEFAULT_RATE,
+                Some(r) => {
+                    let v = *r.get_ref();
+                    if !(50..=20_000_000).contains(&v) {
+                        cx.err(r.span(), format!("rate {v} is out of range"), Some("give the baud rate the board's console uses, e.g. 115200".into()));
+                        DEFAULT_RATE
+                    } else {
+                        v as u32
+                    }
+                }
+            };
+            let matcher = validate_match(cx, &rt.matcher);
+            matches.push((bname.clone(), tname.clone(), rt.matcher.span(), matcher.clone()));
+            ttys.push(Tty { name: tname, rate, matcher });
+        }
+        boards.push(Board {
+            name: bname,
+            compatible: rb.compatible.into_iter().map(Spanned::into_inner).collect(),
+            machines: rb.machines.into_iter().map(Spanned::into_inner).collect(),
+            host_groups: rb.host_groups.into_iter().map(Spanned::into_inner).collect(),
+            ttys,
+        });
+    }
+
+    for i in 0..matches.len() {
+        for j in 0..i {
+            let (ab, at, aspan, am) = &matches[i];
+            let (bb, bt, bspan, bm) = &matches[j];
+            if *am == Match::default() || *bm == Match::default() {
+                continue; // already reported as empty
+            }
+            if could_match_same(am, bm) {
+                cx.err(
+                    aspan.clone(),
+                    format!(
+                        "board {ab:?} tty {at:?} and board {bb:?} tty {bt:?} (match at {}) can match the same adapter",
+                        cx.pos(bspan)
+                    ),
+                    Some("tell them apart with a key both give with different values: serial = \"...\" (ID_SERIAL_SHORT), or path = \"...\" (ID_PATH) for adapters without a serial number; `devbroker boards --suggest` prints them".into()),
+                );
+            }
+        }
+    }
+    Config { boards }
+}
+
+fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
+    let raw = m.get_ref();
+    let mut out = Match::default();
+    if let Some(b) = &raw.by_id {
+        match check_link_name(b.get_ref()) {
+            Ok(()) => out.by_id = Some(b.get_ref().clone()),
+            Err(why) => {
+                let base = b.get_ref().rsplit('/').find(|s| !s.is_empty() && *s != "." && *s != "..").unwrap_or("usb-...");
+                cx.err(b.span(), format!("by-id {:?} is not a link name: {why}", b.get_ref()), Some(format!("write the name of the link in /dev/serial/by-id alone, e.g. by-id = {base:?}")));
+            }
+        }
+    }
+    for (key, val, slot) in [("serial", &raw.serial, &mut out.serial), ("path", &raw.path, &mut out.path)] {
+        if let Some(v) = val {
+            let s = v.get_ref();
+            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                cx.err(v.span(), format!("{key} {s:?} is empty or has white space"), Some(format!("copy {key} from `devbroker boards --suggest` or `udevadm info /dev/ttyUSB0`")));
+            } else {
+                *slot = Some(s.clone());
+            }
+        }
+    }
+    if let Some(u) = &raw.usb {
+        match UsbId::parse(u.get_ref()) {
+            Some(id) => out.usb = Some(id),
+            None => cx.err(u.span(), format!("usb {:?} is not VENDOR:PRODUCT", u.get_ref()), Some("write four hex digits each, e.g. usb = \"0403:6001\"".into())),
+        }
+    }
+    if raw.by_id.is_none() && raw.serial.is_none() && raw.path.is_none() && raw.usb.is_none() {
+        cx.err(m.span(), "match is empty: it would match any adapter".into(), Some("give at least one of by-id, serial, path, usb".into()));
+    }
+    out
+}
+
+/// Whether some adapter could satisfy both matches. Two matches are apart
+/// only when a key both give differs; a by-id name embeds the serial number
+/// (`usb-<vendor>_<model>_<serial>-if00`), so a by-id and a serial that isn't
+/// in it are apart too.
+pub fn could_match_same(a: &Match, b: &Match) -> bool {
+    fn differ<T: PartialEq>(x: &Option<T>, y: &Option<T>) -> bool {
+        matches!((x, y), (Some(x), Some(y)) if x != y)
+    }
+    if differ(&a.by_id, &b.by_id) || differ(&a.serial, &b.serial) || differ(&a.path, &b.path) || differ(&a.usb, &b.usb) {
+        return false;
+    }
+    let by_id_vs_serial = |m: &Match, n: &Match| match (&m.by_id, &n.serial) {
+        (Some(link), Some(serial)) => !link.contains(serial.as_str()),
+        _ => false,
+    };
+    !(by_id_vs_serial(a, b) || by_id_vs_serial(b, a))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn errs(text: &str) -> Vec<String> {
+        match parse(Path::new("t.toml"), text) {
+            Ok(_) => panic!("accepted:\n{text}"),
+            Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+        }
+    }
+
+    const GOOD: &str = r#"
+[[board]]
+name = "esp1"
+compatible = ["esp32"]
+machines = ["ci1"]
+
+[[board.tty]]
+name = "console"
+match = { by-id = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0" }
+"#;
+
+    #[test]
+    fn good_config() {
+        let c = parse(Path::new("t.toml"), GOOD).unwrap();
+        assert_eq!(c.boards[0].ttys[0].rate, DEFAULT_RATE);
+        assert_eq!(c.boards[0].dedicated_machine(), Some("ci1"));
+    }
+
+    #[test]
+    fn line_col_counts_from_one() {
+        assert_eq!(line_col("ab\ncd", 4), (2, 2));
+        assert_eq!(line_col("x", 0), (1, 1));
+    }
+
+    #[test]
+    fn overlap_rules() {
+        let by = |s: &str| Match { by_id: Some(s.into()), ..Default::default() };
+        let ser = |s: &str| Match { serial: Some(s.into()), ..Default::default() };
+        let usb = Match { usb: UsbId::parse("0403:6001"), ..Default::default() };
+        assert!(!could_match_same(&by("a"), &by("b")));
+        assert!(could_match_same(&by("a"), &by("a")));
+        assert!(could_match_same(&usb, &ser("X")));
+        assert!(!could_match_same(&by("usb-FTDI_X_A1-if00"), &ser("B2")));
+        assert!(could_match_same(&by("usb-FTDI_X_A1-if00"), &ser("A1")));
+        let both = Match { serial: Some("A".into()), usb: UsbId::parse("0403:6001"), ..Default::default() };
+        assert!(!could_match_same(&both, &ser("B")));
+    }
+
+    #[test]
+    fn unknown_key_names_the_key() {
+        let e = errs("[[board]]\nname = \"a\"\ncolour = \"red\"\n");
+        assert!(e[0].starts_with("t.toml:3:1: unknown field `colour`"), "{e:?}");
+        assert!(e[0].contains("help:"));
+    }
+}

@@ -1,0 +1,252 @@
+//! The broker's main loop: adapters come and go, sockets follow.
+//!
+//! Each discovery event updates the map of present adapters (keyed by the
+//! source's id, as container-hotplug keys by syspath); [`plan`] turns config
+//! and adapters into the sockets that should exist, and the loop applies the
+//! difference. Order matters to devshim: a machine's index is written before
+//! its new sockets appear and after its old ones are gone.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs;
+use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+
+use anyhow::{bail, Context};
+use futures_util::StreamExt;
+use tokio::net::{UnixListener, UnixStream};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wire::manifest::{Manifest, CONTROL_SOCKET, FILE as MANIFEST};
+
+use crate::adapter::Adapter;
+use crate::config::Config;
+use crate::control::{self, Scope};
+use crate::peer::{check_host_access, Peer};
+use crate::plan::{self, Access, SocketSpec};
+use crate::session;
+use crate::source::{Source, SourceEvent};
+use crate::state::Shared;
+
+/// Default run directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/devbroker";
+/// The admin's control socket, relative to the run directory.
+pub const ADMIN_SOCKET: &str = "broker.sock";
+
+/// Where the broker keeps its sockets, and where it reads users from.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub run_dir: PathBuf,
+    /// Directory holding `passwd` and `group` (normally `/etc`).
+    pub etc: PathBuf,
+}
+
+/// A socket being served; dropping it stops accepting and removes the file.
+struct Listener {
+    path: PathBuf,
+    cancel: CancellationToken,
+}
+
+impl Drop for Listener {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+        let _ = fs::remove_file(&self.path);
+    }
+}
+
+/// Runs the broker until `shutdown` is cancelled, then removes what it made
+/// (sockets and indexes; machine directories stay, as containers bind them).
+pub async fn run(config: Config, opts: Options, source: Box<dyn Source>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let machines = plan::machines(&config);
+    let _lock = prepare_run_dir(&opts.run_dir, &machines)?;
+    let shared = Shared::new(config.clone());
+    let mut fixed = Vec::new();
+    let admin_path = opts.run_dir.join(ADMIN_SOCKET);
+    let admin = bind(&admin_path, 0o600)?;
+    fixed.push(Listener { path: admin_path, cancel: shutdown.child_token() });
+    tokio::spawn(control::serve(admin, Scope::Admin, shared.clone(), fixed.last().unwrap().cancel.clone()));
+    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
+    for m in &machines {
+        let dir = opts.run_dir.join("machines").join(m);
+        write_manifest(&dir, &Manifest { version: 1, ttys: vec![] })?;
+        manifests.insert(m.clone(), Manifest { version: 1, ttys: vec![] });
+        let path = dir.join(CONTROL_SOCKET);
+        let l = bind(&path, 0o666)?;
+        let token = shutdown.child_token();
+        tokio::spawn(control::serve(l, Scope::Machine(m.clone()), shared.clone(), token.clone()));
+        fixed.push(Listener { path, cancel: token });
+    }
+
+    info!("watching {}", source.describe());
+    let mut stream = source.watch().context("can't start the discovery source")?;
+    let mut adapters: BTreeMap<String, Adapter> = BTreeMap::new();
+    let mut listeners: BTreeMap<PathBuf, Listener> = BTreeMap::new();
+    info!(run_dir = %opts.run_dir.display(), boards = config.boards.len(), machines = machines.len(), "devbroker ready");
+    let result = loop {
+        let ev = tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            ev = stream.next() => ev,
+        };
+        match ev {
+            Some(Ok(SourceEvent::Added(a))) => {
+                debug!(adapter = %a.id, "added");
+                adapters.insert(a.id.clone(), a);
+            }
+            Some(Ok(SourceEvent::Removed(id))) => {
+                debug!(adapter = %id, "removed");
+                adapters.remove(&id);
+            }
+            Some(Err(e)) => break Err(anyhow::Error::new(e).context("the discovery source failed")),
+            None => break Err(anyhow::anyhow!("the discovery source stopped")),
+        }
+        let (present, warnings) = plan::assign(&config, &adapters);
+        for w in warnings {
+            warn!("{w}");
+        }
+        shared.set_present(&present);
+        let want = plan::sockets(&config, &present);
+        listeners.retain(|rel, _| want.get(rel).is_some());
+        for m in &machines {
+            let man = plan::manifest(&config, &present, m);
+            if manifests.get(m) != Some(&man) {
+                if let Err(e) = write_manifest(&opts.run_dir.join("machines").join(m), &man) {
+                    warn!(machine = %m, "can't write the index: {e}");
+                }
+                manifests.insert(m.clone(), man);
+            }
+        }
+        for (rel, spec) in want {
+            if listeners.contains_key(&rel) {
+                continue;
+            }
+            let path = opts.run_dir.join(&rel);
+            match bind(&path, 0o666) {
+                Ok(l) => {
+                    let cancel = shutdown.child_token();
+                    info!(socket = %path.display(), "serving {}", spec.tty);
+                    tokio::spawn(accept_loop(l, spec, shared.clone(), opts.etc.clone(), cancel.clone(), shutdown.clone()));
+                    listeners.insert(rel, Listener { path, cancel });
+                }
+                Err(e) => warn!(socket = %path.display(), "can't serve: {e}"),
+            }
+        }
+    };
+    drop(listeners);
+    for m in &machines {
+        let _ = fs::remove_file(opts.run_dir.join("machines").join(m).join(MANIFEST));
+    }
+    drop(fixed);
+    result
+}
+
+async fn accept_loop(l: UnixListener, spec: SocketSpec, shared: Shared, etc: PathBuf, cancel: CancellationToken, root: CancellationToken) {
+    loop {
+        tokio::select! {
+            _ = cancel.cancelled() => return,
+            r = l.accept() => match r {
+                Ok((sock, _)) => {
+                    tokio::spawn(connection(sock, spec.clone(), shared.clone(), etc.clone(), root.clone()));
+                }
+                Err(e) => {
+                    warn!("accept on {}: {e}", spec.tty);
+                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn connection(sock: UnixStream, spec: SocketSpec, shared: Shared, etc: PathBuf, root: CancellationToken) {
+    let label = spec.tty.to_string();
+    let peer = match Peer::of(&sock) {
+        Ok(p) => p,
+        Err(e) => return session::refuse(sock, &format!("can't read the peer's credentials: {e}")).await,
+    };
+    let who = match &spec.access {
+        Access::Machine(m) => format!("machine {m}"),
+        Access::HostGroups(groups) => {
+            let who = peer.describe(&etc);
+            let group_file = fs::read_to_string(etc.join("group")).unwrap_or_default();
+            if let Err(why) = check_host_access(&peer, groups, &group_file, &who, &label) {
+                info!(tty = %label, "refused {who}");
+                return session::refuse(sock, &why).await;
+            }
+            who
+        }
+    };
+    match shared.acquire(&spec.tty, who, peer.pid, &root) {
+        Ok(guard) => {
+            session::run(sock, guard, label).await;
+        }
+        Err(why) => {
+            info!(tty = %label, "refused: {why}");
+            session::refuse(sock, &why).await;
+        }
+    }
+}
+
+/// Binds a unix socket at `path` with `mode`, replacing a stale one.
+fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
+    match fs::remove_file(path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
+    let l = UnixListener::bind(path)?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
+    Ok(l)
+}
+
+/// Writes a machine's index atomically.
+fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
+    let tmp = dir.join(format!(".{MANIFEST}.tmp"));
+    fs::write(&tmp, m.to_bytes())?;
+    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
+    fs::rename(&tmp, dir.join(MANIFEST))
+}
+
+/// Makes the run directory and each machine's directory, removes what a
+/// killed broker left, and takes the run directory's lock so two brokers
+/// can't fight over it. Machine directories are never removed: a running
+/// container has them bind-mounted, and a new directory would not be seen.
+fn prepare_run_dir(run: &Path, machines: &BTreeSet<String>) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+    let mkdir = |p: &Path, mode: u32| -> anyhow::Result<()> {
+        fs::create_dir_all(p).with_context(|| format!("can't create {}", p.display()))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| format!("can't set the mode of {}", p.display()))?;
+        Ok(())
+    };
+    mkdir(run, 0o755)?;
+    let lock_path = run.join("broker.lock");
+    let file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).with_context(|| format!("can't open {}", lock_path.display()))?;
+    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(l) => l,
+        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+            bail!("another devbroker is running with run directory {}; stop it or pass another --run-dir", run.display())
+        }
+        Err((_, e)) => bail!("can't lock {}: {e}", lock_path.display()),
+    };
+    // Host users reach only host/; machine directories are for their containers.
+    mkdir(&run.join("machines"), 0o700)?;
+    mkdir(&run.join("host"), 0o755)?;
+    clean_sockets(&run.join("host"));
+    if let Ok(rd) = fs::read_dir(run.join("machines")) {
+        for e in rd.flatten() {
+            clean_sockets(&e.path());
+        }
+    }
+    for m in machines {
+        mkdir(&run.join("machines").join(m), 0o755)?;
+    }
+    Ok(lock)
+}
+
+fn clean_sockets(dir: &Path) {
+    let Ok(rd) = fs::read_dir(dir) else { return };
+    for e in rd.flatten() {
+        let name = e.file_name();
+        let name = name.to_string_lossy();
+        if name.ends_with(".sock") || name == MANIFEST {
+            let _ = fs::remove_file(e.path());
+        }
+    }
+}

@@ -1,0 +1,44 @@
+//! Discovery sources: where the broker learns which adapters are plugged in.
+//!
+//! A source is one small trait: it turns into a stream of [`SourceEvent`]s,
+//! starting with an `Added` for every adapter present when it starts. The rest
+//! of the broker sees only this stream, so a new source (udev) slots in
+//! without touching it.
+
+use std::pin::Pin;
+
+use futures_util::Stream;
+
+use crate::adapter::Adapter;
+
+pub mod by_id;
+
+/// A change in the set of present adapters.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SourceEvent {
+    Added(Adapter),
+    /// The adapter with this [`Adapter::id`] is gone.
+    Removed(String),
+}
+
+/// The stream a source turns into. It ends only when the source fails for
+/// good; the error says why.
+pub type AdapterStream = Pin<Box<dyn Stream<Item = std::io::Result<SourceEvent>> + Send>>;
+
+/// Something that watches for adapters.
+pub trait Source: Send {
+    /// A short description for logs, e.g. `by-id directory /dev/serial/by-id`.
+    fn describe(&self) -> String;
+    /// Starts watching.
+    fn watch(self: Box<Self>) -> std::io::Result<AdapterStream>;
+}
+
+/// A stream over a channel's receiving end, so a source can run as a task.
+pub(crate) struct ChannelStream<T>(pub tokio::sync::mpsc::Receiver<T>);
+
+impl<T> Stream for ChannelStream<T> {
+    type Item = T;
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+        self.0.poll_recv(cx)
+    }
+}

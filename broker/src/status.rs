@@ -1,0 +1,91 @@
+//! `devbroker status`: asks a running broker over its admin socket and
+//! prints a table or JSON.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use wire::control::{request_line, Reply, Request, Status, VERSION};
+
+/// Sends `hello` and one request on a control socket and returns the reply.
+pub fn ask(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let sock = UnixStream::connect(socket).with_context(|| {
+        format!("can't reach the broker at {}: is `devbroker run` running with this --run-dir?", socket.display())
+    })?;
+    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
+    let mut w = sock.try_clone()?;
+    let mut r = BufReader::new(sock);
+    let mut line = String::new();
+    for req in [&Request::Hello { version: VERSION, client: "devbroker-cli".into() }, req] {
+        w.write_all(&request_line(req))?;
+        line.clear();
+        r.read_line(&mut line).context("the broker did not answer")?;
+        let reply: Reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
+        if let Reply::Error { message } = &reply {
+            bail!("the broker refused: {message}");
+        }
+        if matches!(req, Request::Hello { .. }) {
+            continue;
+        }
+        return Ok(reply);
+    }
+    unreachable!("the loop returns on the second request")
+}
+
+/// Fetches the status.
+pub fn fetch(socket: &Path) -> anyhow::Result<Status> {
+    match ask(socket, &Request::Status {})? {
+        Reply::Status(s) => Ok(s),
+        other => bail!("unexpected reply: {other:?}"),
+    }
+}
+
+/// A human-readable table.
+pub fn render(s: &Status) -> String {
+    let mut out = String::new();
+    if s.boards.is_empty() {
+        out.push_str("no boards configured\n");
+    }
+    for b in &s.boards {
+        let mut users: Vec<String> = b.machines.iter().map(|m| format!("machine {m}")).collect();
+        users.extend(b.host_groups.iter().map(|g| format!("group {g}")));
+        out.push_str(&format!(
+            "{}  [{}]  for {}\n",
+            b.name,
+            b.compatible.join(", "),
+            if users.is_empty() { "nobody".to_string() } else { users.join(", ") }
+        ));
+        for t in &b.ttys {
+            let state = if t.present { "present" } else { "absent " };
+            out.push_str(&format!("  {:<12} {state}  {}\n", t.name, t.by_id.as_deref().unwrap_or("-")));
+            if let Some(d) = &t.device {
+                out.push_str(&format!("               device {d}\n"));
+            }
+            match &t.holder {
+                Some(h) => out.push_str(&format!(
+                    "               held by {}{} since {}\n",
+                    h.who,
+                    h.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    h.since
+                )),
+                None => out.push_str("               free\n"),
+            }
+            out.push_str(&format!("               {} bytes to board, {} bytes from board\n", t.bytes_to_board, t.bytes_from_board));
+        }
+    }
+    out
+}
+
+/// Prints to stdout.
+pub fn print(s: &Status, json: bool) -> anyhow::Result<()> {
+    let mut o = std::io::stdout().lock();
+    if json {
+        serde_json::to_writer_pretty(&mut o, s)?;
+        writeln!(o)?;
+    } else {
+        o.write_all(render(s).as_bytes())?;
+    }
+    Ok(())
+}

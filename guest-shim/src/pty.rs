@@ -1,0 +1,143 @@
+//! The guest pty: raw, in packet mode with `EXTPROC`, so a tool's settings
+//! changes and flushes reach devshim as status bytes.
+//!
+//! devshim keeps one slave descriptor open for the pty's whole life: the
+//! master then never reports `EIO`/`POLLHUP` while no tool has it open, and
+//! a tool's open and close show up as inotify events on `/dev/pts/N`.
+//! Dropping a [`Pty`] closes the master, which hangs up a tool that still
+//! has the slave open: it reads `EIO`, as after an unplug.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::{open, OFlag};
+use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
+use nix::sys::stat::Mode;
+use tokio::io::unix::AsyncFd;
+use wire::termios::{self, When};
+
+/// Packet-mode status bits (`<linux/tty.h>`), first byte of each master read.
+pub mod pkt {
+    pub const DATA: u8 = 0;
+    pub const FLUSHREAD: u8 = 0x01;
+    pub const FLUSHWRITE: u8 = 0x02;
+    pub const IOCTL: u8 = 0x40;
+}
+
+/// A pty whose master devshim holds.
+pub struct Pty {
+    master: AsyncFd<OwnedFd>,
+    _slave: OwnedFd,
+    /// `/dev/pts/N`.
+    pub path: PathBuf,
+}
+
+impl Pty {
+    /// Opens a new pty: raw at `rate`, `HUPCL` (as a real port), `EXTPROC`
+    /// and packet mode, the slave owned by `uid:gid` with mode 0660.
+    pub fn open(rate: u32, uid: u32, gid: u32) -> io::Result<Pty> {
+        let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+        grantpt(&master)?;
+        unlockpt(&master)?;
+        let path = PathBuf::from(ptsname_r(&master)?);
+        // SAFETY: moving the descriptor out of PtyMaster into an OwnedFd.
+        let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
+        let slave = open(&path, OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())?;
+        // SAFETY: open returned a fresh descriptor.
+        let slave = unsafe { OwnedFd::from_raw_fd(slave) };
+        let mfd = master.as_raw_fd();
+        let mut t = termios::get(mfd)?;
+        termios::make_raw(&mut t);
+        termios::set_baud(&mut t, rate);
+        t.c_cflag |= libc::HUPCL;
+        t.c_lflag |= libc::EXTPROC;
+        termios::set(mfd, &t, When::Now)?;
+        let one: libc::c_int = 1;
+        // SAFETY: TIOCPKT reads one int.
+        if unsafe { libc::ioctl(mfd, libc::TIOCPKT, &one) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        nix::fcntl::fcntl(mfd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR))?;
+        if nix::unistd::geteuid().as_raw() == 0 || nix::unistd::geteuid().as_raw() != uid {
+            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
+        }
+        nix::sys::stat::fchmodat(None, &path, Mode::from_bits_truncate(0o660), nix::sys::stat::FchmodatFlags::FollowSymlink)?;
+        // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
+        // the same for the AsyncFd's whole life.
+        let master = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
+        let pty = Pty { master, _slave: slave, path };
+        pty.drain_status();
+        Ok(pty)
+    }
+
+    pub fn master_fd(&self) -> RawFd {
+        self.master.get_ref().as_raw_fd()
+    }
+
+    /// Drops status bytes our own setup caused.
+    fn drain_status(&self) {
+        let mut b = [0u8; 512];
+        while let Ok(n) = nix::unistd::read(self.master_fd(), &mut b) {
+            if n == 0 {
+                break;
+            }
+        }
+    }
+
+    /// The tool's settings, read through the master.
+    pub fn termios(&self) -> io::Result<libc::termios2> {
+        termios::get(self.master_fd())
+    }
+
+    /// Puts `EXTPROC` back if a tool cleared it; without it baud changes stop
+    /// being reported.
+    pub fn ensure_extproc(&self) -> io::Result<()> {
+        let mut t = self.termios()?;
+        if t.c_lflag & libc::EXTPROC == 0 {
+            t.c_lflag |= libc::EXTPROC;
+            termios::set(self.master_fd(), &t, When::Now)?;
+        }
+        Ok(())
+    }
+
+    /// Reads one packet: a status byte, then data if the status is
+    /// [`pkt::DATA`]. Waits until one is there.
+    pub async fn read_packet(&self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.master.readable().await?;
+            match guard.try_io(|fd| nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)) {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
+    /// Reads one packet if one is ready now.
+    pub fn try_read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
+        match nix::unistd::read(self.master_fd(), buf) {
+            Ok(n) => Ok(Some(n)),
+            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Writes all of `data` to the tool, waiting while its input queue is full.
+    pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
+        while !data.is_empty() {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+                Ok(Ok(n)) => data = &data[n..],
+                Ok(Err(e)) => return Err(e),
+                Err(_would_block) => continue,
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Mode bits for a path, for tests and checks.
+pub fn mode_of(path: &Path) -> io::Result<u32> {
+    use std::os::unix::fs::MetadataExt;
+    Ok(std::fs::metadata(path)?.mode() & 0o7777)
+}

@@ -1,0 +1,192 @@
+//! `devshim serve`: keeps one tty actor per socket the broker offers.
+//!
+//! The machine directory is watched with inotify. devshim also holds a
+//! connection to the directory's control socket: while it is up the broker is
+//! alive and the index (`ttys.json`) is trusted; when it closes, every tty is
+//! taken down (tools read `EIO`, links go), and devshim reconnects as soon as
+//! the control socket is back — on its inotify event, or within a second.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::Context;
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchMask};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use tokio::net::UnixStream;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tracing::{info, warn};
+use wire::control::{request_line, Reply, Request, VERSION};
+use wire::manifest::{Entry, Manifest, CONTROL_SOCKET, FILE as MANIFEST};
+
+use crate::tty::{self, TtySpec};
+use crate::users::User;
+
+/// Where devshim reads sockets and publishes links.
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub dir: PathBuf,
+    pub link_root: PathBuf,
+    pub user: User,
+}
+
+struct Actor {
+    entry: Entry,
+    cancel: CancellationToken,
+    task: JoinHandle<()>,
+}
+
+/// Which actors to stop and which entries to start, from what runs now and
+/// what should. A changed entry (say, a new by-id name) is stopped and
+/// started again.
+pub fn plan(running: &BTreeMap<String, Entry>, wanted: &BTreeMap<String, Entry>) -> (Vec<String>, Vec<Entry>) {
+    let stop = running.iter().filter(|(k, e)| wanted.get(*k) != Some(e)).map(|(k, _)| k.clone()).collect();
+    let start = wanted.iter().filter(|(k, e)| running.get(*k) != Some(e)).map(|(_, e)| e.clone()).collect();
+    (stop, start)
+}
+
+/// The ttys to serve now: those in the index whose socket exists.
+pub fn wanted(dir: &Path) -> BTreeMap<String, Entry> {
+    let mut out = BTreeMap::new();
+    let bytes = match std::fs::read(dir.join(MANIFEST)) {
+        Ok(b) => b,
+        Err(_) => return out,
+    };
+    let manifest = match Manifest::parse(&bytes) {
+        Ok(m) => m,
+        Err(e) => {
+            warn!("ignoring {}: {e}", dir.join(MANIFEST).display());
+            return out;
+        }
+    };
+    let mut by_ids = std::collections::BTreeSet::new();
+    for mut e in manifest.ttys {
+        if !dir.join(e.socket()).exists() {
+            continue;
+        }
+        if let Some(b) = &e.by_id {
+            if !by_ids.insert(b.clone()) {
+                warn!("{}: by-id name {b} is taken by another tty; publishing /dev/devbroker/{} only", e.short_name(), e.short_name());
+                e.by_id = None;
+            }
+        }
+        out.insert(e.socket(), e);
+    }
+    out
+}
+
+/// Connects to the control socket and says hello.
+async fn connect_control(path: &Path) -> anyhow::Result<UnixStream> {
+    let mut s = UnixStream::connect(path).await?;
+    s.write_all(&request_line(&Request::Hello { version: VERSION, client: format!("devshim {}", env!("CARGO_PKG_VERSION")) })).await?;
+    let mut line = String::new();
+    let mut r = BufReader::new(&mut s);
+    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await.context("no answer")??;
+    match serde_json::from_str::<Reply>(&line)? {
+        Reply::Hello { .. } => Ok(s),
+        other => anyhow::bail!("unexpected reply {other:?}"),
+    }
+}
+
+async fn wait_closed(s: &mut Option<UnixStream>) {
+    match s {
+        Some(s) => {
+            let mut b = [0u8; 256];
+            loop {
+                match s.read(&mut b).await {
+                    Ok(0) | Err(_) => return,
+                    Ok(_) => {}
+                }
+            }
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Serves until `shutdown`; then takes every tty down and removes its links.
+pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
+    while !opts.dir.is_dir() {
+        warn!("{} does not exist yet: is the machine's directory bound there? waiting", opts.dir.display());
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+        }
+    }
+    let ino = Inotify::init().context("inotify")?;
+    ino.watches()
+        .add(&opts.dir, WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB)
+        .with_context(|| format!("can't watch {}", opts.dir.display()))?;
+    let mut events = ino.into_event_stream(vec![0u8; 4096])?;
+    let mut control: Option<UnixStream> = None;
+    let mut actors: BTreeMap<String, Actor> = BTreeMap::new();
+    let control_path = opts.dir.join(CONTROL_SOCKET);
+    info!(dir = %opts.dir.display(), links = %opts.link_root.display(), user = %opts.user.name, "devshim serving");
+    loop {
+        if control.is_none() && control_path.exists() {
+            match connect_control(&control_path).await {
+                Ok(s) => {
+                    info!("connected to the broker");
+                    control = Some(s);
+                }
+                Err(e) => tracing::debug!("broker not answering at {}: {e}", control_path.display()),
+            }
+        }
+        let want = if control.is_some() { wanted(&opts.dir) } else { BTreeMap::new() };
+        let running: BTreeMap<String, Entry> = actors.iter().map(|(k, a)| (k.clone(), a.entry.clone())).collect();
+        let (stop, start) = plan(&running, &want);
+        for k in stop {
+            if let Some(a) = actors.remove(&k) {
+                a.cancel.cancel();
+                let _ = a.task.await;
+            }
+        }
+        for entry in start {
+            let spec = TtySpec {
+                socket: opts.dir.join(entry.socket()),
+                entry: entry.clone(),
+                link_root: opts.link_root.clone(),
+                uid: opts.user.uid,
+                gid: opts.user.gid,
+            };
+            let cancel = shutdown.child_token();
+            let task = tokio::spawn(tty::run(spec, cancel.clone()));
+            actors.insert(entry.socket(), Actor { entry, cancel, task });
+        }
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            ev = events.next() => if let Some(Err(e)) = ev { warn!("inotify: {e}") },
+            _ = wait_closed(&mut control) => {
+                info!("the broker went away; taking the ttys down until it is back");
+                control = None;
+            }
+            _ = tokio::time::sleep(Duration::from_secs(1)), if control.is_none() => {}
+        }
+    }
+    for (_, a) in actors {
+        a.cancel.cancel();
+        let _ = a.task.await;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(board: &str, by_id: &str) -> Entry {
+        Entry { board: board.into(), tty: "t".into(), by_id: Some(by_id.into()), rate: 115200 }
+    }
+
+    #[test]
+    fn plan_diffs() {
+        let running: BTreeMap<_, _> = [("a.t.sock".to_string(), e("a", "x")), ("b.t.sock".to_string(), e("b", "y"))].into();
+        let wanted: BTreeMap<_, _> = [("b.t.sock".to_string(), e("b", "y2")), ("c.t.sock".to_string(), e("c", "z"))].into();
+        let (stop, start) = plan(&running, &wanted);
+        assert_eq!(stop, ["a.t.sock", "b.t.sock"]);
+        assert_eq!(start, [e("b", "y2"), e("c", "z")]);
+        let (stop, start) = plan(&wanted, &wanted);
+        assert!(stop.is_empty() && start.is_empty());
+    }
+}

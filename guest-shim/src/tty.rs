@@ -1,0 +1,312 @@
+//! One tty in the guest: its pty, its links, and a session with the broker
+//! while a tool has the pty open.
+//!
+//! The session follows the tool: when a tool opens the pty, devshim connects
+//! to the tty's socket (the broker opens the real port, raising DTR and RTS
+//! like an open of the real device); when the last tool closes it, devshim
+//! drains what the tool wrote, drops DTR/RTS if `HUPCL` is set, and leaves.
+//! If the broker ends the session (unplug, broker gone, refused), the pty is
+//! hung up — the tool reads `EIO` — and a fresh pty takes over the links.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{Inotify, WatchMask};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::UnixStream;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wire::manifest::Entry;
+use wire::rfc2217::{control, purge, Command, Direction};
+use wire::telnet::{self, Decoder, Event, Negotiator, IAC};
+use wire::termios;
+
+use crate::links;
+use crate::pty::{pkt, Pty};
+
+/// Everything a tty actor needs to know.
+#[derive(Debug, Clone)]
+pub struct TtySpec {
+    pub entry: Entry,
+    pub socket: PathBuf,
+    pub link_root: PathBuf,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Read size on both sides.
+const CHUNK: usize = 64 * 1024;
+
+/// Counts the opens of a pty slave by tools, from inotify events.
+struct OpenWatch {
+    events: inotify::EventStream<Vec<u8>>,
+    count: i64,
+}
+
+impl OpenWatch {
+    fn new(path: &Path) -> io::Result<OpenWatch> {
+        let ino = Inotify::init()?;
+        ino.watches().add(path, WatchMask::OPEN | WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE)?;
+        Ok(OpenWatch { events: ino.into_event_stream(vec![0u8; 1024])?, count: 0 })
+    }
+
+    /// Waits for the next open or close; returns the count of opens after it.
+    async fn next(&mut self) -> io::Result<i64> {
+        match self.events.next().await {
+            Some(Ok(ev)) => {
+                if ev.mask.contains(inotify::EventMask::OPEN) {
+                    self.count += 1;
+                } else if ev.mask.intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::CLOSE_NOWRITE) {
+                    self.count = (self.count - 1).max(0);
+                }
+                Ok(self.count)
+            }
+            Some(Err(e)) => Err(e),
+            None => Err(io::Error::other("inotify stream ended")),
+        }
+    }
+
+    async fn wait_open(&mut self) -> io::Result<()> {
+        while self.count == 0 {
+            self.next().await?;
+        }
+        Ok(())
+    }
+}
+
+/// How a session ended.
+#[derive(Debug)]
+enum End {
+    /// The last tool closed the pty; the pty stays.
+    ToolClosed,
+    /// devshim is stopping this tty.
+    Cancelled,
+    /// The broker side ended or refused; the pty must be hung up.
+    Hangup(String),
+}
+
+/// Runs a tty until `cancel`, then removes its links.
+pub async fn run(spec: TtySpec, cancel: CancellationToken) {
+    let short = spec.entry.short_name();
+    let link_paths = links::paths(&spec.link_root, spec.entry.by_id.as_deref(), &short);
+    let owner = Some((spec.uid, spec.gid));
+    loop {
+        let pty = match Pty::open(spec.entry.rate, spec.uid, spec.gid) {
+            Ok(p) => p,
+            Err(e) => {
+                warn!(tty = %short, "can't make a pty: {e}");
+                tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    _ = tokio::time::sleep(Duration::from_secs(1)) => continue,
+                }
+            }
+        };
+        let mut opens = match OpenWatch::new(&pty.path) {
+            Ok(w) => w,
+            Err(e) => {
+                warn!(tty = %short, "can't watch {}: {e}", pty.path.display());
+                return;
+            }
+        };
+        for l in &link_paths {
+            if let Err(e) = links::publish(l, &pty.path, owner) {
+                warn!(tty = %short, "can't link {}: {e}", l.display());
+            }
+        }
+        info!(tty = %short, pty = %pty.path.display(), "published {}", link_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
+        let end = loop {
+            tokio::select! {
+                _ = cancel.cancelled() => break End::Cancelled,
+                r = opens.wait_open() => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
+            }
+            match session(&spec, &pty, &mut opens, &cancel).await {
+                End::ToolClosed => debug!(tty = %short, "tool closed the pty"),
+                other => break other,
+            }
+        };
+        match end {
+            End::Cancelled => {
+                for l in &link_paths {
+                    links::withdraw(l, &pty.path);
+                }
+                info!(tty = %short, "removed");
+                return;
+            }
+            End::Hangup(why) => {
+                info!(tty = %short, "hanging up {}: {why}", pty.path.display());
+            }
+            End::ToolClosed => unreachable!(),
+        }
+        // Dropping the pty hangs up the tool; the next loop renames fresh
+        // links over the old ones.
+        drop(opens);
+        drop(pty);
+    }
+}
+
+fn send(cmd: Command, out: &mut Vec<u8>) {
+    cmd.encode(Direction::ClientToServer, out);
+}
+
+async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &CancellationToken) -> End {
+    let sock = match UnixStream::connect(&spec.socket).await {
+        Ok(s) => s,
+        Err(e) => return End::Hangup(format!("can't connect to {}: {e}", spec.socket.display())),
+    };
+    let (mut rd, mut wr) = sock.into_split();
+    let mut neg = Negotiator::client();
+    let mut hello = neg.opening();
+    let mut last = match pty.termios() {
+        Ok(t) => termios::to_settings(&t),
+        Err(e) => return End::Hangup(format!("can't read the pty's settings: {e}")),
+    };
+    for c in last.commands() {
+        send(c, &mut hello);
+    }
+    // A tool opening a real port raises DTR and RTS.
+    send(Command::SetControl(control::DTR_ON), &mut hello);
+    send(Command::SetControl(control::RTS_ON), &mut hello);
+    if let Err(e) = wr.write_all(&hello).await {
+        return End::Hangup(format!("broker socket: {e}"));
+    }
+    let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
+    let closing = AtomicBool::new(false);
+
+    let up = async {
+        let mut buf = vec![0u8; CHUNK + 1];
+        let mut out = Vec::with_capacity(CHUNK * 2);
+        loop {
+            out.clear();
+            tokio::select! {
+                biased;
+                a = ans_rx.recv() => match a {
+                    Some(a) => out.extend_from_slice(&a),
+                    None => return Ok(End::Hangup("session ended".into())),
+                },
+                r = opens.next() => {
+                    if r? > 0 {
+                        continue;
+                    }
+                    // The last tool closed: send what it wrote, then hang up the line.
+                    while let Some(n) = pty.try_read_packet(&mut buf)? {
+                        if n > 1 && buf[0] == pkt::DATA {
+                            telnet::escape_into(&buf[1..n], &mut out);
+                        }
+                    }
+                    if pty.termios().map(|t| t.c_cflag & libc::HUPCL != 0).unwrap_or(true) {
+                        send(Command::SetControl(control::DTR_OFF), &mut out);
+                        send(Command::SetControl(control::RTS_OFF), &mut out);
+                    }
+                    wr.write_all(&out).await?;
+                    wr.shutdown().await?;
+                    closing.store(true, Ordering::Relaxed);
+                    return Ok::<End, io::Error>(End::ToolClosed);
+                }
+                r = pty.read_packet(&mut buf) => {
+                    let n = r?;
+                    if n == 0 {
+                        continue;
+                    }
+                    let status = buf[0];
+                    if status == pkt::DATA {
+                        if !telnet::needs_escape(&buf[1..n]) {
+                            wr.write_all(&buf[1..n]).await?;
+                            continue;
+                        }
+                        telnet::escape_into(&buf[1..n], &mut out);
+                    } else {
+                        handle_status(status, pty, &mut buf, &mut out, &mut last)?;
+                    }
+                }
+            }
+            if !out.is_empty() {
+                wr.write_all(&out).await?;
+            }
+        }
+    };
+
+    let down = async {
+        let mut buf = vec![0u8; CHUNK];
+        let mut dec = Decoder::new();
+        let mut accepted = false;
+        loop {
+            let n = rd.read(&mut buf).await?;
+            if n == 0 {
+                return Ok::<End, io::Error>(End::Hangup("the broker ended the session".into()));
+            }
+            if !accepted {
+                if buf[0] != IAC {
+                    // A refusal is a line of text, then close.
+                    let mut text = buf[..n].to_vec();
+                    let _ = tokio::time::timeout(Duration::from_secs(1), (&mut rd).take(4096).read_to_end(&mut text)).await;
+                    return Ok(End::Hangup(String::from_utf8_lossy(&text).trim().to_string()));
+                }
+                accepted = true;
+            }
+            let mut pos = 0;
+            while pos < n {
+                let (used, ev) = dec.feed(&buf[pos..n]);
+                pos += used;
+                match ev {
+                    Some(Event::Data(d)) if !closing.load(Ordering::Relaxed) => pty.write_all(d).await?,
+                    Some(Event::Negotiate(v, o)) => {
+                        if let Some((rv, ro)) = neg.answer(v, o) {
+                            let mut a = Vec::new();
+                            telnet::negotiate(rv, ro, &mut a);
+                            let _ = ans_tx.send(a).await;
+                        }
+                    }
+                    Some(Event::Malformed(why)) => warn!("broker sent a malformed command: {why}"),
+                    _ => {}
+                }
+            }
+        }
+    };
+
+    tokio::pin!(up);
+    tokio::pin!(down);
+    let end = tokio::select! {
+        r = &mut up => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
+        r = &mut down => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
+        _ = cancel.cancelled() => End::Cancelled,
+    };
+    if let End::ToolClosed = end {
+        // Let the broker close the port before another session may start.
+        let _ = tokio::time::timeout(Duration::from_secs(3), &mut down).await;
+    }
+    end
+}
+
+/// Handles a packet-mode status byte: flushes become PURGE-DATA; a settings
+/// change is sent after the data the tool wrote before it.
+fn handle_status(status: u8, pty: &Pty, buf: &mut [u8], out: &mut Vec<u8>, last: &mut wire::rfc2217::LineSettings) -> io::Result<()> {
+    if status & pkt::FLUSHREAD != 0 {
+        send(Command::PurgeData(purge::RECEIVE), out);
+    }
+    if status & pkt::FLUSHWRITE != 0 {
+        send(Command::PurgeData(purge::TRANSMIT), out);
+    }
+    if status & pkt::IOCTL != 0 {
+        // The status byte overtakes data written before the change: send
+        // that data first, so it goes out at the old rate.
+        while let Some(n) = pty.try_read_packet(buf)? {
+            if n > 1 && buf[0] == pkt::DATA {
+                telnet::escape_into(&buf[1..n], out);
+            } else if n == 1 && buf[0] & (pkt::FLUSHREAD | pkt::FLUSHWRITE) != 0 {
+                handle_status(buf[0] & !pkt::IOCTL, pty, buf, out, last)?;
+            }
+        }
+        pty.ensure_extproc()?;
+        let now = termios::to_settings(&pty.termios()?);
+        for c in last.changes_to(&now) {
+            debug!("tool changed the line: {c:?}");
+            send(c, out);
+        }
+        *last = now;
+    }
+    Ok(())
+}

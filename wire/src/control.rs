@@ -1,0 +1,123 @@
+//! Control-socket messages: one JSON object per line, versioned by the first
+//! exchange (`hello`).
+//!
+//! Lines are capped at [`MAX_LINE`] bytes so a peer can't make the broker
+//! buffer without bound. Every request gets exactly one reply, and a bad
+//! request gets an [`Reply::Error`] while the connection stays usable.
+
+use serde::{Deserialize, Serialize};
+
+/// Protocol version spoken by this build.
+pub const VERSION: u32 = 1;
+/// Longest request or reply line, newline included.
+pub const MAX_LINE: usize = 64 * 1024;
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "request", rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Request {
+    /// Must come first: names the protocol version the client speaks.
+    Hello { version: u32, client: String },
+    /// The boards this socket may see, their ttys, holders and counters.
+    Status {},
+}
+
+/// The broker's reply to one request.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "reply", rename_all = "kebab-case")]
+pub enum Reply {
+    Hello { version: u32, server: String },
+    Status(Status),
+    Error { message: String },
+}
+
+/// Parses one request line; the error is the text to send back.
+pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+    if line.len() > MAX_LINE {
+        return Err(format!("request of {} bytes is over the {MAX_LINE}-byte limit", line.len()));
+    }
+    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+}
+
+/// Renders a reply as one line, newline included.
+pub fn reply_line(reply: &Reply) -> Vec<u8> {
+    let mut v = serde_json::to_vec(reply).expect("replies always serialize");
+    v.push(b'\n');
+    v
+}
+
+/// Renders a request as one line, newline included.
+pub fn request_line(req: &Request) -> Vec<u8> {
+    let mut v = serde_json::to_vec(req).expect("requests always serialize");
+    v.push(b'\n');
+    v
+}
+
+/// What `devbroker status` shows.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct Status {
+    pub boards: Vec<BoardStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BoardStatus {
+    pub name: String,
+    pub compatible: Vec<String>,
+    pub machines: Vec<String>,
+    pub host_groups: Vec<String>,
+    pub ttys: Vec<TtyStatus>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TtyStatus {
+    pub name: String,
+    /// Whether a matching adapter is plugged in now.
+    pub present: bool,
+    /// The adapter's `/dev/serial/by-id` name, when present and known.
+    pub by_id: Option<String>,
+    /// The device node the broker opens, when present.
+    pub device: Option<String>,
+    pub holder: Option<Holder>,
+    /// Bytes written to the board since the broker started.
+    pub bytes_to_board: u64,
+    /// Bytes read from the board since the broker started.
+    pub bytes_from_board: u64,
+}
+
+/// Who has a tty open through the broker.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Holder {
+    /// `machine NAME` or `host user NAME`.
+    pub who: String,
+    /// Host pid of the client process.
+    pub pid: Option<i32>,
+    /// RFC 3339 time the session started.
+    pub since: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn request_lines() {
+        assert_eq!(
+            parse_request(br#"{"request":"hello","version":1,"client":"devshim"}"#).unwrap(),
+            Request::Hello { version: 1, client: "devshim".into() }
+        );
+        assert_eq!(parse_request(br#"{"request":"status"}"#).unwrap(), Request::Status {});
+        assert!(parse_request(br#"{"request":"nope"}"#).unwrap_err().contains("unknown variant"));
+        assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
+        assert!(parse_request(b"not json").is_err());
+        assert!(parse_request(&vec![b' '; MAX_LINE + 1]).unwrap_err().contains("limit"));
+        let line = request_line(&Request::Status {});
+        assert_eq!(parse_request(&line[..line.len() - 1]).unwrap(), Request::Status {});
+    }
+
+    #[test]
+    fn reply_roundtrip() {
+        let r = Reply::Error { message: "x".into() };
+        let line = reply_line(&r);
+        assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), r);
+    }
+}

@@ -1,0 +1,176 @@
+//! Linux `termios2` ↔ RFC 2217 line settings, and the few tty ioctls both
+//! ends need.
+//!
+//! `termios2` (`TCGETS2`/`TCSETS2`) carries any baud rate as a number, so
+//! non-standard rates such as 250000 or 921600 pass unchanged. The broker
+//! applies settings to the real port with these; devshim reads what a tool set
+//! on its pty (on the master side, which returns the slave's settings).
+
+use std::io;
+use std::os::fd::RawFd;
+
+use crate::rfc2217::{control, parity, stopsize, LineSettings};
+
+/// Reads the terminal's settings.
+pub fn get(fd: RawFd) -> io::Result<libc::termios2> {
+    let mut t: libc::termios2 = unsafe { std::mem::zeroed() };
+    // SAFETY: TCGETS2 writes one termios2 into the pointer we pass.
+    let r = unsafe { libc::ioctl(fd, libc::TCGETS2 as _, &mut t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(t)
+}
+
+/// When a change takes effect.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum When {
+    Now,
+    /// After everything written so far has been sent (`TCSETSW2`): a baud
+    /// change must not garble bytes still in the transmit queue.
+    AfterDrain,
+}
+
+/// Applies settings. With [`When::AfterDrain`] this blocks until the output
+/// queue is empty: call it off the async threads.
+pub fn set(fd: RawFd, t: &libc::termios2, when: When) -> io::Result<()> {
+    let req = match when {
+        When::Now => libc::TCSETS2,
+        When::AfterDrain => libc::TCSETSW2,
+    };
+    // SAFETY: TCSETS2/TCSETSW2 read one termios2 from the pointer.
+    let r = unsafe { libc::ioctl(fd, req as _, t) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// The settings of a termios, in RFC 2217 values.
+pub fn to_settings(t: &libc::termios2) -> LineSettings {
+    let data_size = match t.c_cflag & libc::CSIZE {
+        libc::CS5 => 5,
+        libc::CS6 => 6,
+        libc::CS7 => 7,
+        _ => 8,
+    };
+    let par = if t.c_cflag & libc::PARENB == 0 {
+        parity::NONE
+    } else if t.c_cflag & libc::CMSPAR != 0 {
+        if t.c_cflag & libc::PARODD != 0 { parity::MARK } else { parity::SPACE }
+    } else if t.c_cflag & libc::PARODD != 0 {
+        parity::ODD
+    } else {
+        parity::EVEN
+    };
+    let flow = if t.c_cflag & libc::CRTSCTS != 0 {
+        control::FLOW_HARDWARE
+    } else if t.c_iflag & (libc::IXON | libc::IXOFF) != 0 {
+        control::FLOW_XONXOFF
+    } else {
+        control::FLOW_NONE
+    };
+    LineSettings {
+        baud: t.c_ospeed,
+        data_size,
+        parity: par,
+        stop_size: if t.c_cflag & libc::CSTOPB != 0 { stopsize::TWO } else { stopsize::ONE },
+        flow,
+    }
+}
+
+/// Sets the baud rate as a number (`BOTHER`), both directions.
+pub fn set_baud(t: &mut libc::termios2, baud: u32) {
+    t.c_cflag &= !(libc::CBAUD | (libc::CBAUD << libc::IBSHIFT));
+    t.c_cflag |= libc::BOTHER | (libc::BOTHER << libc::IBSHIFT);
+    t.c_ispeed = baud;
+    t.c_ospeed = baud;
+}
+
+/// Sets the data size; `None` for a value RFC 2217 does not allow.
+pub fn set_data_size(t: &mut libc::termios2, bits: u8) -> Option<()> {
+    let cs = match bits {
+        5 => libc::CS5,
+        6 => libc::CS6,
+        7 => libc::CS7,
+        8 => libc::CS8,
+        _ => return None,
+    };
+    t.c_cflag = (t.c_cflag & !libc::CSIZE) | cs;
+    Some(())
+}
+
+pub fn set_parity(t: &mut libc::termios2, p: u8) -> Option<()> {
+    let bits = match p {
+        parity::NONE => 0,
+        parity::ODD => libc::PARENB | libc::PARODD,
+        parity::EVEN => libc::PARENB,
+        parity::MARK => libc::PARENB | libc::PARODD | libc::CMSPAR,
+        parity::SPACE => libc::PARENB | libc::CMSPAR,
+        _ => return None,
+    };
+    t.c_cflag = (t.c_cflag & !(libc::PARENB | libc::PARODD | libc::CMSPAR)) | bits;
+    if bits != 0 {
+        t.c_iflag |= libc::INPCK;
+    } else {
+        t.c_iflag &= !libc::INPCK;
+    }
+    Some(())
+}
+
+pub fn set_stop_size(t: &mut libc::termios2, s: u8) -> Option<()> {
+    match s {
+        stopsize::ONE => t.c_cflag &= !libc::CSTOPB,
+        // 1.5 stop bits exist only with 5 data bits, where CSTOPB means 1.5.
+        stopsize::TWO | stopsize::ONE_AND_HALF => t.c_cflag |= libc::CSTOPB,
+        _ => return None,
+    }
+    Some(())
+}
+
+pub fn set_flow(t: &mut libc::termios2, f: u8) -> Option<()> {
+    t.c_cflag &= !libc::CRTSCTS;
+    t.c_iflag &= !(libc::IXON | libc::IXOFF | libc::IXANY);
+    match f {
+        control::FLOW_NONE => {}
+        control::FLOW_XONXOFF => t.c_iflag |= libc::IXON | libc::IXOFF,
+        control::FLOW_HARDWARE => t.c_cflag |= libc::CRTSCTS,
+        _ => return None,
+    }
+    Some(())
+}
+
+/// Makes a termios raw (as `cfmakeraw`), keeping its rate.
+pub fn make_raw(t: &mut libc::termios2) {
+    t.c_iflag &= !(libc::IGNBRK | libc::BRKINT | libc::PARMRK | libc::ISTRIP | libc::INLCR | libc::IGNCR | libc::ICRNL | libc::IXON);
+    t.c_oflag &= !libc::OPOST;
+    t.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::ISIG | libc::IEXTEN);
+    t.c_cflag &= !(libc::CSIZE | libc::PARENB);
+    t.c_cflag |= libc::CS8 | libc::CREAD | libc::CLOCAL;
+    t.c_cc[libc::VMIN] = 1;
+    t.c_cc[libc::VTIME] = 0;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn settings_roundtrip() {
+        let mut t: libc::termios2 = unsafe { std::mem::zeroed() };
+        make_raw(&mut t);
+        set_baud(&mut t, 250_000);
+        set_data_size(&mut t, 7).unwrap();
+        set_parity(&mut t, parity::EVEN).unwrap();
+        set_stop_size(&mut t, stopsize::TWO).unwrap();
+        set_flow(&mut t, control::FLOW_HARDWARE).unwrap();
+        let s = to_settings(&t);
+        assert_eq!(s, LineSettings { baud: 250_000, data_size: 7, parity: parity::EVEN, stop_size: stopsize::TWO, flow: control::FLOW_HARDWARE });
+        for p in [parity::NONE, parity::ODD, parity::MARK, parity::SPACE] {
+            set_parity(&mut t, p).unwrap();
+            assert_eq!(to_settings(&t).parity, p);
+        }
+        assert!(set_data_size(&mut t, 9).is_none());
+        assert!(set_parity(&mut t, 0).is_none());
+    }
+}
