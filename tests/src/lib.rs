@@ -1,1 +1,323 @@
+//! Test harness: real broker and devshim processes, fake boards (pty pairs)
+//! behind a by-id directory, and tools that open the guest links.
+//!
+//! Everything runs in a temporary directory per test, so tests run in
+//! parallel and leave nothing behind.
 
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use devbroker::fakeboard::FakeBoard;
+
+/// A binary of this workspace, next to the running test's directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("current exe");
+    let mut dir = exe.parent().expect("exe dir").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let p = dir.join(name);
+    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    p
+}
+
+/// The static devshim that ships into containers (built by this crate's build script).
+pub fn devshim() -> PathBuf {
+    PathBuf::from(env!("DEVSHIM_STATIC"))
+}
+
+/// Polls `cond` every 5 ms until it holds or `limit` passes.
+pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
+    let t0 = Instant::now();
+    while !cond() {
+        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// Like [`wait_for`] but returns how long it took.
+pub fn time_until(limit: Duration, what: &str, cond: impl FnMut() -> bool) -> Duration {
+    let t0 = Instant::now();
+    wait_for(limit, what, cond);
+    t0.elapsed()
+}
+
+/// A child process killed (and reaped) when dropped.
+pub struct Proc {
+    pub child: Child,
+    pub name: String,
+}
+
+impl Proc {
+    pub fn pid(&self) -> i32 {
+        self.child.id() as i32
+    }
+
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then wait for a clean exit.
+    pub fn stop(&mut self) -> std::process::ExitStatus {
+        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
+        let t0 = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(t0.elapsed() < Duration::from_secs(10), "{} did not stop on SIGTERM", self.name);
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// One test's world: a host by-id directory, a run directory, a config.
+pub struct World {
+    pub tmp: tempfile::TempDir,
+    pub by_id: PathBuf,
+    pub run: PathBuf,
+    pub config: PathBuf,
+}
+
+impl World {
+    pub fn new(config: &str) -> World {
+        let tmp = tempfile::Builder::new().prefix("devbroker-test-").tempdir().unwrap();
+        let by_id = tmp.path().join("host-dev/serial/by-id");
+        let run = tmp.path().join("run");
+        let cfg = tmp.path().join("devbroker.toml");
+        fs::write(&cfg, config).unwrap();
+        World { tmp, by_id, run, config: cfg }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.tmp.path().join(rel)
+    }
+
+    /// Starts the broker and waits until its admin socket answers.
+    pub fn broker(&self) -> Proc {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.path("broker.log")).unwrap();
+        let child = Command::new(bin("devbroker"))
+            .args(["run", "--config"])
+            .arg(&self.config)
+            .arg("--by-id-dir")
+            .arg(&self.by_id)
+            .arg("--run-dir")
+            .arg(&self.run)
+            .env("DEVBROKER_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        let p = Proc { child, name: "devbroker".into() };
+        let sock = self.run.join("broker.sock");
+        wait_for(Duration::from_secs(10), "the broker's admin socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        p
+    }
+
+    /// Starts devshim for `machine`, publishing under `guest/<machine>/dev`.
+    pub fn shim(&self, machine: &str) -> Proc {
+        let log = fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("shim-{machine}.log"))).unwrap();
+        let child = Command::new(devshim())
+            .args(["serve", "--dir"])
+            .arg(self.run.join("machines").join(machine))
+            .arg("--link-root")
+            .arg(self.guest(machine))
+            .args(["--user", "root"])
+            .env("DEVSHIM_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .unwrap();
+        Proc { child, name: format!("devshim {machine}") }
+    }
+
+    /// A machine's guest `/dev`.
+    pub fn guest(&self, machine: &str) -> PathBuf {
+        self.path(&format!("guest/{machine}/dev"))
+    }
+
+    /// The guest by-id link of `name` in `machine`.
+    pub fn guest_link(&self, machine: &str, name: &str) -> PathBuf {
+        self.guest(machine).join("serial/by-id").join(name)
+    }
+
+    pub fn plug(&self, name: &str) -> FakeBoard {
+        FakeBoard::plug(&self.by_id, name).unwrap()
+    }
+
+    /// `devbroker status --json`.
+    pub fn status(&self) -> serde_json::Value {
+        let out = Command::new(bin("devbroker")).args(["status", "--json", "--run-dir"]).arg(&self.run).output().unwrap();
+        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        serde_json::from_slice(&out.stdout).unwrap()
+    }
+
+    /// The logs, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut s = String::new();
+        for e in fs::read_dir(self.tmp.path()).unwrap().flatten() {
+            if e.path().extension().is_some_and(|x| x == "log") {
+                s += &format!("==== {}\n{}", e.path().display(), fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        s
+    }
+}
+
+/// True when `p` exists as a link (dangling or not).
+pub fn exists(p: &Path) -> bool {
+    p.symlink_metadata().is_ok()
+}
+
+/// A tool with a tty open, like picocom: raw, blocking.
+pub struct Tool {
+    pub fd: OwnedFd,
+}
+
+impl Tool {
+    /// Opens `path` read-write, raw, and returns the tool.
+    pub fn open(path: &Path) -> io::Result<Tool> {
+        let fd = nix::fcntl::open(path, nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+        // SAFETY: fresh descriptor from open.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        let mut t = wire::termios::get(fd.as_raw_fd())?;
+        wire::termios::make_raw(&mut t);
+        wire::termios::set(fd.as_raw_fd(), &t, wire::termios::When::Now)?;
+        Ok(Tool { fd })
+    }
+
+    pub fn file(&self) -> fs::File {
+        fs::File::from(self.fd.try_clone().unwrap())
+    }
+
+    /// Reads with a timeout; `Ok(None)` on timeout.
+    pub fn read_timeout(&self, buf: &mut [u8], limit: Duration) -> io::Result<Option<usize>> {
+        read_timeout(self.fd.as_raw_fd(), buf, limit)
+    }
+
+    pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
+        self.file().write_all(data)
+    }
+}
+
+/// poll + read on any fd, `Ok(None)` on timeout.
+pub fn read_timeout(fd: i32, buf: &mut [u8], limit: Duration) -> io::Result<Option<usize>> {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    if r == 0 {
+        return Ok(None);
+    }
+    // SAFETY: reading into a valid buffer.
+    let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Some(n as usize))
+}
+
+/// Reads exactly `n` bytes from `fd` (blocking) within `limit`.
+pub fn read_exact_timeout(fd: i32, n: usize, limit: Duration) -> io::Result<Vec<u8>> {
+    let t0 = Instant::now();
+    let mut out = Vec::with_capacity(n);
+    let mut buf = vec![0u8; 65536];
+    while out.len() < n {
+        let left = limit.checked_sub(t0.elapsed()).ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, format!("got {} of {n} bytes", out.len())))?;
+        let want = (n - out.len()).min(buf.len());
+        match read_timeout(fd, &mut buf[..want], left)? {
+            Some(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF after {} of {n} bytes", out.len()))),
+            Some(k) => out.extend_from_slice(&buf[..k]),
+            None => {}
+        }
+    }
+    Ok(out)
+}
+
+/// Writes all of `data` to a raw fd.
+pub fn write_all_fd(fd: i32, data: &[u8]) -> io::Result<()> {
+    // SAFETY: borrowing the fd for the call; ManuallyDrop keeps it open.
+    let mut f = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(fd) });
+    f.write_all(data)
+}
+
+/// Reads the fd until EOF or error; used to drain.
+pub fn read_some(fd: i32) -> io::Result<Vec<u8>> {
+    let mut f = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(fd) });
+    let mut v = vec![0u8; 4096];
+    let n = f.read(&mut v)?;
+    v.truncate(n);
+    Ok(v)
+}
+
+/// Connects to a unix socket as another user (uid, gid, supplementary
+/// groups) and returns what the broker sent first, up to 512 bytes.
+pub fn first_bytes_as(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Vec<u8> {
+    use std::os::unix::process::CommandExt;
+    let groups = groups.to_vec();
+    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(5)\ns.connect(sys.argv[1])\nsys.stdout.buffer.write(s.recv(512))\n";
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.args(["-c", script]).arg(socket);
+    // SAFETY: setgroups/setgid/setuid between fork and exec, async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            let gs: Vec<libc::gid_t> = groups.clone();
+            if libc::setgroups(gs.len(), gs.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let out = cmd.output().expect("python3");
+    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
+
+/// Random bytes from a seeded generator (reproducible failures).
+pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
+    use rand::{RngCore, SeedableRng};
+    let mut v = vec![0u8; n];
+    rand::rngs::StdRng::seed_from_u64(seed).fill_bytes(&mut v);
+    v
+}
+
+impl Tool {
+    /// Starts a blocking `read` in a thread, as a tool waiting for output
+    /// does; the handle yields its result.
+    pub fn blocked_read(&self) -> std::thread::JoinHandle<io::Result<usize>> {
+        let fd = self.fd.try_clone().unwrap();
+        let h = std::thread::spawn(move || {
+            let mut buf = [0u8; 256];
+            // SAFETY: reading into a valid buffer.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+        });
+        // Give the thread time to block in read.
+        std::thread::sleep(Duration::from_millis(50));
+        h
+    }
+}
+
+/// Waits for a thread's result up to `limit`.
+pub fn join_within<T: Send + 'static>(h: std::thread::JoinHandle<T>, limit: Duration) -> T {
+    let t0 = Instant::now();
+    while !h.is_finished() {
+        assert!(t0.elapsed() < limit, "still blocked after {limit:?}");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    h.join().unwrap()
+}

@@ -1,0 +1,289 @@
+//! The whole path with real parts: fake board pty → devbroker → unix socket →
+//! devshim → guest pty → tool.
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::fd::AsRawFd;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use devbroker_tests::*;
+
+const FTDI: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
+const JLINK: &str = "usb-SEGGER_J-Link_000683-if00";
+
+const CONFIG: &str = r#"
+[[board]]
+name = "esp1"
+compatible = ["esp32"]
+machines = ["ci1"]
+host-groups = ["dialout"]
+
+[[board.tty]]
+name = "console"
+match = { by-id = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0" }
+
+[[board]]
+name = "nrf"
+machines = ["ci2"]
+
+[[board.tty]]
+name = "uart"
+match = { by-id = "usb-SEGGER_J-Link_000683-if00" }
+"#;
+
+const S: Duration = Duration::from_secs(1);
+
+fn holder(w: &World, board: &str) -> Option<String> {
+    let st = w.status();
+    st["boards"].as_array()?.iter().find(|b| b["name"] == board)?["ttys"][0]["holder"]["who"].as_str().map(str::to_owned)
+}
+
+/// Exchanges a line each way through an open tool.
+fn ping(tool: &Tool, board: &FakeBoard, w: &World) {
+    tool.write_all(b"ping\n").unwrap();
+    let got = read_exact_timeout(board.master_fd(), 5, 5 * S).unwrap_or_else(|e| panic!("board: {e}\n{}", w.logs()));
+    assert_eq!(got, b"ping\n");
+    write_all_fd(board.master_fd(), b"pong\n").unwrap();
+    let got = read_exact_timeout(tool.fd.as_raw_fd(), 5, 5 * S).unwrap_or_else(|e| panic!("tool: {e}\n{}", w.logs()));
+    assert_eq!(got, b"pong\n");
+}
+
+#[test]
+fn eight_mib_each_way_nothing_lost_or_reordered() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    wait_for(5 * S, "the session", || holder(&w, "esp1").is_some());
+
+    const N: usize = 8 << 20;
+    let to_board = random_bytes(N, 1);
+    let to_tool = random_bytes(N, 2);
+    let mfd = board.master_fd();
+    let tfd = tool.fd.as_raw_fd();
+    std::thread::scope(|sc| {
+        let a = sc.spawn(|| write_all_fd(tfd, &to_board).unwrap());
+        let b = sc.spawn(|| write_all_fd(mfd, &to_tool).unwrap());
+        let c = sc.spawn(|| read_exact_timeout(mfd, N, Duration::from_secs(120)));
+        let got_tool = read_exact_timeout(tfd, N, Duration::from_secs(120)).unwrap_or_else(|e| panic!("tool side: {e}\n{}", w.logs()));
+        let got_board = c.join().unwrap().unwrap_or_else(|e| panic!("board side: {e}\n{}", w.logs()));
+        a.join().unwrap();
+        b.join().unwrap();
+        assert!(got_board == to_board, "bytes to the board differ (first at {:?})", got_board.iter().zip(&to_board).position(|(x, y)| x != y));
+        assert!(got_tool == to_tool, "bytes to the tool differ (first at {:?})", got_tool.iter().zip(&to_tool).position(|(x, y)| x != y));
+    });
+    let st = w.status();
+    let tty = &st["boards"][0]["ttys"][0];
+    assert_eq!(tty["bytes_to_board"].as_u64().unwrap(), N as u64);
+    assert_eq!(tty["bytes_from_board"].as_u64().unwrap(), N as u64);
+}
+
+#[test]
+fn pyserial_baud_changes_reach_the_board() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let script = r#"
+import serial, sys
+s = serial.Serial(sys.argv[1], 115200)
+for rate in (921600, 250000):
+    s.write(b"at-old-rate")
+    s.baudrate = rate
+    print(rate, flush=True)
+    sys.stdin.readline()
+s.close()
+"#;
+    let mut py = Command::new("/usr/bin/python3")
+        .args(["-c", script])
+        .arg(&link)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3 with python3-serial");
+    let mut out = BufReader::new(py.stdout.take().unwrap());
+    let mut stdin = py.stdin.take().unwrap();
+    for rate in [921600u32, 250000] {
+        let mut line = String::new();
+        out.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), rate.to_string(), "pyserial failed:\n{}", w.logs());
+        wait_for(2 * S, &format!("the board at {rate}"), || board.baud() == rate);
+        // The bytes written before the change came first.
+        let got = read_exact_timeout(board.master_fd(), 11, 2 * S).unwrap();
+        assert_eq!(got, b"at-old-rate");
+        writeln!(stdin).unwrap();
+    }
+    assert!(py.wait().unwrap().success());
+}
+
+#[test]
+fn unplug_gives_eio_and_removes_links_replug_brings_them_back() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    let short = w.guest("ci1").join("devbroker/esp1.console");
+    wait_for(5 * S, "the guest links", || exists(&link) && exists(&short));
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+
+    let reader = tool.blocked_read();
+    board.unplug();
+    let err = join_within(reader, S).expect_err("the tool must read EIO after an unplug");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let err = tool.write_all(b"x").expect_err("writes fail too");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let gone = time_until(S, "both guest links to go", || !exists(&link) && !exists(&short));
+    eprintln!("links gone {gone:?} after EIO");
+    assert!(!w.run.join("machines/ci1/esp1.console.sock").exists());
+
+    let board = w.plug(FTDI);
+    wait_for(2 * S, "the guest links to return", || exists(&link) && exists(&short));
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+}
+
+#[test]
+fn policy_decides_who_gets_a_socket() {
+    let w = World::new(CONFIG);
+    let _board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s1 = w.shim("ci1");
+    let _s2 = w.shim("ci2");
+    wait_for(5 * S, "the ci1 link", || exists(&w.guest_link("ci1", FTDI)));
+    // ci2 may use nrf only: no socket, no index entry, no link for esp1.
+    assert!(w.run.join("machines/ci2").is_dir());
+    assert!(w.run.join("machines/ci2/control.sock").exists());
+    let names: Vec<String> = std::fs::read_dir(w.run.join("machines/ci2")).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    assert!(!names.iter().any(|n| n.starts_with("esp1")), "{names:?}");
+    let index = std::fs::read_to_string(w.run.join("machines/ci2/ttys.json")).unwrap();
+    assert!(!index.contains("esp1"), "{index}");
+    assert!(!exists(&w.guest_link("ci2", FTDI)));
+    assert!(!exists(&w.guest("ci2").join("devbroker/esp1.console")));
+    // The machines directory is closed to host users.
+    assert_eq!(::devshim::pty::mode_of(&w.run.join("machines")).unwrap(), 0o700);
+
+    // Host users: only members of dialout.
+    let host_sock = w.run.join("host/esp1.console.sock");
+    assert!(host_sock.exists());
+    let group = std::fs::read_to_string("/etc/group").unwrap();
+    let dialout = ::devshim::users::group_gid(&group, "dialout").expect("a dialout group");
+    let refused = String::from_utf8(first_bytes_as(&host_sock, 65534, 65534, &[65534])).unwrap();
+    assert!(refused.starts_with("devbroker: permission denied: esp1.console is for members of dialout"), "{refused}");
+    assert!(refused.contains("uid 65534"), "{refused}");
+    let accepted = first_bytes_as(&host_sock, 65534, 65534, &[dialout]);
+    assert_eq!(accepted.first(), Some(&255u8), "a member of dialout gets RFC 2217 negotiation, got {accepted:?}");
+    // nrf is absent: nobody has its socket.
+    assert!(!w.run.join("machines/ci2/nrf.uart.sock").exists());
+    let _nrf = w.plug(JLINK);
+    wait_for(2 * S, "nrf in ci2", || exists(&w.guest_link("ci2", JLINK)));
+    assert!(!exists(&w.guest_link("ci1", JLINK)));
+}
+
+#[test]
+fn a_second_client_is_refused_with_the_holder_named() {
+    let config = CONFIG.replace("machines = [\"ci1\"]", "machines = [\"ci1\", \"ci2\"]");
+    let w = World::new(&config);
+    let board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s1 = w.shim("ci1");
+    let _s2 = w.shim("ci2");
+    let l1 = w.guest_link("ci1", FTDI);
+    let l2 = w.guest_link("ci2", FTDI);
+    wait_for(5 * S, "both links", || exists(&l1) && exists(&l2));
+    let tool = Tool::open(&l1).unwrap();
+    ping(&tool, &board, &w);
+    assert_eq!(holder(&w, "esp1").as_deref(), Some("machine ci1"));
+
+    let got = first_bytes_as(&w.run.join("machines/ci2/esp1.console.sock"), 0, 0, &[0]);
+    let text = String::from_utf8(got).unwrap();
+    assert!(text.starts_with("devbroker: esp1.console is in use by machine ci1 (pid "), "{text}");
+    assert!(text.contains(" since 20"), "{text}");
+    // A tool in ci2 is hung up, as on a busy port.
+    let tool2 = Tool::open(&l2).unwrap();
+    let err = join_within(tool2.blocked_read(), 2 * S).expect_err("refused tool reads EIO");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    // The holder is untouched.
+    ping(&tool, &board, &w);
+}
+
+#[test]
+fn broker_sigkill_and_restart_devshim_reconnects() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let mut broker = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+
+    let reader = tool.blocked_read();
+    broker.kill9();
+    let err = join_within(reader, S).expect_err("EIO when the broker dies");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    wait_for(2 * S, "the link to go while the broker is away", || !exists(&link));
+
+    let _broker = w.broker();
+    let back = time_until(3 * S, "the link to return", || exists(&link));
+    eprintln!("link back {back:?} after the broker's restart");
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+}
+
+#[test]
+fn status_shows_presence_holder_and_bytes() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let _b = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+    let st = w.status();
+    let esp = &st["boards"][0];
+    assert_eq!(esp["name"], "esp1");
+    let tty = &esp["ttys"][0];
+    assert_eq!(tty["present"], true);
+    assert_eq!(tty["by_id"], FTDI);
+    assert_eq!(tty["holder"]["who"], "machine ci1");
+    assert!(tty["holder"]["since"].as_str().unwrap().starts_with("20"));
+    assert_eq!(tty["bytes_to_board"], 5);
+    assert_eq!(tty["bytes_from_board"], 5);
+    let nrf = &st["boards"][1]["ttys"][0];
+    assert_eq!(nrf["present"], false);
+    assert!(nrf["holder"].is_null());
+    // The table names the same facts.
+    let out = Command::new(bin("devbroker")).args(["status", "--run-dir"]).arg(&w.run).output().unwrap();
+    let table = String::from_utf8(out.stdout).unwrap();
+    assert!(table.contains("held by machine ci1"), "{table}");
+    assert!(table.contains("5 bytes to board, 5 bytes from board"), "{table}");
+    assert!(table.contains("absent"), "{table}");
+    // Releasing frees it.
+    drop(tool);
+    wait_for(2 * S, "the tty to be free", || holder(&w, "esp1").is_none());
+}
+
+#[test]
+fn broker_stops_cleanly_on_sigterm() {
+    let w = World::new(CONFIG);
+    let _board = w.plug(FTDI);
+    let mut b = w.broker();
+    let mut s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    assert!(b.stop().success());
+    assert!(!w.run.join("machines/ci1/esp1.console.sock").exists());
+    assert!(!w.run.join("machines/ci1/control.sock").exists());
+    assert!(!w.run.join("broker.sock").exists());
+    assert!(w.run.join("machines/ci1").is_dir(), "machine directories stay for their bind mounts");
+    wait_for(2 * S, "devshim to take the link down", || !exists(&link));
+    assert!(s.stop().success());
+}
