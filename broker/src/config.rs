@@ -365,7 +365,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                         "board {ab:?} tty {at:?} and board {bb:?} tty {bt:?} (match at {}) can match the same adapter",
                         cx.pos(bspan)
                     ),
-                    Some("tell them apart with a key both give with different values: serial = \"...\" (ID_SERIAL_SHORT), or path = \"...\" (ID_PATH) for adapters without a serial number; `devbroker boards --suggest` prints them".into()),
+                    Some("tell them apart with a key both give with different values: serial = \"...\" (ID_SERIAL_SHORT), or path = \"...\" (ID_PATH) for adapters without a serial number; `udevadm info /dev/ttyUSB0` shows them".into()),
                 );
             }
         }
@@ -389,7 +389,7 @@ fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
         if let Some(v) = val {
             let s = v.get_ref();
             if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                cx.err(v.span(), format!("{key} {s:?} is empty or has white space"), Some(format!("copy {key} from `devbroker boards --suggest` or `udevadm info /dev/ttyUSB0`")));
+                cx.err(v.span(), format!("{key} {s:?} is empty or has white space"), Some(format!("copy {key} from `udevadm info /dev/ttyUSB0`")));
             } else {
                 *slot = Some(s.clone());
             }
