@@ -40,6 +40,9 @@ pub struct TtySpec {
 
 /// Read size on both sides.
 const CHUNK: usize = 64 * 1024;
+/// A pty read at least this big suggests a stream: gather more before
+/// writing. Smaller reads go out at once, keeping round trips short.
+const DRAIN_AFTER: usize = 1024;
 
 /// Counts the opens of a pty slave by tools, from inotify events.
 struct OpenWatch {
@@ -212,14 +215,23 @@ async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &Canc
                         continue;
                     }
                     let status = buf[0];
-                    if status == pkt::DATA {
-                        if !telnet::needs_escape(&buf[1..n]) {
-                            wr.write_all(&buf[1..n]).await?;
-                            continue;
-                        }
-                        telnet::escape_into(&buf[1..n], &mut out);
-                    } else {
+                    if status != pkt::DATA {
                         handle_status(status, pty, &mut buf, &mut out, &mut last)?;
+                    } else {
+                        telnet::escape_into(&buf[1..n], &mut out);
+                        // A pty hands out at most 4 KiB a read: gather what is
+                        // already there so one socket write carries it. A status
+                        // byte among it is handled in order.
+                        while n > DRAIN_AFTER && out.len() < CHUNK {
+                            match pty.try_read_packet(&mut buf)? {
+                                Some(m) if m > 1 && buf[0] == pkt::DATA => telnet::escape_into(&buf[1..m], &mut out),
+                                Some(m) if m >= 1 && buf[0] != pkt::DATA => {
+                                    handle_status(buf[0], pty, &mut buf, &mut out, &mut last)?;
+                                    break;
+                                }
+                                _ => break,
+                            }
+                        }
                     }
                 }
             }

@@ -46,6 +46,24 @@ pub fn time_until(limit: Duration, what: &str, cond: impl FnMut() -> bool) -> Du
     t0.elapsed()
 }
 
+/// Children that die with the test process, even when it is killed.
+pub trait DieWithParent {
+    fn die_with_parent(&mut self) -> &mut Self;
+}
+
+impl DieWithParent for Command {
+    fn die_with_parent(&mut self) -> &mut Self {
+        use std::os::unix::process::CommandExt;
+        // SAFETY: prctl is async-signal-safe.
+        unsafe {
+            self.pre_exec(|| {
+                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+                Ok(())
+            })
+        }
+    }
+}
+
 /// A child process killed (and reaped) when dropped.
 pub struct Proc {
     pub child: Child,
@@ -116,6 +134,7 @@ impl World {
             .arg("--run-dir")
             .arg(&self.run)
             .env("DEVBROKER_LOG", "debug")
+            .die_with_parent()
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -134,8 +153,9 @@ impl World {
             .arg(self.run.join("machines").join(machine))
             .arg("--link-root")
             .arg(self.guest(machine))
-            .args(["--user", "root"])
+            .args(["--user", &nix::unistd::getuid().to_string()])
             .env("DEVSHIM_LOG", "debug")
+            .die_with_parent()
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()

@@ -82,10 +82,10 @@ async fn run(
 }
 
 /// Watches the directory (if it exists) and its nearest existing ancestor.
+/// Adding a watch that exists returns the same descriptor, so only watches no
+/// longer wanted are removed: removing one queues an `IN_IGNORED` event, and
+/// removing all each time would wake this loop forever.
 fn arm(watches: &mut Watches, armed: &mut Vec<WatchDescriptor>, dir: &Path) -> io::Result<()> {
-    for wd in armed.drain(..) {
-        let _ = watches.remove(wd);
-    }
     let entry_mask = WatchMask::CREATE
         | WatchMask::DELETE
         | WatchMask::MOVED_FROM
@@ -93,19 +93,31 @@ fn arm(watches: &mut Watches, armed: &mut Vec<WatchDescriptor>, dir: &Path) -> i
         | WatchMask::DELETE_SELF
         | WatchMask::MOVE_SELF
         | WatchMask::ONLYDIR;
+    let mut now = Vec::new();
     if let Ok(wd) = watches.add(dir, entry_mask) {
-        armed.push(wd);
+        now.push(wd);
     }
     let mut anc = dir.parent();
+    let mut found = false;
     while let Some(a) = anc {
         let p = if a.as_os_str().is_empty() { Path::new(".") } else { a };
         if let Ok(wd) = watches.add(p, entry_mask) {
-            armed.push(wd);
-            return Ok(());
+            now.push(wd);
+            found = true;
+            break;
         }
         anc = a.parent();
     }
-    Err(io::Error::new(io::ErrorKind::NotFound, format!("no ancestor of {} can be watched", dir.display())))
+    for wd in armed.drain(..) {
+        if !now.contains(&wd) {
+            let _ = watches.remove(wd);
+        }
+    }
+    *armed = now;
+    if !found {
+        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ancestor of {} can be watched", dir.display())));
+    }
+    Ok(())
 }
 
 /// Lists the adapters whose links are in `dir` now. Dangling links are left
