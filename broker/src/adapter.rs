@@ -31,7 +31,10 @@ impl Match {
                 Some(w) => have.as_ref() == Some(w),
             }
         }
-        eq(&self.by_id, &a.by_id) && eq(&self.serial, &a.serial) && eq(&self.path, &a.path) && eq(&self.usb, &a.usb)
+        eq(&self.by_id, &a.by_id)
+            && eq(&self.serial, &a.serial)
+            && eq(&self.path, &a.path)
+            && eq(&self.usb, &a.usb)
     }
 }
 
@@ -51,7 +54,9 @@ impl UdevIdentity {
         let (mut vendor, mut model) = (None, None);
         for line in text.lines() {
             let line = line.strip_prefix("E:").unwrap_or(line);
-            let Some((k, v)) = line.split_once('=') else { continue };
+            let Some((k, v)) = line.split_once('=') else {
+                continue;
+            };
             match k {
                 "ID_SERIAL_SHORT" if !v.is_empty() => id.serial = Some(v.to_string()),
                 "ID_PATH" if !v.is_empty() => id.path = Some(v.to_string()),
@@ -90,9 +95,27 @@ mod tests {
             path: None,
             usb: UsbId::parse("0403:6001"),
         };
-        assert!(Match { serial: Some("S1".into()), ..Default::default() }.matches(&a));
-        assert!(!Match { serial: Some("S1".into()), path: Some("p".into()), ..Default::default() }.matches(&a));
-        assert!(Match { usb: UsbId::parse("0403:6001"), by_id: Some("usb-a".into()), ..Default::default() }.matches(&a));
-        assert!(!Match { usb: UsbId::parse("0403:6002"), ..Default::default() }.matches(&a));
+        assert!(Match {
+            serial: Some("S1".into()),
+            ..Default::default()
+        }
+        .matches(&a));
+        assert!(!Match {
+            serial: Some("S1".into()),
+            path: Some("p".into()),
+            ..Default::default()
+        }
+        .matches(&a));
+        assert!(Match {
+            usb: UsbId::parse("0403:6001"),
+            by_id: Some("usb-a".into()),
+            ..Default::default()
+        }
+        .matches(&a));
+        assert!(!Match {
+            usb: UsbId::parse("0403:6002"),
+            ..Default::default()
+        }
+        .matches(&a));
     }
 }

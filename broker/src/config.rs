@@ -80,7 +80,10 @@ impl UsbId {
         if v.len() != 4 || p.len() != 4 {
             return None;
         }
-        Some(UsbId { vendor: u16::from_str_radix(v, 16).ok()?, product: u16::from_str_radix(p, 16).ok()? })
+        Some(UsbId {
+            vendor: u16::from_str_radix(v, 16).ok()?,
+            product: u16::from_str_radix(p, 16).ok()?,
+        })
     }
 }
 
@@ -108,7 +111,14 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.col, self.message)?;
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )?;
         if let Some(h) = &self.help {
             write!(f, "\n  help: {h}")?;
         }
@@ -197,7 +207,13 @@ struct Ctx<'a> {
 impl Ctx<'_> {
     fn err(&mut self, span: Range<usize>, message: String, help: Option<String>) {
         let (line, col) = line_col(self.text, span.start);
-        self.errors.push(ConfigError { file: self.file.to_owned(), line, col, message, help });
+        self.errors.push(ConfigError {
+            file: self.file.to_owned(),
+            line,
+            col,
+            message,
+            help,
+        });
     }
 
     fn pos(&self, span: &Range<usize>) -> String {
@@ -216,7 +232,11 @@ fn line_col(text: &str, offset: usize) -> (usize, usize) {
 
 /// Parses and checks config text; `file` is only used in messages.
 pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
-    let mut cx = Ctx { file, text, errors: Vec::new() };
+    let mut cx = Ctx {
+        file,
+        text,
+        errors: Vec::new(),
+    };
     let raw: RawConfig = match toml::from_str(text) {
         Ok(r) => r,
         Err(e) => {
@@ -265,7 +285,10 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         if let Some(first) = board_names.get(&bname).cloned() {
             cx.err(
                 rb.name.span(),
-                format!("board name {bname:?} is used twice (first at {})", cx.pos(&first)),
+                format!(
+                    "board name {bname:?} is used twice (first at {})",
+                    cx.pos(&first)
+                ),
                 Some("give each board its own name".into()),
             );
         } else {
@@ -273,12 +296,17 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         }
         for c in &rb.compatible {
             let ok = !c.get_ref().is_empty()
-                && c.get_ref().chars().all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
+                && c.get_ref()
+                    .chars()
+                    .all(|ch| ch.is_ascii_alphanumeric() || "._-".contains(ch));
             if !ok {
                 cx.err(
                     c.span(),
                     format!("compatible type {:?} is not allowed", c.get_ref()),
-                    Some("types use only letters, digits, '.', '_' and '-', as Sai device types do".into()),
+                    Some(
+                        "types use only letters, digits, '.', '_' and '-', as Sai device types do"
+                            .into(),
+                    ),
                 );
             }
         }
@@ -286,17 +314,34 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         for m in &rb.machines {
             check_named(cx, "machine", m);
             if let Some(first) = seen.insert(m.get_ref().clone(), m.span()) {
-                cx.err(m.span(), format!("machine {:?} is listed twice (first at {})", m.get_ref(), cx.pos(&first)), Some("list each machine once".into()));
+                cx.err(
+                    m.span(),
+                    format!(
+                        "machine {:?} is listed twice (first at {})",
+                        m.get_ref(),
+                        cx.pos(&first)
+                    ),
+                    Some("list each machine once".into()),
+                );
             }
         }
         for g in &rb.host_groups {
             let name = g.get_ref();
             let ok = !name.is_empty()
                 && name.len() <= 32
-                && name.chars().next().is_some_and(|c| c.is_ascii_lowercase() || c == '_')
-                && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+                && name
+                    .chars()
+                    .next()
+                    .is_some_and(|c| c.is_ascii_lowercase() || c == '_')
+                && name
+                    .chars()
+                    .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
             if !ok {
-                cx.err(g.span(), format!("host group {name:?} is not a unix group name"), Some("write the group's name as in /etc/group, e.g. \"dialout\"".into()));
+                cx.err(
+                    g.span(),
+                    format!("host group {name:?} is not a unix group name"),
+                    Some("write the group's name as in /etc/group, e.g. \"dialout\"".into()),
+                );
             }
         }
         if rb.tty.is_empty() {
@@ -312,7 +357,14 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
             check_named(cx, "tty", &rt.name);
             let tname = rt.name.get_ref().clone();
             if let Some(first) = tty_names.get(&tname).cloned() {
-                cx.err(rt.name.span(), format!("board {bname:?} has two ttys named {tname:?} (first at {})", cx.pos(&first)), Some("give each tty of a board its own name".into()));
+                cx.err(
+                    rt.name.span(),
+                    format!(
+                        "board {bname:?} has two ttys named {tname:?} (first at {})",
+                        cx.pos(&first)
+                    ),
+                    Some("give each tty of a board its own name".into()),
+                );
             } else {
                 tty_names.insert(tname.clone(), rt.name.span());
                 let sock = socket_name(&bname, &tname);
@@ -323,7 +375,10 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                         Some("board and tty names are joined with '.'; rename one so the joined names differ".into()),
                     );
                 } else {
-                    sockets.insert(sock, (format!("board {bname:?} tty {tname:?}"), rt.name.span()));
+                    sockets.insert(
+                        sock,
+                        (format!("board {bname:?} tty {tname:?}"), rt.name.span()),
+                    );
                 }
             }
             let rate = match rt.rate {
@@ -331,7 +386,11 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                 Some(r) => {
                     let v = *r.get_ref();
                     if !(50..=20_000_000).contains(&v) {
-                        cx.err(r.span(), format!("rate {v} is out of range"), Some("give the baud rate the board's console uses, e.g. 115200".into()));
+                        cx.err(
+                            r.span(),
+                            format!("rate {v} is out of range"),
+                            Some("give the baud rate the board's console uses, e.g. 115200".into()),
+                        );
                         DEFAULT_RATE
                     } else {
                         v as u32
@@ -339,14 +398,27 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                 }
             };
             let matcher = validate_match(cx, &rt.matcher);
-            matches.push((bname.clone(), tname.clone(), rt.matcher.span(), matcher.clone()));
-            ttys.push(Tty { name: tname, rate, matcher });
+            matches.push((
+                bname.clone(),
+                tname.clone(),
+                rt.matcher.span(),
+                matcher.clone(),
+            ));
+            ttys.push(Tty {
+                name: tname,
+                rate,
+                matcher,
+            });
         }
         boards.push(Board {
             name: bname,
             compatible: rb.compatible.into_iter().map(Spanned::into_inner).collect(),
             machines: rb.machines.into_iter().map(Spanned::into_inner).collect(),
-            host_groups: rb.host_groups.into_iter().map(Spanned::into_inner).collect(),
+            host_groups: rb
+                .host_groups
+                .into_iter()
+                .map(Spanned::into_inner)
+                .collect(),
             ttys,
         });
     }
@@ -380,16 +452,27 @@ fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
         match check_link_name(b.get_ref()) {
             Ok(()) => out.by_id = Some(b.get_ref().clone()),
             Err(why) => {
-                let base = b.get_ref().rsplit('/').find(|s| !s.is_empty() && *s != "." && *s != "..").unwrap_or("usb-...");
+                let base = b
+                    .get_ref()
+                    .rsplit('/')
+                    .find(|s| !s.is_empty() && *s != "." && *s != "..")
+                    .unwrap_or("usb-...");
                 cx.err(b.span(), format!("by-id {:?} is not a link name: {why}", b.get_ref()), Some(format!("write the name of the link in /dev/serial/by-id alone, e.g. by-id = {base:?}")));
             }
         }
     }
-    for (key, val, slot) in [("serial", &raw.serial, &mut out.serial), ("path", &raw.path, &mut out.path)] {
+    for (key, val, slot) in [
+        ("serial", &raw.serial, &mut out.serial),
+        ("path", &raw.path, &mut out.path),
+    ] {
         if let Some(v) = val {
             let s = v.get_ref();
             if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                cx.err(v.span(), format!("{key} {s:?} is empty or has white space"), Some(format!("copy {key} from `udevadm info /dev/ttyUSB0`")));
+                cx.err(
+                    v.span(),
+                    format!("{key} {s:?} is empty or has white space"),
+                    Some(format!("copy {key} from `udevadm info /dev/ttyUSB0`")),
+                );
             } else {
                 *slot = Some(s.clone());
             }
@@ -398,11 +481,19 @@ fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
     if let Some(u) = &raw.usb {
         match UsbId::parse(u.get_ref()) {
             Some(id) => out.usb = Some(id),
-            None => cx.err(u.span(), format!("usb {:?} is not VENDOR:PRODUCT", u.get_ref()), Some("write four hex digits each, e.g. usb = \"0403:6001\"".into())),
+            None => cx.err(
+                u.span(),
+                format!("usb {:?} is not VENDOR:PRODUCT", u.get_ref()),
+                Some("write four hex digits each, e.g. usb = \"0403:6001\"".into()),
+            ),
         }
     }
     if raw.by_id.is_none() && raw.serial.is_none() && raw.path.is_none() && raw.usb.is_none() {
-        cx.err(m.span(), "match is empty: it would match any adapter".into(), Some("give at least one of by-id, serial, path, usb".into()));
+        cx.err(
+            m.span(),
+            "match is empty: it would match any adapter".into(),
+            Some("give at least one of by-id, serial, path, usb".into()),
+        );
     }
     out
 }
@@ -415,7 +506,11 @@ pub fn could_match_same(a: &Match, b: &Match) -> bool {
     fn differ<T: PartialEq>(x: &Option<T>, y: &Option<T>) -> bool {
         matches!((x, y), (Some(x), Some(y)) if x != y)
     }
-    if differ(&a.by_id, &b.by_id) || differ(&a.serial, &b.serial) || differ(&a.path, &b.path) || differ(&a.usb, &b.usb) {
+    if differ(&a.by_id, &b.by_id)
+        || differ(&a.serial, &b.serial)
+        || differ(&a.path, &b.path)
+        || differ(&a.usb, &b.usb)
+    {
         return false;
     }
     let by_id_vs_serial = |m: &Match, n: &Match| match (&m.by_id, &n.serial) {
@@ -462,22 +557,38 @@ match = { by-id = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0" }
 
     #[test]
     fn overlap_rules() {
-        let by = |s: &str| Match { by_id: Some(s.into()), ..Default::default() };
-        let ser = |s: &str| Match { serial: Some(s.into()), ..Default::default() };
-        let usb = Match { usb: UsbId::parse("0403:6001"), ..Default::default() };
+        let by = |s: &str| Match {
+            by_id: Some(s.into()),
+            ..Default::default()
+        };
+        let ser = |s: &str| Match {
+            serial: Some(s.into()),
+            ..Default::default()
+        };
+        let usb = Match {
+            usb: UsbId::parse("0403:6001"),
+            ..Default::default()
+        };
         assert!(!could_match_same(&by("a"), &by("b")));
         assert!(could_match_same(&by("a"), &by("a")));
         assert!(could_match_same(&usb, &ser("X")));
         assert!(!could_match_same(&by("usb-FTDI_X_A1-if00"), &ser("B2")));
         assert!(could_match_same(&by("usb-FTDI_X_A1-if00"), &ser("A1")));
-        let both = Match { serial: Some("A".into()), usb: UsbId::parse("0403:6001"), ..Default::default() };
+        let both = Match {
+            serial: Some("A".into()),
+            usb: UsbId::parse("0403:6001"),
+            ..Default::default()
+        };
         assert!(!could_match_same(&both, &ser("B")));
     }
 
     #[test]
     fn unknown_key_names_the_key() {
         let e = errs("[[board]]\nname = \"a\"\ncolour = \"red\"\n");
-        assert!(e[0].starts_with("t.toml:3:1: unknown field `colour`"), "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:3:1: unknown field `colour`"),
+            "{e:?}"
+        );
         assert!(e[0].contains("help:"));
     }
 }

@@ -21,7 +21,12 @@ pub enum Scope {
 }
 
 /// Accepts control connections until `shutdown`.
-pub async fn serve(listener: UnixListener, scope: Scope, shared: Shared, shutdown: CancellationToken) {
+pub async fn serve(
+    listener: UnixListener,
+    scope: Scope,
+    shared: Shared,
+    shutdown: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -59,13 +64,19 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
             let mut rest = Vec::new();
             loop {
                 rest.clear();
-                match (&mut reader).take(MAX_LINE as u64).read_until(b'\n', &mut rest).await {
+                match (&mut reader)
+                    .take(MAX_LINE as u64)
+                    .read_until(b'\n', &mut rest)
+                    .await
+                {
                     Ok(0) | Err(_) => return,
                     Ok(_) if rest.last() == Some(&b'\n') => break,
                     Ok(_) => {}
                 }
             }
-            Reply::Error { message: format!("request line is over the {MAX_LINE}-byte limit") }
+            Reply::Error {
+                message: format!("request line is over the {MAX_LINE}-byte limit"),
+            }
         } else {
             let text = line.strip_suffix(b"\n").unwrap_or(&line);
             handle(text, &scope, &shared, &mut greeted)
@@ -84,13 +95,21 @@ fn handle(line: &[u8], scope: &Scope, shared: &Shared, greeted: &mut bool) -> Re
     };
     match req {
         Request::Hello { version, .. } if version != VERSION => Reply::Error {
-            message: format!("protocol version {version} is not supported; this broker speaks {VERSION}"),
+            message: format!(
+                "protocol version {version} is not supported; this broker speaks {VERSION}"
+            ),
         },
         Request::Hello { .. } => {
             *greeted = true;
-            Reply::Hello { version: VERSION, server: format!("devbroker {}", env!("CARGO_PKG_VERSION")) }
+            Reply::Hello {
+                version: VERSION,
+                server: format!("devbroker {}", env!("CARGO_PKG_VERSION")),
+            }
         }
-        _ if !*greeted => Reply::Error { message: "send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}".into() },
+        _ if !*greeted => Reply::Error {
+            message: "send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}"
+                .into(),
+        },
         Request::Status {} => Reply::Status(match scope {
             Scope::Admin => shared.status(|_| true),
             Scope::Machine(m) => shared.status(|b| b.machines.iter().any(|x| x == m)),

@@ -30,25 +30,41 @@ match = { by-id = "usb-devbroker_Demo_Board_DEMO0001-if00-port0" }
 "#;
 
 /// Runs the demo until `shutdown` (Ctrl-C) or `duration`.
-pub async fn run(shutdown: CancellationToken, duration: Option<Duration>, banner_every: Duration) -> anyhow::Result<()> {
-    let tmp = tempfile::Builder::new().prefix("devbroker-demo-").tempdir().context("can't make a temporary directory")?;
+pub async fn run(
+    shutdown: CancellationToken,
+    duration: Option<Duration>,
+    banner_every: Duration,
+) -> anyhow::Result<()> {
+    let tmp = tempfile::Builder::new()
+        .prefix("devbroker-demo-")
+        .tempdir()
+        .context("can't make a temporary directory")?;
     let root = tmp.path().to_path_buf();
     let by_id = root.join("host/dev/serial/by-id");
     let run_dir = root.join("run");
     let guest_dev = root.join("guest/dev");
-    let config = crate::config::parse(Path::new("<demo>"), CONFIG).expect("the demo config is valid");
+    let config =
+        crate::config::parse(Path::new("<demo>"), CONFIG).expect("the demo config is valid");
     let user = current_user();
 
-    let board = FakeBoard::plug(&by_id, BOARD_LINK).context("can't make the simulated board's pty")?;
+    let board =
+        FakeBoard::plug(&by_id, BOARD_LINK).context("can't make the simulated board's pty")?;
     let board_task = tokio::spawn(board.run_echo(banner_every, shutdown.clone()));
     let broker = tokio::spawn(server::run(
         config,
-        server::Options { run_dir: run_dir.clone(), etc: PathBuf::from("/etc") },
+        server::Options {
+            run_dir: run_dir.clone(),
+            etc: PathBuf::from("/etc"),
+        },
         Box::new(ByIdSource::new(&by_id)),
         shutdown.clone(),
     ));
     let shim = tokio::spawn(devshim::serve::serve(
-        devshim::serve::Options { dir: run_dir.join("machines/demo"), link_root: guest_dev.clone(), user },
+        devshim::serve::Options {
+            dir: run_dir.join("machines/demo"),
+            link_root: guest_dev.clone(),
+            user,
+        },
         shutdown.clone(),
     ));
 
@@ -72,12 +88,17 @@ pub async fn run(shutdown: CancellationToken, duration: Option<Duration>, banner
     println!();
     println!("  picocom -b 115200 {}", guest_link.display());
     println!();
-    println!("See who holds it:  devbroker status --run-dir {}", run_dir.display());
+    println!(
+        "See who holds it:  devbroker status --run-dir {}",
+        run_dir.display()
+    );
     println!("Stop the demo with Ctrl-C; it removes {}.", root.display());
     println!();
 
     match duration {
-        Some(d) => tokio::select! { _ = shutdown.cancelled() => {}, _ = tokio::time::sleep(d) => shutdown.cancel() },
+        Some(d) => {
+            tokio::select! { _ = shutdown.cancelled() => {}, _ = tokio::time::sleep(d) => shutdown.cancel() }
+        }
         None => shutdown.cancelled().await,
     }
     let r1 = broker.await?;
@@ -92,6 +113,10 @@ pub async fn run(shutdown: CancellationToken, duration: Option<Duration>, banner
 fn current_user() -> devshim::users::User {
     let uid = nix::unistd::getuid().as_raw();
     let gid = nix::unistd::getgid().as_raw();
-    devshim::users::lookup(Path::new("/"), &uid.to_string())
-        .unwrap_or(devshim::users::User { name: uid.to_string(), uid, gid, home: "/".into() })
+    devshim::users::lookup(Path::new("/"), &uid.to_string()).unwrap_or(devshim::users::User {
+        name: uid.to_string(),
+        uid,
+        gid,
+        home: "/".into(),
+    })
 }

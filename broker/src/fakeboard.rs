@@ -12,7 +12,7 @@ use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::fcntl::{OFlag, open};
+use nix::fcntl::{open, OFlag};
 use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
 use nix::sys::stat::Mode;
 use tokio::io::unix::AsyncFd;
@@ -38,21 +38,34 @@ impl FakeBoard {
         grantpt(&master)?;
         unlockpt(&master)?;
         let slave_path = PathBuf::from(ptsname_r(&master)?);
-        let slave = open(&slave_path, OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())?;
+        let slave = open(
+            &slave_path,
+            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         // SAFETY: open returned a fresh descriptor we now own.
         let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
         let mut t = termios::get(slave.as_raw_fd())?;
         termios::make_raw(&mut t);
         termios::set(slave.as_raw_fd(), &t, termios::When::Now)?;
         // SAFETY: the PtyMaster's descriptor moves into an OwnedFd.
-        let master = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(master)) };
+        let master = unsafe {
+            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
+                master,
+            ))
+        };
         fs::create_dir_all(dir)?;
         let link = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
         let _ = fs::remove_file(&tmp);
         symlink(&slave_path, &tmp)?;
         fs::rename(&tmp, &link)?;
-        Ok(FakeBoard { master, _slave: slave, link, slave_path })
+        Ok(FakeBoard {
+            master,
+            _slave: slave,
+            link,
+            slave_path,
+        })
     }
 
     /// The board's side of the pty.
@@ -78,7 +91,11 @@ impl FakeBoard {
 
     /// Runs the demo behaviour until `cancel`: echo what arrives and print a
     /// boot banner every `banner_every`.
-    pub async fn run_echo(self, banner_every: Duration, cancel: CancellationToken) -> io::Result<()> {
+    pub async fn run_echo(
+        self,
+        banner_every: Duration,
+        cancel: CancellationToken,
+    ) -> io::Result<()> {
         let fd = self.master.as_raw_fd();
         nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         // SAFETY: `self.master` owns the descriptor and outlives `afd`, which is

@@ -8,7 +8,11 @@ use clap::{Parser, Subcommand};
 use devbroker::{config, demo, server, shutdown, source::by_id, status};
 
 #[derive(Parser)]
-#[command(name = "devbroker", version, about = "Relays the USB serial ports of embedded boards into containers and to host users")]
+#[command(
+    name = "devbroker",
+    version,
+    about = "Relays the USB serial ports of embedded boards into containers and to host users"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -52,7 +56,10 @@ enum Cmd {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DEVBROKER_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVBROKER_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
@@ -66,12 +73,18 @@ fn main() -> ExitCode {
 }
 
 fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
-    Ok(tokio::runtime::Builder::new_current_thread().enable_all().build()?)
+    Ok(tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?)
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Run { config: path, by_id_dir, run_dir } => {
+        Cmd::Run {
+            config: path,
+            by_id_dir,
+            run_dir,
+        } => {
             let cfg = match config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -81,7 +94,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             runtime()?.block_on(async {
                 let stop = shutdown::on_signals()?;
-                server::run(cfg, server::Options { run_dir, etc: PathBuf::from("/etc") }, Box::new(by_id::ByIdSource::new(by_id_dir)), stop).await
+                server::run(
+                    cfg,
+                    server::Options {
+                        run_dir,
+                        etc: PathBuf::from("/etc"),
+                    },
+                    Box::new(by_id::ByIdSource::new(by_id_dir)),
+                    stop,
+                )
+                .await
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -93,7 +115,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
-                println!("{}: ok, {} boards, {} ttys", path.display(), c.boards.len(), ttys);
+                println!(
+                    "{}: ok, {} boards, {} ttys",
+                    path.display(),
+                    c.boards.len(),
+                    ttys
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -101,7 +128,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
-        Cmd::Demo { duration, banner_every } => {
+        Cmd::Demo {
+            duration,
+            banner_every,
+        } => {
             runtime()?.block_on(async {
                 let stop = shutdown::on_signals()?;
                 demo::run(stop, duration, banner_every).await

@@ -28,12 +28,19 @@ impl Peer {
         }
         groups.sort_unstable();
         groups.dedup();
-        Ok(Peer { uid: cred.uid(), gid: cred.gid(), pid: cred.pid(), groups })
+        Ok(Peer {
+            uid: cred.uid(),
+            gid: cred.gid(),
+            pid: cred.pid(),
+            groups,
+        })
     }
 
     /// `host user NAME (uid N)`.
     pub fn describe(&self, etc: &Path) -> String {
-        let name = std::fs::read_to_string(etc.join("passwd")).ok().and_then(|p| devshim::users::user_name(&p, self.uid));
+        let name = std::fs::read_to_string(etc.join("passwd"))
+            .ok()
+            .and_then(|p| devshim::users::user_name(&p, self.uid));
         match name {
             Some(n) => format!("host user {n} (uid {})", self.uid),
             None => format!("host uid {}", self.uid),
@@ -46,17 +53,30 @@ pub fn parse_groups(status: &str) -> Vec<u32> {
     status
         .lines()
         .find_map(|l| l.strip_prefix("Groups:"))
-        .map(|g| g.split_whitespace().filter_map(|x| x.parse().ok()).collect())
+        .map(|g| {
+            g.split_whitespace()
+                .filter_map(|x| x.parse().ok())
+                .collect()
+        })
         .unwrap_or_default()
 }
 
 /// Decides whether a host peer may use a board shared with `allowed` groups.
 /// Root always may. The error is the message the peer gets.
-pub fn check_host_access(peer: &Peer, allowed: &[String], group_file: &str, who: &str, tty: &str) -> Result<(), String> {
+pub fn check_host_access(
+    peer: &Peer,
+    allowed: &[String],
+    group_file: &str,
+    who: &str,
+    tty: &str,
+) -> Result<(), String> {
     if peer.uid == 0 {
         return Ok(());
     }
-    let gids: Vec<u32> = allowed.iter().filter_map(|g| devshim::users::group_gid(group_file, g)).collect();
+    let gids: Vec<u32> = allowed
+        .iter()
+        .filter_map(|g| devshim::users::group_gid(group_file, g))
+        .collect();
     if peer.groups.iter().any(|g| gids.contains(g)) {
         return Ok(());
     }
@@ -73,7 +93,10 @@ mod tests {
 
     #[test]
     fn groups_line() {
-        assert_eq!(parse_groups("Name:\tx\nGroups:\t20 27 1000 \n"), vec![20, 27, 1000]);
+        assert_eq!(
+            parse_groups("Name:\tx\nGroups:\t20 27 1000 \n"),
+            vec![20, 27, 1000]
+        );
         assert!(parse_groups("Groups:\n").is_empty());
     }
 
@@ -81,10 +104,37 @@ mod tests {
     fn host_access() {
         let group = "dialout:x:20:\nplugdev:x:46:\n";
         let allowed = vec!["dialout".to_string()];
-        let peer = |groups: Vec<u32>| Peer { uid: 1000, gid: 1000, pid: None, groups };
+        let peer = |groups: Vec<u32>| Peer {
+            uid: 1000,
+            gid: 1000,
+            pid: None,
+            groups,
+        };
         assert!(check_host_access(&peer(vec![1000, 20]), &allowed, group, "u", "b.t").is_ok());
-        let e = check_host_access(&peer(vec![1000, 46]), &allowed, group, "host user bob (uid 1000)", "b.t").unwrap_err();
-        assert!(e.contains("b.t is for members of dialout; host user bob (uid 1000) is in none"), "{e}");
-        assert!(check_host_access(&Peer { uid: 0, gid: 0, pid: None, groups: vec![0] }, &allowed, group, "root", "b.t").is_ok());
+        let e = check_host_access(
+            &peer(vec![1000, 46]),
+            &allowed,
+            group,
+            "host user bob (uid 1000)",
+            "b.t",
+        )
+        .unwrap_err();
+        assert!(
+            e.contains("b.t is for members of dialout; host user bob (uid 1000) is in none"),
+            "{e}"
+        );
+        assert!(check_host_access(
+            &Peer {
+                uid: 0,
+                gid: 0,
+                pid: None,
+                groups: vec![0]
+            },
+            &allowed,
+            group,
+            "root",
+            "b.t"
+        )
+        .is_ok());
     }
 }

@@ -44,12 +44,18 @@ pub struct SocketSpec {
 /// matched by several adapters takes the first by id (the config check
 /// prevents one adapter from matching two ttys), and the others are
 /// returned as warnings.
-pub fn assign(config: &Config, adapters: &BTreeMap<String, Adapter>) -> (BTreeMap<TtyKey, Adapter>, Vec<String>) {
+pub fn assign(
+    config: &Config,
+    adapters: &BTreeMap<String, Adapter>,
+) -> (BTreeMap<TtyKey, Adapter>, Vec<String>) {
     let mut out = BTreeMap::new();
     let mut warnings = Vec::new();
     for board in &config.boards {
         for tty in &board.ttys {
-            let key = TtyKey { board: board.name.clone(), tty: tty.name.clone() };
+            let key = TtyKey {
+                board: board.name.clone(),
+                tty: tty.name.clone(),
+            };
             let mut found = adapters.values().filter(|a| tty.matcher.matches(a));
             if let Some(first) = found.next() {
                 for extra in found {
@@ -67,15 +73,25 @@ pub fn assign(config: &Config, adapters: &BTreeMap<String, Adapter>) -> (BTreeMa
 
 /// Every machine the config names, whose directory the broker keeps.
 pub fn machines(config: &Config) -> BTreeSet<String> {
-    config.boards.iter().flat_map(|b| b.machines.iter().cloned()).collect()
+    config
+        .boards
+        .iter()
+        .flat_map(|b| b.machines.iter().cloned())
+        .collect()
 }
 
 /// The sockets that should exist, by path relative to the run directory.
-pub fn sockets(config: &Config, present: &BTreeMap<TtyKey, Adapter>) -> BTreeMap<PathBuf, SocketSpec> {
+pub fn sockets(
+    config: &Config,
+    present: &BTreeMap<TtyKey, Adapter>,
+) -> BTreeMap<PathBuf, SocketSpec> {
     let mut out = BTreeMap::new();
     for board in &config.boards {
         for tty in &board.ttys {
-            let key = TtyKey { board: board.name.clone(), tty: tty.name.clone() };
+            let key = TtyKey {
+                board: board.name.clone(),
+                tty: tty.name.clone(),
+            };
             if !present.contains_key(&key) {
                 continue;
             }
@@ -83,13 +99,19 @@ pub fn sockets(config: &Config, present: &BTreeMap<TtyKey, Adapter>) -> BTreeMap
             for m in &board.machines {
                 out.insert(
                     PathBuf::from("machines").join(m).join(&file),
-                    SocketSpec { tty: key.clone(), access: Access::Machine(m.clone()) },
+                    SocketSpec {
+                        tty: key.clone(),
+                        access: Access::Machine(m.clone()),
+                    },
                 );
             }
             if !board.host_groups.is_empty() {
                 out.insert(
                     PathBuf::from("host").join(&file),
-                    SocketSpec { tty: key.clone(), access: Access::HostGroups(board.host_groups.clone()) },
+                    SocketSpec {
+                        tty: key.clone(),
+                        access: Access::HostGroups(board.host_groups.clone()),
+                    },
                 );
             }
         }
@@ -100,11 +122,23 @@ pub fn sockets(config: &Config, present: &BTreeMap<TtyKey, Adapter>) -> BTreeMap
 /// The index of one machine's directory.
 pub fn manifest(config: &Config, present: &BTreeMap<TtyKey, Adapter>, machine: &str) -> Manifest {
     let mut ttys = Vec::new();
-    for board in config.boards.iter().filter(|b| b.machines.iter().any(|m| m == machine)) {
+    for board in config
+        .boards
+        .iter()
+        .filter(|b| b.machines.iter().any(|m| m == machine))
+    {
         for tty in &board.ttys {
-            let key = TtyKey { board: board.name.clone(), tty: tty.name.clone() };
+            let key = TtyKey {
+                board: board.name.clone(),
+                tty: tty.name.clone(),
+            };
             if let Some(a) = present.get(&key) {
-                ttys.push(Entry { board: board.name.clone(), tty: tty.name.clone(), by_id: a.by_id.clone(), rate: tty.rate });
+                ttys.push(Entry {
+                    board: board.name.clone(),
+                    tty: tty.name.clone(),
+                    by_id: a.by_id.clone(),
+                    rate: tty.rate,
+                });
             }
         }
     }
@@ -135,7 +169,14 @@ match = { serial = "S2" }
 "#;
 
     fn adapter(id: &str, by_id: &str, serial: Option<&str>) -> Adapter {
-        Adapter { id: id.into(), device: format!("/dev/{id}").into(), by_id: Some(by_id.into()), serial: serial.map(Into::into), path: None, usb: None }
+        Adapter {
+            id: id.into(),
+            device: format!("/dev/{id}").into(),
+            by_id: Some(by_id.into()),
+            serial: serial.map(Into::into),
+            path: None,
+            usb: None,
+        }
     }
 
     #[test]
@@ -146,16 +187,30 @@ match = { serial = "S2" }
         assert!(warnings.is_empty());
         let s = sockets(&config, &present);
         let paths: Vec<_> = s.keys().map(|p| p.to_str().unwrap().to_string()).collect();
-        assert_eq!(paths, ["host/esp1.console.sock", "machines/ci1/esp1.console.sock", "machines/ci2/esp1.console.sock"]);
+        assert_eq!(
+            paths,
+            [
+                "host/esp1.console.sock",
+                "machines/ci1/esp1.console.sock",
+                "machines/ci2/esp1.console.sock"
+            ]
+        );
         assert_eq!(manifest(&config, &present, "ci2").ttys.len(), 1);
-        assert_eq!(machines(&config).into_iter().collect::<Vec<_>>(), ["ci1", "ci2"]);
+        assert_eq!(
+            machines(&config).into_iter().collect::<Vec<_>>(),
+            ["ci1", "ci2"]
+        );
 
-        let adapters: BTreeMap<_, _> = [("y".to_string(), adapter("y", "usb-other", Some("S2")))].into();
+        let adapters: BTreeMap<_, _> =
+            [("y".to_string(), adapter("y", "usb-other", Some("S2")))].into();
         let (present, _) = assign(&config, &adapters);
         let s = sockets(&config, &present);
         assert_eq!(s.len(), 1);
         assert!(s.contains_key(Path::new("machines/ci2/nrf.uart.sock")));
-        assert!(!s.keys().any(|p| p.starts_with("machines/ci1")), "ci1 may not use nrf");
+        assert!(
+            !s.keys().any(|p| p.starts_with("machines/ci1")),
+            "ci1 may not use nrf"
+        );
         assert_eq!(manifest(&config, &present, "ci2").ttys[0].rate, 9600);
     }
 }

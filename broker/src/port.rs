@@ -14,14 +14,18 @@ use wire::termios::{self, When};
 
 /// Opens a port exclusively (`TIOCEXCL` and `flock`), raw, at `rate`.
 pub fn open(path: &Path, rate: u32) -> io::Result<SerialStream> {
-    let path_str = path.to_str().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "device path is not UTF-8"))?;
+    let path_str = path
+        .to_str()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "device path is not UTF-8"))?;
     let port = tokio_serial::new(path_str, rate)
         .exclusive(true)
         .preserve_dtr_on_open()
         .open_native_async()
         .map_err(|e| match e.kind {
             tokio_serial::ErrorKind::Io(kind) => io::Error::new(kind, e.description),
-            tokio_serial::ErrorKind::NoDevice => io::Error::new(io::ErrorKind::NotFound, e.description),
+            tokio_serial::ErrorKind::NoDevice => {
+                io::Error::new(io::ErrorKind::NotFound, e.description)
+            }
             _ => io::Error::other(e.description),
         })?;
     let fd = port.as_raw_fd();
@@ -57,16 +61,25 @@ pub fn set_control(fd: RawFd, value: u8) -> io::Result<u8> {
     let flow = |value: u8| -> io::Result<u8> {
         let mut t = termios::get(fd)?;
         if value != control::FLOW_REQUEST {
-            termios::set_flow(&mut t, value).ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "unknown flow control"))?;
+            termios::set_flow(&mut t, value).ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidInput, "unknown flow control")
+            })?;
             termios::set(fd, &t, When::Now)?;
             t = termios::get(fd)?;
         }
         Ok(termios::to_settings(&t).flow)
     };
     match value {
-        control::FLOW_REQUEST | control::FLOW_NONE | control::FLOW_XONXOFF | control::FLOW_HARDWARE => flow(value),
+        control::FLOW_REQUEST
+        | control::FLOW_NONE
+        | control::FLOW_XONXOFF
+        | control::FLOW_HARDWARE => flow(value),
         control::BREAK_ON | control::BREAK_OFF => {
-            let req = if value == control::BREAK_ON { libc::TIOCSBRK } else { libc::TIOCCBRK };
+            let req = if value == control::BREAK_ON {
+                libc::TIOCSBRK
+            } else {
+                libc::TIOCCBRK
+            };
             // SAFETY: TIOCSBRK/TIOCCBRK take no argument.
             if unsafe { libc::ioctl(fd, req, 0) } < 0 {
                 return Err(io::Error::last_os_error());
@@ -81,14 +94,26 @@ pub fn set_control(fd: RawFd, value: u8) -> io::Result<u8> {
             modem(libc::TIOCM_RTS, value == control::RTS_ON)?;
             Ok(value)
         }
-        control::DTR_REQUEST => Ok(if modem_bits()? & libc::TIOCM_DTR != 0 { control::DTR_ON } else { control::DTR_OFF }),
-        control::RTS_REQUEST => Ok(if modem_bits()? & libc::TIOCM_RTS != 0 { control::RTS_ON } else { control::RTS_OFF }),
+        control::DTR_REQUEST => Ok(if modem_bits()? & libc::TIOCM_DTR != 0 {
+            control::DTR_ON
+        } else {
+            control::DTR_OFF
+        }),
+        control::RTS_REQUEST => Ok(if modem_bits()? & libc::TIOCM_RTS != 0 {
+            control::RTS_ON
+        } else {
+            control::RTS_OFF
+        }),
         // Break state isn't readable back; inbound flow follows outbound on Linux.
         control::BREAK_REQUEST => Ok(control::BREAK_OFF),
-        control::INBOUND_FLOW_REQUEST | control::INBOUND_FLOW_NONE | control::INBOUND_FLOW_XONXOFF | control::INBOUND_FLOW_HARDWARE => {
-            Ok(control::INBOUND_FLOW_NONE)
-        }
-        _ => Err(io::Error::new(io::ErrorKind::Unsupported, format!("SET-CONTROL value {value} is not supported"))),
+        control::INBOUND_FLOW_REQUEST
+        | control::INBOUND_FLOW_NONE
+        | control::INBOUND_FLOW_XONXOFF
+        | control::INBOUND_FLOW_HARDWARE => Ok(control::INBOUND_FLOW_NONE),
+        _ => Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            format!("SET-CONTROL value {value} is not supported"),
+        )),
     }
 }
 
@@ -101,7 +126,12 @@ pub fn modem_state(fd: RawFd) -> Option<u8> {
         return None;
     }
     let mut s = 0;
-    for (tiocm, bit) in [(libc::TIOCM_CD, ms::CD), (libc::TIOCM_RI, ms::RI), (libc::TIOCM_DSR, ms::DSR), (libc::TIOCM_CTS, ms::CTS)] {
+    for (tiocm, bit) in [
+        (libc::TIOCM_CD, ms::CD),
+        (libc::TIOCM_RI, ms::RI),
+        (libc::TIOCM_DSR, ms::DSR),
+        (libc::TIOCM_CTS, ms::CTS),
+    ] {
         if bits & tiocm != 0 {
             s |= bit;
         }
@@ -115,7 +145,12 @@ pub fn purge(fd: RawFd, which: u8) -> io::Result<()> {
         purge::RECEIVE => libc::TCIFLUSH,
         purge::TRANSMIT => libc::TCOFLUSH,
         purge::BOTH => libc::TCIOFLUSH,
-        _ => return Err(io::Error::new(io::ErrorKind::InvalidInput, format!("PURGE-DATA value {which} is not 1, 2 or 3"))),
+        _ => {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("PURGE-DATA value {which} is not 1, 2 or 3"),
+            ))
+        }
     };
     // SAFETY: plain tcflush on an open descriptor.
     if unsafe { libc::tcflush(fd, q) } < 0 {

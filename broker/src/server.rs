@@ -56,25 +56,58 @@ impl Drop for Listener {
 
 /// Runs the broker until `shutdown` is cancelled, then removes what it made
 /// (sockets and indexes; machine directories stay, as containers bind them).
-pub async fn run(config: Config, opts: Options, source: Box<dyn Source>, shutdown: CancellationToken) -> anyhow::Result<()> {
+pub async fn run(
+    config: Config,
+    opts: Options,
+    source: Box<dyn Source>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
     let machines = plan::machines(&config);
     let _lock = prepare_run_dir(&opts.run_dir, &machines)?;
     let shared = Shared::new(config.clone());
     let mut fixed = Vec::new();
     let admin_path = opts.run_dir.join(ADMIN_SOCKET);
     let admin = bind(&admin_path, 0o600)?;
-    fixed.push(Listener { path: admin_path, cancel: shutdown.child_token() });
-    tokio::spawn(control::serve(admin, Scope::Admin, shared.clone(), fixed.last().unwrap().cancel.clone()));
+    fixed.push(Listener {
+        path: admin_path,
+        cancel: shutdown.child_token(),
+    });
+    tokio::spawn(control::serve(
+        admin,
+        Scope::Admin,
+        shared.clone(),
+        fixed.last().unwrap().cancel.clone(),
+    ));
     let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
     for m in &machines {
         let dir = opts.run_dir.join("machines").join(m);
-        write_manifest(&dir, &Manifest { version: 1, ttys: vec![] })?;
-        manifests.insert(m.clone(), Manifest { version: 1, ttys: vec![] });
+        write_manifest(
+            &dir,
+            &Manifest {
+                version: 1,
+                ttys: vec![],
+            },
+        )?;
+        manifests.insert(
+            m.clone(),
+            Manifest {
+                version: 1,
+                ttys: vec![],
+            },
+        );
         let path = dir.join(CONTROL_SOCKET);
         let l = bind(&path, 0o666)?;
         let token = shutdown.child_token();
-        tokio::spawn(control::serve(l, Scope::Machine(m.clone()), shared.clone(), token.clone()));
-        fixed.push(Listener { path, cancel: token });
+        tokio::spawn(control::serve(
+            l,
+            Scope::Machine(m.clone()),
+            shared.clone(),
+            token.clone(),
+        ));
+        fixed.push(Listener {
+            path,
+            cancel: token,
+        });
     }
 
     info!("watching {}", source.describe());
@@ -124,7 +157,14 @@ pub async fn run(config: Config, opts: Options, source: Box<dyn Source>, shutdow
                 Ok(l) => {
                     let cancel = shutdown.child_token();
                     info!(socket = %path.display(), "serving {}", spec.tty);
-                    tokio::spawn(accept_loop(l, spec, shared.clone(), opts.etc.clone(), cancel.clone(), shutdown.clone()));
+                    tokio::spawn(accept_loop(
+                        l,
+                        spec,
+                        shared.clone(),
+                        opts.etc.clone(),
+                        cancel.clone(),
+                        shutdown.clone(),
+                    ));
                     listeners.insert(rel, Listener { path, cancel });
                 }
                 Err(e) => warn!(socket = %path.display(), "can't serve: {e}"),
@@ -139,7 +179,14 @@ pub async fn run(config: Config, opts: Options, source: Box<dyn Source>, shutdow
     result
 }
 
-async fn accept_loop(l: UnixListener, spec: SocketSpec, shared: Shared, etc: PathBuf, cancel: CancellationToken, root: CancellationToken) {
+async fn accept_loop(
+    l: UnixListener,
+    spec: SocketSpec,
+    shared: Shared,
+    etc: PathBuf,
+    cancel: CancellationToken,
+    root: CancellationToken,
+) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -156,11 +203,19 @@ async fn accept_loop(l: UnixListener, spec: SocketSpec, shared: Shared, etc: Pat
     }
 }
 
-async fn connection(sock: UnixStream, spec: SocketSpec, shared: Shared, etc: PathBuf, root: CancellationToken) {
+async fn connection(
+    sock: UnixStream,
+    spec: SocketSpec,
+    shared: Shared,
+    etc: PathBuf,
+    root: CancellationToken,
+) {
     let label = spec.tty.to_string();
     let peer = match Peer::of(&sock) {
         Ok(p) => p,
-        Err(e) => return session::refuse(sock, &format!("can't read the peer's credentials: {e}")).await,
+        Err(e) => {
+            return session::refuse(sock, &format!("can't read the peer's credentials: {e}")).await
+        }
     };
     let who = match &spec.access {
         Access::Machine(m) => format!("machine {m}"),
@@ -209,15 +264,25 @@ fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
 /// killed broker left, and takes the run directory's lock so two brokers
 /// can't fight over it. Machine directories are never removed: a running
 /// container has them bind-mounted, and a new directory would not be seen.
-fn prepare_run_dir(run: &Path, machines: &BTreeSet<String>) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
+fn prepare_run_dir(
+    run: &Path,
+    machines: &BTreeSet<String>,
+) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
     let mkdir = |p: &Path, mode: u32| -> anyhow::Result<()> {
         fs::create_dir_all(p).with_context(|| format!("can't create {}", p.display()))?;
-        fs::set_permissions(p, fs::Permissions::from_mode(mode)).with_context(|| format!("can't set the mode of {}", p.display()))?;
+        fs::set_permissions(p, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("can't set the mode of {}", p.display()))?;
         Ok(())
     };
     mkdir(run, 0o755)?;
     let lock_path = run.join("broker.lock");
-    let file = fs::OpenOptions::new().create(true).truncate(false).read(true).write(true).open(&lock_path).with_context(|| format!("can't open {}", lock_path.display()))?;
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("can't open {}", lock_path.display()))?;
     let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
         Ok(l) => l,
         Err((_, nix::errno::Errno::EWOULDBLOCK)) => {

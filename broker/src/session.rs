@@ -39,7 +39,9 @@ pub enum End {
 /// Sends a refusal the way RFC 2217 servers do (ser2net too): a line of
 /// text, then close. A client that sees no `IAC` first knows it was refused.
 pub async fn refuse(mut sock: UnixStream, why: &str) {
-    let _ = sock.write_all(format!("devbroker: {why}\r\n").as_bytes()).await;
+    let _ = sock
+        .write_all(format!("devbroker: {why}\r\n").as_bytes())
+        .await;
     let _ = sock.shutdown().await;
 }
 
@@ -49,7 +51,10 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     let port = match port::open(&guard.adapter.device, rate) {
         Ok(p) => p,
         Err(e) => {
-            let why = format!("can't open {} for {label}: {e}", guard.adapter.device.display());
+            let why = format!(
+                "can't open {} for {label}: {e}",
+                guard.adapter.device.display()
+            );
             warn!("{why}");
             refuse(sock, &why).await;
             return End::Error(e);
@@ -126,7 +131,9 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
                         if let Err(e) = port_w.write_all(d).await {
                             return Ok(End::AdapterGone(e.to_string()));
                         }
-                        counters.to_board.fetch_add(d.len() as u64, Ordering::Relaxed);
+                        counters
+                            .to_board
+                            .fetch_add(d.len() as u64, Ordering::Relaxed);
                     }
                     Some(Event::Negotiate(v, o)) => {
                         if let Some((rv, ro)) = neg.answer(v, o) {
@@ -135,21 +142,31 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
                             let _ = ctl_tx.send(out).await;
                         }
                     }
-                    Some(Event::Subnegotiation(OPT_COM_PORT, payload)) => match Command::decode(&payload) {
-                        Ok((Direction::ClientToServer, cmd)) => {
-                            if let Err(e) = port_w.flush().await {
-                                return Ok(End::AdapterGone(e.to_string()));
+                    Some(Event::Subnegotiation(OPT_COM_PORT, payload)) => {
+                        match Command::decode(&payload) {
+                            Ok((Direction::ClientToServer, cmd)) => {
+                                if let Err(e) = port_w.flush().await {
+                                    return Ok(End::AdapterGone(e.to_string()));
+                                }
+                                if let Some(reply) = apply(fd, cmd, &label, &suspend_tx).await {
+                                    let _ = ctl_tx
+                                        .send(reply.to_bytes(Direction::ServerToClient))
+                                        .await;
+                                }
                             }
-                            if let Some(reply) = apply(fd, cmd, &label, &suspend_tx).await {
-                                let _ = ctl_tx.send(reply.to_bytes(Direction::ServerToClient)).await;
+                            Ok((Direction::ServerToClient, cmd)) => {
+                                debug!(tty = %label, "ignoring server-side command from client: {cmd:?}")
                             }
+                            Err(e) => warn!(tty = %label, "{e}"),
                         }
-                        Ok((Direction::ServerToClient, cmd)) => debug!(tty = %label, "ignoring server-side command from client: {cmd:?}"),
-                        Err(e) => warn!(tty = %label, "{e}"),
-                    },
-                    Some(Event::Subnegotiation(opt, _)) => debug!(tty = %label, "ignoring subnegotiation of option {opt}"),
+                    }
+                    Some(Event::Subnegotiation(opt, _)) => {
+                        debug!(tty = %label, "ignoring subnegotiation of option {opt}")
+                    }
                     Some(Event::Command(_)) => {}
-                    Some(Event::Malformed(why)) => warn!(tty = %label, "client sent a malformed command: {why}"),
+                    Some(Event::Malformed(why)) => {
+                        warn!(tty = %label, "client sent a malformed command: {why}")
+                    }
                 }
             }
         }
@@ -184,7 +201,12 @@ fn drain_ready(fd: i32, buf: &mut [u8]) -> usize {
 /// Applies a client's command to the port and returns the reply: the value
 /// now in force. Commands that could block (a drain before a baud change)
 /// run off the async threads.
-async fn apply(fd: i32, cmd: Command, label: &str, suspend: &tokio::sync::watch::Sender<bool>) -> Option<Command> {
+async fn apply(
+    fd: i32,
+    cmd: Command,
+    label: &str,
+    suspend: &tokio::sync::watch::Sender<bool>,
+) -> Option<Command> {
     let blocking = |f: Box<dyn FnOnce() -> io::Result<Command> + Send>| {
         let label = label.to_string();
         async move {
@@ -215,18 +237,47 @@ async fn apply(fd: i32, cmd: Command, label: &str, suspend: &tokio::sync::watch:
     match cmd {
         Command::SetBaudRate(b) => {
             blocking(Box::new(move || {
-                settings_cmd(fd, |t| (b != 0).then(|| termios::set_baud(t, b)), When::AfterDrain, |s| Command::SetBaudRate(s.baud))
+                settings_cmd(
+                    fd,
+                    |t| (b != 0).then(|| termios::set_baud(t, b)),
+                    When::AfterDrain,
+                    |s| Command::SetBaudRate(s.baud),
+                )
             }))
             .await
         }
         Command::SetDataSize(v) => {
-            blocking(Box::new(move || settings_cmd(fd, |t| termios::set_data_size(t, v), When::AfterDrain, |s| Command::SetDataSize(s.data_size)))).await
+            blocking(Box::new(move || {
+                settings_cmd(
+                    fd,
+                    |t| termios::set_data_size(t, v),
+                    When::AfterDrain,
+                    |s| Command::SetDataSize(s.data_size),
+                )
+            }))
+            .await
         }
         Command::SetParity(v) => {
-            blocking(Box::new(move || settings_cmd(fd, |t| termios::set_parity(t, v), When::AfterDrain, |s| Command::SetParity(s.parity)))).await
+            blocking(Box::new(move || {
+                settings_cmd(
+                    fd,
+                    |t| termios::set_parity(t, v),
+                    When::AfterDrain,
+                    |s| Command::SetParity(s.parity),
+                )
+            }))
+            .await
         }
         Command::SetStopSize(v) => {
-            blocking(Box::new(move || settings_cmd(fd, |t| termios::set_stop_size(t, v), When::AfterDrain, |s| Command::SetStopSize(s.stop_size)))).await
+            blocking(Box::new(move || {
+                settings_cmd(
+                    fd,
+                    |t| termios::set_stop_size(t, v),
+                    When::AfterDrain,
+                    |s| Command::SetStopSize(s.stop_size),
+                )
+            }))
+            .await
         }
         Command::SetControl(v) => match port::set_control(fd, v) {
             Ok(r) => Some(Command::SetControl(r)),
@@ -259,9 +310,9 @@ async fn apply(fd: i32, cmd: Command, label: &str, suspend: &tokio::sync::watch:
         }
         Command::SetLineStateMask(m) => Some(Command::SetLineStateMask(m)),
         Command::SetModemStateMask(m) => Some(Command::SetModemStateMask(m)),
-        Command::Signature(s) if s.is_empty() => {
-            Some(Command::Signature(format!("devbroker {} {label}", env!("CARGO_PKG_VERSION")).into_bytes()))
-        }
+        Command::Signature(s) if s.is_empty() => Some(Command::Signature(
+            format!("devbroker {} {label}", env!("CARGO_PKG_VERSION")).into_bytes(),
+        )),
         Command::Signature(s) => {
             debug!(tty = %label, "client signature: {}", String::from_utf8_lossy(&s));
             None

@@ -82,11 +82,19 @@ impl Shared {
         let mut inner = Inner::default();
         for b in &config.boards {
             for t in &b.ttys {
-                inner.ttys.insert(TtyKey { board: b.name.clone(), tty: t.name.clone() }, TtyState::default());
+                inner.ttys.insert(
+                    TtyKey {
+                        board: b.name.clone(),
+                        tty: t.name.clone(),
+                    },
+                    TtyState::default(),
+                );
             }
         }
         inner.config = config;
-        Shared { inner: Arc::new(Mutex::new(inner)) }
+        Shared {
+            inner: Arc::new(Mutex::new(inner)),
+        }
     }
 
     /// Records which adapter each tty has now; sessions of a tty whose
@@ -105,12 +113,24 @@ impl Shared {
     }
 
     /// Takes the tty for a new session, or says who has it.
-    pub fn acquire(&self, key: &TtyKey, who: String, pid: Option<i32>, parent: &CancellationToken) -> Result<SessionGuard, String> {
+    pub fn acquire(
+        &self,
+        key: &TtyKey,
+        who: String,
+        pid: Option<i32>,
+        parent: &CancellationToken,
+    ) -> Result<SessionGuard, String> {
         let mut inner = self.inner.lock().unwrap();
         inner.next_session += 1;
         let id = inner.next_session;
-        let t = inner.ttys.get_mut(key).ok_or_else(|| format!("{key} is not in the config"))?;
-        let adapter = t.adapter.clone().ok_or_else(|| format!("{key} is not plugged in"))?;
+        let t = inner
+            .ttys
+            .get_mut(key)
+            .ok_or_else(|| format!("{key} is not in the config"))?;
+        let adapter = t
+            .adapter
+            .clone()
+            .ok_or_else(|| format!("{key} is not plugged in"))?;
         if let Some(s) = &t.session {
             return Err(format!(
                 "{key} is in use by {}{} since {}; try again when it is released",
@@ -122,15 +142,28 @@ impl Shared {
         let cancel = parent.child_token();
         let rate = rate_of(&inner.config, key);
         let t = inner.ttys.get_mut(key).expect("checked above");
-        t.session = Some(Session { id, who, pid, since: SystemTime::now(), cancel: cancel.clone() });
-        Ok(SessionGuard { shared: self.clone(), key: key.clone(), id, cancel, counters: t.counters.clone(), adapter, rate })
+        t.session = Some(Session {
+            id,
+            who,
+            pid,
+            since: SystemTime::now(),
+            cancel: cancel.clone(),
+        });
+        Ok(SessionGuard {
+            shared: self.clone(),
+            key: key.clone(),
+            id,
+            cancel,
+            counters: t.counters.clone(),
+            adapter,
+            rate,
+        })
     }
 
     /// The config the broker runs with.
     pub fn config(&self) -> Config {
         self.inner.lock().unwrap().config.clone()
     }
-
 
     /// Status of the boards `visible` lets through.
     pub fn status(&self, visible: impl Fn(&crate::config::Board) -> bool) -> Status {
@@ -141,11 +174,18 @@ impl Shared {
                 .ttys
                 .iter()
                 .map(|t| {
-                    let st = &inner.ttys[&TtyKey { board: b.name.clone(), tty: t.name.clone() }];
+                    let st = &inner.ttys[&TtyKey {
+                        board: b.name.clone(),
+                        tty: t.name.clone(),
+                    }];
                     TtyStatus {
                         name: t.name.clone(),
                         present: st.adapter.is_some(),
-                        by_id: st.adapter.as_ref().and_then(|a| a.by_id.clone()).or_else(|| t.matcher.by_id.clone()),
+                        by_id: st
+                            .adapter
+                            .as_ref()
+                            .and_then(|a| a.by_id.clone())
+                            .or_else(|| t.matcher.by_id.clone()),
                         device: st.adapter.as_ref().map(|a| a.device.display().to_string()),
                         holder: st.session.as_ref().map(|s| Holder {
                             who: s.who.clone(),
@@ -190,15 +230,42 @@ mod tests {
         )
         .unwrap();
         let shared = Shared::new(config);
-        let key = TtyKey { board: "b".into(), tty: "t".into() };
+        let key = TtyKey {
+            board: "b".into(),
+            tty: "t".into(),
+        };
         let root = CancellationToken::new();
-        assert!(shared.acquire(&key, "machine m".into(), None, &root).unwrap_err().contains("not plugged in"));
-        let a = Adapter { id: "x".into(), device: "/dev/x".into(), by_id: Some("x".into()), serial: None, path: None, usb: None };
+        assert!(shared
+            .acquire(&key, "machine m".into(), None, &root)
+            .unwrap_err()
+            .contains("not plugged in"));
+        let a = Adapter {
+            id: "x".into(),
+            device: "/dev/x".into(),
+            by_id: Some("x".into()),
+            serial: None,
+            path: None,
+            usb: None,
+        };
         shared.set_present(&[(key.clone(), a)].into());
-        let g = shared.acquire(&key, "machine m".into(), Some(7), &root).unwrap();
-        let refusal = shared.acquire(&key, "machine n".into(), None, &root).unwrap_err();
-        assert!(refusal.contains("in use by machine m (pid 7) since"), "{refusal}");
-        assert_eq!(shared.status(|_| true).boards[0].ttys[0].holder.as_ref().unwrap().who, "machine m");
+        let g = shared
+            .acquire(&key, "machine m".into(), Some(7), &root)
+            .unwrap();
+        let refusal = shared
+            .acquire(&key, "machine n".into(), None, &root)
+            .unwrap_err();
+        assert!(
+            refusal.contains("in use by machine m (pid 7) since"),
+            "{refusal}"
+        );
+        assert_eq!(
+            shared.status(|_| true).boards[0].ttys[0]
+                .holder
+                .as_ref()
+                .unwrap()
+                .who,
+            "machine m"
+        );
         shared.set_present(&BTreeMap::new());
         assert!(g.cancel.is_cancelled(), "unplug cancels the session");
         drop(g);

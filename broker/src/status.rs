@@ -12,17 +12,28 @@ use wire::control::{request_line, Reply, Request, Status, VERSION};
 /// Sends `hello` and one request on a control socket and returns the reply.
 pub fn ask(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let sock = UnixStream::connect(socket).with_context(|| {
-        format!("can't reach the broker at {}: is `devbroker run` running with this --run-dir?", socket.display())
+        format!(
+            "can't reach the broker at {}: is `devbroker run` running with this --run-dir?",
+            socket.display()
+        )
     })?;
     sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = sock.try_clone()?;
     let mut r = BufReader::new(sock);
     let mut line = String::new();
-    for req in [&Request::Hello { version: VERSION, client: "devbroker-cli".into() }, req] {
+    for req in [
+        &Request::Hello {
+            version: VERSION,
+            client: "devbroker-cli".into(),
+        },
+        req,
+    ] {
         w.write_all(&request_line(req))?;
         line.clear();
-        r.read_line(&mut line).context("the broker did not answer")?;
-        let reply: Reply = serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
+        r.read_line(&mut line)
+            .context("the broker did not answer")?;
+        let reply: Reply =
+            serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
         if let Reply::Error { message } = &reply {
             bail!("the broker refused: {message}");
         }
@@ -55,11 +66,19 @@ pub fn render(s: &Status) -> String {
             "{}  [{}]  for {}\n",
             b.name,
             b.compatible.join(", "),
-            if users.is_empty() { "nobody".to_string() } else { users.join(", ") }
+            if users.is_empty() {
+                "nobody".to_string()
+            } else {
+                users.join(", ")
+            }
         ));
         for t in &b.ttys {
             let state = if t.present { "present" } else { "absent " };
-            out.push_str(&format!("  {:<12} {state}  {}\n", t.name, t.by_id.as_deref().unwrap_or("-")));
+            out.push_str(&format!(
+                "  {:<12} {state}  {}\n",
+                t.name,
+                t.by_id.as_deref().unwrap_or("-")
+            ));
             if let Some(d) = &t.device {
                 out.push_str(&format!("               device {d}\n"));
             }
@@ -72,7 +91,10 @@ pub fn render(s: &Status) -> String {
                 )),
                 None => out.push_str("               free\n"),
             }
-            out.push_str(&format!("               {} bytes to board, {} bytes from board\n", t.bytes_to_board, t.bytes_from_board));
+            out.push_str(&format!(
+                "               {} bytes to board, {} bytes from board\n",
+                t.bytes_to_board, t.bytes_from_board
+            ));
         }
     }
     out

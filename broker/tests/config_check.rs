@@ -6,9 +6,17 @@ fn check(text: &str) -> (bool, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("devbroker.toml");
     std::fs::write(&path, text).unwrap();
-    let out = Command::new(env!("CARGO_BIN_EXE_devbroker")).args(["check", "--config"]).arg(&path).output().unwrap();
-    let text = String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    (out.status.success(), text.replace(&path.display().to_string(), "FILE"))
+    let out = Command::new(env!("CARGO_BIN_EXE_devbroker"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    (
+        out.status.success(),
+        text.replace(&path.display().to_string(), "FILE"),
+    )
 }
 
 fn rejected(text: &str) -> String {
@@ -22,16 +30,31 @@ const TTY: &str = "\n[[board.tty]]\nname = \"console\"\nmatch = { by-id = \"usb-
 #[test]
 fn the_example_config_is_valid() {
     let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../devbroker.example.toml");
-    let out = Command::new(env!("CARGO_BIN_EXE_devbroker")).args(["check", "--config", path]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(env!("CARGO_BIN_EXE_devbroker"))
+        .args(["check", "--config", path])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(String::from_utf8_lossy(&out.stdout).ends_with("ok, 3 boards, 4 ttys\n"));
 }
 
 #[test]
 fn unknown_keys() {
-    let m = rejected(&format!("[[board]]\nname = \"a\"\nmachine = [\"ci1\"]\n{TTY}"));
-    assert!(m.starts_with("FILE:3:1: unknown field `machine`, expected one of"), "{m}");
-    assert!(m.contains("help: remove the key or fix its spelling"), "{m}");
+    let m = rejected(&format!(
+        "[[board]]\nname = \"a\"\nmachine = [\"ci1\"]\n{TTY}"
+    ));
+    assert!(
+        m.starts_with("FILE:3:1: unknown field `machine`, expected one of"),
+        "{m}"
+    );
+    assert!(
+        m.contains("help: remove the key or fix its spelling"),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { serial = \"X\", vid = \"1\" }\n");
     assert!(m.starts_with("FILE:5:"), "{m}");
     assert!(m.contains("unknown field `vid`"), "{m}");
@@ -42,27 +65,62 @@ fn unknown_keys() {
 #[test]
 fn bad_names_say_what_to_write() {
     let m = rejected(&format!("[[board]]\nname = \"ESP_1\"\n{TTY}"));
-    assert!(m.starts_with("FILE:2:8: board name \"ESP_1\" is not allowed: it starts with 'E'"), "{m}");
+    assert!(
+        m.starts_with("FILE:2:8: board name \"ESP_1\" is not allowed: it starts with 'E'"),
+        "{m}"
+    );
     assert!(m.contains("e.g. \"esp-1\""), "{m}");
-    let m = rejected(&format!("[[board]]\nname = \"a\"\nmachines = [\"ci_1\"]\n{TTY}"));
-    assert!(m.contains("FILE:3:13: machine name \"ci_1\" is not allowed: it contains '_'"), "{m}");
-    let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"\"\nmatch = { by-id = \"x\" }\n");
-    assert!(m.contains("tty name \"\" is not allowed: it is empty"), "{m}");
+    let m = rejected(&format!(
+        "[[board]]\nname = \"a\"\nmachines = [\"ci_1\"]\n{TTY}"
+    ));
+    assert!(
+        m.contains("FILE:3:13: machine name \"ci_1\" is not allowed: it contains '_'"),
+        "{m}"
+    );
+    let m = rejected(
+        "[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"\"\nmatch = { by-id = \"x\" }\n",
+    );
+    assert!(
+        m.contains("tty name \"\" is not allowed: it is empty"),
+        "{m}"
+    );
     let m = rejected(&format!("[[board]]\nname = \"{}\"\n{TTY}", "a".repeat(64)));
-    assert!(m.contains("it is 64 characters long; the limit is 63"), "{m}");
+    assert!(
+        m.contains("it is 64 characters long; the limit is 63"),
+        "{m}"
+    );
 }
 
 #[test]
 fn names_that_could_escape_a_directory() {
     let m = rejected(&format!("[[board]]\nname = \"..\"\n{TTY}"));
-    assert!(m.contains("board name \"..\" is not allowed: it starts with '.'"), "{m}");
+    assert!(
+        m.contains("board name \"..\" is not allowed: it starts with '.'"),
+        "{m}"
+    );
     let m = rejected(&format!("[[board]]\nname = \"a/b\"\n{TTY}"));
-    assert!(m.contains("board name \"a/b\" is not allowed: it contains '/'"), "{m}");
-    let m = rejected(&format!("[[board]]\nname = \"a\"\nmachines = [\"../../etc\"]\n{TTY}"));
-    assert!(m.contains("machine name \"../../etc\" is not allowed"), "{m}");
+    assert!(
+        m.contains("board name \"a/b\" is not allowed: it contains '/'"),
+        "{m}"
+    );
+    let m = rejected(&format!(
+        "[[board]]\nname = \"a\"\nmachines = [\"../../etc\"]\n{TTY}"
+    ));
+    assert!(
+        m.contains("machine name \"../../etc\" is not allowed"),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"../../../dev/sda\" }\n");
-    assert!(m.contains("FILE:5:19: by-id \"../../../dev/sda\" is not a link name: it contains '/'"), "{m}");
-    assert!(m.contains("help: write the name of the link in /dev/serial/by-id alone, e.g. by-id = \"sda\""), "{m}");
+    assert!(
+        m.contains("FILE:5:19: by-id \"../../../dev/sda\" is not a link name: it contains '/'"),
+        "{m}"
+    );
+    assert!(
+        m.contains(
+            "help: write the name of the link in /dev/serial/by-id alone, e.g. by-id = \"sda\""
+        ),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"/dev/serial/by-id/usb-X-if00\" }\n");
     assert!(m.contains("e.g. by-id = \"usb-X-if00\""), "{m}");
     let m = rejected("[[board]]\nname = \"a\"\nmachines = [\"ci1\\nci2\"]\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n");
@@ -72,14 +130,25 @@ fn names_that_could_escape_a_directory() {
 #[test]
 fn duplicate_names() {
     let m = rejected(&format!("[[board]]\nname = \"a\"\n{TTY}\n[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = {{ by-id = \"usb-B\" }}\n"));
-    assert!(m.contains("board name \"a\" is used twice (first at 2:8)"), "{m}");
+    assert!(
+        m.contains("board name \"a\" is used twice (first at 2:8)"),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"y\" }\n");
-    assert!(m.contains("FILE:7:8: board \"a\" has two ttys named \"c\" (first at 4:8)"), "{m}");
+    assert!(
+        m.contains("FILE:7:8: board \"a\" has two ttys named \"c\" (first at 4:8)"),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\nmachines = [\"m\", \"m\"]\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n");
     assert!(m.contains("machine \"m\" is listed twice"), "{m}");
     // "a.b" + "c" and "a" + "b.c" would share a socket file.
     let m = rejected("[[board]]\nname = \"a.b\"\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"b.c\"\nmatch = { by-id = \"y\" }\n");
-    assert!(m.contains("needs the socket \"a.b.c.sock\", which board \"a.b\" tty \"c\" (at 4:8) needs too"), "{m}");
+    assert!(
+        m.contains(
+            "needs the socket \"a.b.c.sock\", which board \"a.b\" tty \"c\" (at 4:8) needs too"
+        ),
+        "{m}"
+    );
 }
 
 #[test]
@@ -96,25 +165,45 @@ fn two_boards_that_can_match_one_adapter() {
 
 #[test]
 fn bad_values() {
-    let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { usb = \"403:6001\" }\n");
-    assert!(m.contains("usb \"403:6001\" is not VENDOR:PRODUCT") && m.contains("usb = \"0403:6001\""), "{m}");
+    let m = rejected(
+        "[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = { usb = \"403:6001\" }\n",
+    );
+    assert!(
+        m.contains("usb \"403:6001\" is not VENDOR:PRODUCT") && m.contains("usb = \"0403:6001\""),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nmatch = {}\n");
-    assert!(m.contains("match is empty: it would match any adapter"), "{m}");
+    assert!(
+        m.contains("match is empty: it would match any adapter"),
+        "{m}"
+    );
     let m = rejected("[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"c\"\nrate = 0\nmatch = { by-id = \"x\" }\n");
     assert!(m.contains("FILE:5:8: rate 0 is out of range"), "{m}");
     let m = rejected("[[board]]\nname = \"a\"\n");
     assert!(m.contains("board \"a\" has no tty"), "{m}");
     let m = rejected("[[board]]\nname = \"a\"\nhost-groups = [\"Wheel Group\"]\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n");
-    assert!(m.contains("host group \"Wheel Group\" is not a unix group name"), "{m}");
+    assert!(
+        m.contains("host group \"Wheel Group\" is not a unix group name"),
+        "{m}"
+    );
     let m = rejected("[[board]\nname = \"a\"\n");
     assert!(m.starts_with("FILE:1:"), "{m}");
     let (ok, m) = check_missing();
-    assert!(!ok && m.contains("can't read the config") && m.contains("pass --config"), "{m}");
+    assert!(
+        !ok && m.contains("can't read the config") && m.contains("pass --config"),
+        "{m}"
+    );
 }
 
 fn check_missing() -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_devbroker")).args(["check", "--config", "/nonexistent/devbroker.toml"]).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stderr).into_owned())
+    let out = Command::new(env!("CARGO_BIN_EXE_devbroker"))
+        .args(["check", "--config", "/nonexistent/devbroker.toml"])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
 }
 
 #[test]

@@ -13,14 +13,24 @@ use std::path::{Path, PathBuf};
 
 /// Points `link` at `target` atomically, making parent directories (0755).
 pub fn publish(link: &Path, target: &Path, owner: Option<(u32, u32)>) -> io::Result<()> {
-    let dir = link.parent().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "link has no directory"))?;
+    let dir = link
+        .parent()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "link has no directory"))?;
     fs::create_dir_all(dir)?;
-    let name = link.file_name().ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "link has no name"))?;
+    let name = link
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "link has no name"))?;
     let tmp = dir.join(format!(".{}.devshim-tmp", name.to_string_lossy()));
     let _ = fs::remove_file(&tmp);
     symlink(target, &tmp)?;
     if let Some((uid, gid)) = owner {
-        let _ = nix::unistd::fchownat(None, &tmp, Some(uid.into()), Some(gid.into()), nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW);
+        let _ = nix::unistd::fchownat(
+            None,
+            &tmp,
+            Some(uid.into()),
+            Some(gid.into()),
+            nix::fcntl::AtFlags::AT_SYMLINK_NOFOLLOW,
+        );
     }
     fs::rename(&tmp, link)
 }
@@ -53,7 +63,10 @@ mod tests {
         publish(&link, Path::new("/dev/pts/2"), None).unwrap();
         assert_eq!(fs::read_link(&link).unwrap(), Path::new("/dev/pts/2"));
         withdraw(&link, Path::new("/dev/pts/1"));
-        assert!(link.symlink_metadata().is_ok(), "an old pty's cleanup keeps the new link");
+        assert!(
+            link.symlink_metadata().is_ok(),
+            "an old pty's cleanup keeps the new link"
+        );
         withdraw(&link, Path::new("/dev/pts/2"));
         assert!(link.symlink_metadata().is_err());
         fs::remove_dir_all(d).unwrap();

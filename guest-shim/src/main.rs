@@ -8,7 +8,11 @@ use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
-#[command(name = "devshim", version, about = "Presents devbroker's board sockets as ptys under their /dev/serial/by-id names")]
+#[command(
+    name = "devshim",
+    version,
+    about = "Presents devbroker's board sockets as ptys under their /dev/serial/by-id names"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -32,15 +36,26 @@ enum Cmd {
 
 fn main() -> std::process::ExitCode {
     tracing_subscriber::fmt()
-        .with_env_filter(tracing_subscriber::EnvFilter::try_from_env("DEVSHIM_LOG").unwrap_or_else(|_| "info".into()))
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("DEVSHIM_LOG")
+                .unwrap_or_else(|_| "info".into()),
+        )
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().expect("tokio runtime");
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Serve { dir, link_root, user } => {
-                let user = devshim::users::lookup(std::path::Path::new("/"), &user).map_err(anyhow::Error::msg)?;
+            Cmd::Serve {
+                dir,
+                link_root,
+                user,
+            } => {
+                let user = devshim::users::lookup(std::path::Path::new("/"), &user)
+                    .map_err(anyhow::Error::msg)?;
                 let shutdown = CancellationToken::new();
                 let mut int = signal(SignalKind::interrupt())?;
                 let mut term = signal(SignalKind::terminate())?;
@@ -49,7 +64,15 @@ fn main() -> std::process::ExitCode {
                     tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
                     s.cancel();
                 });
-                devshim::serve::serve(devshim::serve::Options { dir, link_root, user }, shutdown).await
+                devshim::serve::serve(
+                    devshim::serve::Options {
+                        dir,
+                        link_root,
+                        user,
+                    },
+                    shutdown,
+                )
+                .await
             }
         }
     });

@@ -43,7 +43,11 @@ impl Pty {
         let path = PathBuf::from(ptsname_r(&master)?);
         // SAFETY: moving the descriptor out of PtyMaster into an OwnedFd.
         let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
-        let slave = open(&path, OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())?;
+        let slave = open(
+            &path,
+            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            Mode::empty(),
+        )?;
         // SAFETY: open returned a fresh descriptor.
         let slave = unsafe { OwnedFd::from_raw_fd(slave) };
         let mfd = master.as_raw_fd();
@@ -58,15 +62,27 @@ impl Pty {
         if unsafe { libc::ioctl(mfd, libc::TIOCPKT, &one) } < 0 {
             return Err(io::Error::last_os_error());
         }
-        nix::fcntl::fcntl(mfd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR))?;
+        nix::fcntl::fcntl(
+            mfd,
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR),
+        )?;
         if nix::unistd::geteuid().as_raw() == 0 || nix::unistd::geteuid().as_raw() != uid {
             nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
         }
-        nix::sys::stat::fchmodat(None, &path, Mode::from_bits_truncate(0o660), nix::sys::stat::FchmodatFlags::FollowSymlink)?;
+        nix::sys::stat::fchmodat(
+            None,
+            &path,
+            Mode::from_bits_truncate(0o660),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        )?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
         // the same for the AsyncFd's whole life.
         let master = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
-        let pty = Pty { master, _slave: slave, path };
+        let pty = Pty {
+            master,
+            _slave: slave,
+            path,
+        };
         pty.drain_status();
         Ok(pty)
     }
@@ -106,7 +122,9 @@ impl Pty {
     pub async fn read_packet(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.master.readable().await?;
-            match guard.try_io(|fd| nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)) {
+            match guard.try_io(|fd| {
+                nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)
+            }) {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -126,7 +144,8 @@ impl Pty {
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {
             let mut guard = self.master.writable().await?;
-            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from)) {
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
                 Ok(Ok(n)) => data = &data[n..],
                 Ok(Err(e)) => return Err(e),
                 Err(_would_block) => continue,

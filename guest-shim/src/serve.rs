@@ -41,9 +41,20 @@ struct Actor {
 /// Which actors to stop and which entries to start, from what runs now and
 /// what should. A changed entry (say, a new by-id name) is stopped and
 /// started again.
-pub fn plan(running: &BTreeMap<String, Entry>, wanted: &BTreeMap<String, Entry>) -> (Vec<String>, Vec<Entry>) {
-    let stop = running.iter().filter(|(k, e)| wanted.get(*k) != Some(e)).map(|(k, _)| k.clone()).collect();
-    let start = wanted.iter().filter(|(k, e)| running.get(*k) != Some(e)).map(|(_, e)| e.clone()).collect();
+pub fn plan(
+    running: &BTreeMap<String, Entry>,
+    wanted: &BTreeMap<String, Entry>,
+) -> (Vec<String>, Vec<Entry>) {
+    let stop = running
+        .iter()
+        .filter(|(k, e)| wanted.get(*k) != Some(e))
+        .map(|(k, _)| k.clone())
+        .collect();
+    let start = wanted
+        .iter()
+        .filter(|(k, e)| running.get(*k) != Some(e))
+        .map(|(_, e)| e.clone())
+        .collect();
     (stop, start)
 }
 
@@ -68,7 +79,11 @@ pub fn wanted(dir: &Path) -> BTreeMap<String, Entry> {
         }
         if let Some(b) = &e.by_id {
             if !by_ids.insert(b.clone()) {
-                warn!("{}: by-id name {b} is taken by another tty; publishing /dev/devbroker/{} only", e.short_name(), e.short_name());
+                warn!(
+                    "{}: by-id name {b} is taken by another tty; publishing /dev/devbroker/{} only",
+                    e.short_name(),
+                    e.short_name()
+                );
                 e.by_id = None;
             }
         }
@@ -80,10 +95,16 @@ pub fn wanted(dir: &Path) -> BTreeMap<String, Entry> {
 /// Connects to the control socket and says hello.
 async fn connect_control(path: &Path) -> anyhow::Result<UnixStream> {
     let mut s = UnixStream::connect(path).await?;
-    s.write_all(&request_line(&Request::Hello { version: VERSION, client: format!("devshim {}", env!("CARGO_PKG_VERSION")) })).await?;
+    s.write_all(&request_line(&Request::Hello {
+        version: VERSION,
+        client: format!("devshim {}", env!("CARGO_PKG_VERSION")),
+    }))
+    .await?;
     let mut line = String::new();
     let mut r = BufReader::new(&mut s);
-    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line)).await.context("no answer")??;
+    tokio::time::timeout(Duration::from_secs(2), r.read_line(&mut line))
+        .await
+        .context("no answer")??;
     match serde_json::from_str::<Reply>(&line)? {
         Reply::Hello { .. } => Ok(s),
         other => anyhow::bail!("unexpected reply {other:?}"),
@@ -108,7 +129,10 @@ async fn wait_closed(s: &mut Option<UnixStream>) {
 /// Serves until `shutdown`; then takes every tty down and removes its links.
 pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result<()> {
     while !opts.dir.is_dir() {
-        warn!("{} does not exist yet: is the machine's directory bound there? waiting", opts.dir.display());
+        warn!(
+            "{} does not exist yet: is the machine's directory bound there? waiting",
+            opts.dir.display()
+        );
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
@@ -116,7 +140,15 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     }
     let ino = Inotify::init().context("inotify")?;
     ino.watches()
-        .add(&opts.dir, WatchMask::CREATE | WatchMask::DELETE | WatchMask::MOVED_TO | WatchMask::MOVED_FROM | WatchMask::CLOSE_WRITE | WatchMask::ATTRIB)
+        .add(
+            &opts.dir,
+            WatchMask::CREATE
+                | WatchMask::DELETE
+                | WatchMask::MOVED_TO
+                | WatchMask::MOVED_FROM
+                | WatchMask::CLOSE_WRITE
+                | WatchMask::ATTRIB,
+        )
         .with_context(|| format!("can't watch {}", opts.dir.display()))?;
     let mut events = ino.into_event_stream(vec![0u8; 4096])?;
     let mut control: Option<UnixStream> = None;
@@ -130,11 +162,20 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                     info!("connected to the broker");
                     control = Some(s);
                 }
-                Err(e) => tracing::debug!("broker not answering at {}: {e}", control_path.display()),
+                Err(e) => {
+                    tracing::debug!("broker not answering at {}: {e}", control_path.display())
+                }
             }
         }
-        let want = if control.is_some() { wanted(&opts.dir) } else { BTreeMap::new() };
-        let running: BTreeMap<String, Entry> = actors.iter().map(|(k, a)| (k.clone(), a.entry.clone())).collect();
+        let want = if control.is_some() {
+            wanted(&opts.dir)
+        } else {
+            BTreeMap::new()
+        };
+        let running: BTreeMap<String, Entry> = actors
+            .iter()
+            .map(|(k, a)| (k.clone(), a.entry.clone()))
+            .collect();
         let (stop, start) = plan(&running, &want);
         for k in stop {
             if let Some(a) = actors.remove(&k) {
@@ -152,7 +193,14 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
             };
             let cancel = shutdown.child_token();
             let task = tokio::spawn(tty::run(spec, cancel.clone()));
-            actors.insert(entry.socket(), Actor { entry, cancel, task });
+            actors.insert(
+                entry.socket(),
+                Actor {
+                    entry,
+                    cancel,
+                    task,
+                },
+            );
         }
         tokio::select! {
             _ = shutdown.cancelled() => break,
@@ -176,13 +224,26 @@ mod tests {
     use super::*;
 
     fn e(board: &str, by_id: &str) -> Entry {
-        Entry { board: board.into(), tty: "t".into(), by_id: Some(by_id.into()), rate: 115200 }
+        Entry {
+            board: board.into(),
+            tty: "t".into(),
+            by_id: Some(by_id.into()),
+            rate: 115200,
+        }
     }
 
     #[test]
     fn plan_diffs() {
-        let running: BTreeMap<_, _> = [("a.t.sock".to_string(), e("a", "x")), ("b.t.sock".to_string(), e("b", "y"))].into();
-        let wanted: BTreeMap<_, _> = [("b.t.sock".to_string(), e("b", "y2")), ("c.t.sock".to_string(), e("c", "z"))].into();
+        let running: BTreeMap<_, _> = [
+            ("a.t.sock".to_string(), e("a", "x")),
+            ("b.t.sock".to_string(), e("b", "y")),
+        ]
+        .into();
+        let wanted: BTreeMap<_, _> = [
+            ("b.t.sock".to_string(), e("b", "y2")),
+            ("c.t.sock".to_string(), e("c", "z")),
+        ]
+        .into();
         let (stop, start) = plan(&running, &wanted);
         assert_eq!(stop, ["a.t.sock", "b.t.sock"]);
         assert_eq!(start, [e("b", "y2"), e("c", "z")]);

@@ -8,9 +8,9 @@
 //! If the broker ends the session (unplug, broker gone, refused), the pty is
 //! hung up — the tool reads `EIO` — and a fresh pty takes over the links.
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::io;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -53,8 +53,14 @@ struct OpenWatch {
 impl OpenWatch {
     fn new(path: &Path) -> io::Result<OpenWatch> {
         let ino = Inotify::init()?;
-        ino.watches().add(path, WatchMask::OPEN | WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE)?;
-        Ok(OpenWatch { events: ino.into_event_stream(vec![0u8; 1024])?, count: 0 })
+        ino.watches().add(
+            path,
+            WatchMask::OPEN | WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE,
+        )?;
+        Ok(OpenWatch {
+            events: ino.into_event_stream(vec![0u8; 1024])?,
+            count: 0,
+        })
     }
 
     /// Waits for the next open or close; returns the count of opens after it.
@@ -63,7 +69,10 @@ impl OpenWatch {
             Some(Ok(ev)) => {
                 if ev.mask.contains(inotify::EventMask::OPEN) {
                     self.count += 1;
-                } else if ev.mask.intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::CLOSE_NOWRITE) {
+                } else if ev
+                    .mask
+                    .intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::CLOSE_NOWRITE)
+                {
                     self.count = (self.count - 1).max(0);
                 }
                 Ok(self.count)
@@ -155,7 +164,12 @@ fn send(cmd: Command, out: &mut Vec<u8>) {
     cmd.encode(Direction::ClientToServer, out);
 }
 
-async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &CancellationToken) -> End {
+async fn session(
+    spec: &TtySpec,
+    pty: &Pty,
+    opens: &mut OpenWatch,
+    cancel: &CancellationToken,
+) -> End {
     let sock = match UnixStream::connect(&spec.socket).await {
         Ok(s) => s,
         Err(e) => return End::Hangup(format!("can't connect to {}: {e}", spec.socket.display())),
@@ -254,8 +268,14 @@ async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &Canc
                 if buf[0] != IAC {
                     // A refusal is a line of text, then close.
                     let mut text = buf[..n].to_vec();
-                    let _ = tokio::time::timeout(Duration::from_secs(1), (&mut rd).take(4096).read_to_end(&mut text)).await;
-                    return Ok(End::Hangup(String::from_utf8_lossy(&text).trim().to_string()));
+                    let _ = tokio::time::timeout(
+                        Duration::from_secs(1),
+                        (&mut rd).take(4096).read_to_end(&mut text),
+                    )
+                    .await;
+                    return Ok(End::Hangup(
+                        String::from_utf8_lossy(&text).trim().to_string(),
+                    ));
                 }
                 accepted = true;
             }
@@ -264,7 +284,9 @@ async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &Canc
                 let (used, ev) = dec.feed(&buf[pos..n]);
                 pos += used;
                 match ev {
-                    Some(Event::Data(d)) if !closing.load(Ordering::Relaxed) => pty.write_all(d).await?,
+                    Some(Event::Data(d)) if !closing.load(Ordering::Relaxed) => {
+                        pty.write_all(d).await?
+                    }
                     Some(Event::Negotiate(v, o)) => {
                         if let Some((rv, ro)) = neg.answer(v, o) {
                             let mut a = Vec::new();
@@ -295,7 +317,13 @@ async fn session(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch, cancel: &Canc
 
 /// Handles a packet-mode status byte: flushes become PURGE-DATA; a settings
 /// change is sent after the data the tool wrote before it.
-fn handle_status(status: u8, pty: &Pty, buf: &mut [u8], out: &mut Vec<u8>, last: &mut wire::rfc2217::LineSettings) -> io::Result<()> {
+fn handle_status(
+    status: u8,
+    pty: &Pty,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    last: &mut wire::rfc2217::LineSettings,
+) -> io::Result<()> {
     if status & pkt::FLUSHREAD != 0 {
         send(Command::PurgeData(purge::RECEIVE), out);
     }

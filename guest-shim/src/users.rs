@@ -23,7 +23,12 @@ pub fn find_user(passwd: &str, want: &str) -> Option<User> {
         }
         let (uid, gid) = (f[2].parse().ok()?, f[3].parse().ok()?);
         if f[0] == want || want.parse::<u32>().ok() == Some(uid) {
-            Some(User { name: f[0].into(), uid, gid, home: f[5].into() })
+            Some(User {
+                name: f[0].into(),
+                uid,
+                gid,
+                home: f[5].into(),
+            })
         } else {
             None
         }
@@ -50,15 +55,22 @@ pub fn group_gid(group: &str, name: &str) -> Option<u32> {
 /// Reads `ROOT/etc/passwd` and finds `want` (a name or a uid).
 pub fn lookup(root: &Path, want: &str) -> Result<User, String> {
     let path = root.join("etc/passwd");
-    let text = std::fs::read_to_string(&path).map_err(|e| format!("can't read {}: {e}", path.display()))?;
-    find_user(&text, want).ok_or_else(|| format!("user {want:?} is not in {}; create it or pass --user", path.display()))
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("can't read {}: {e}", path.display()))?;
+    find_user(&text, want).ok_or_else(|| {
+        format!(
+            "user {want:?} is not in {}; create it or pass --user",
+            path.display()
+        )
+    })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    const PASSWD: &str = "root:x:0:0:root:/root:/bin/bash\nsai:x:883:883::/home/sai:/bin/sh\nbroken\n";
+    const PASSWD: &str =
+        "root:x:0:0:root:/root:/bin/bash\nsai:x:883:883::/home/sai:/bin/sh\nbroken\n";
 
     #[test]
     fn finds_users() {

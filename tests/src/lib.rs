@@ -21,7 +21,11 @@ pub fn bin(name: &str) -> PathBuf {
         dir.pop();
     }
     let p = dir.join(name);
-    assert!(p.exists(), "{} is missing: run the suite with `cargo test --workspace`", p.display());
+    assert!(
+        p.exists(),
+        "{} is missing: run the suite with `cargo test --workspace`",
+        p.display()
+    );
     p
 }
 
@@ -34,7 +38,10 @@ pub fn devshim() -> PathBuf {
 pub fn wait_for(limit: Duration, what: &str, mut cond: impl FnMut() -> bool) {
     let t0 = Instant::now();
     while !cond() {
-        assert!(t0.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
+        assert!(
+            t0.elapsed() < limit,
+            "timed out after {limit:?} waiting for {what}"
+        );
         std::thread::sleep(Duration::from_millis(5));
     }
 }
@@ -82,13 +89,20 @@ impl Proc {
 
     /// SIGTERM, then wait for a clean exit.
     pub fn stop(&mut self) -> std::process::ExitStatus {
-        let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), nix::sys::signal::Signal::SIGTERM);
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(self.pid()),
+            nix::sys::signal::Signal::SIGTERM,
+        );
         let t0 = Instant::now();
         loop {
             if let Some(s) = self.child.try_wait().unwrap() {
                 return s;
             }
-            assert!(t0.elapsed() < Duration::from_secs(10), "{} did not stop on SIGTERM", self.name);
+            assert!(
+                t0.elapsed() < Duration::from_secs(10),
+                "{} did not stop on SIGTERM",
+                self.name
+            );
             std::thread::sleep(Duration::from_millis(10));
         }
     }
@@ -111,12 +125,20 @@ pub struct World {
 
 impl World {
     pub fn new(config: &str) -> World {
-        let tmp = tempfile::Builder::new().prefix("devbroker-test-").tempdir().unwrap();
+        let tmp = tempfile::Builder::new()
+            .prefix("devbroker-test-")
+            .tempdir()
+            .unwrap();
         let by_id = tmp.path().join("host-dev/serial/by-id");
         let run = tmp.path().join("run");
         let cfg = tmp.path().join("devbroker.toml");
         fs::write(&cfg, config).unwrap();
-        World { tmp, by_id, run, config: cfg }
+        World {
+            tmp,
+            by_id,
+            run,
+            config: cfg,
+        }
     }
 
     pub fn path(&self, rel: &str) -> PathBuf {
@@ -125,7 +147,11 @@ impl World {
 
     /// Starts the broker and waits until its admin socket answers.
     pub fn broker(&self) -> Proc {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.path("broker.log")).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path("broker.log"))
+            .unwrap();
         let child = Command::new(bin("devbroker"))
             .args(["run", "--config"])
             .arg(&self.config)
@@ -139,15 +165,24 @@ impl World {
             .stderr(log)
             .spawn()
             .unwrap();
-        let p = Proc { child, name: "devbroker".into() };
+        let p = Proc {
+            child,
+            name: "devbroker".into(),
+        };
         let sock = self.run.join("broker.sock");
-        wait_for(Duration::from_secs(10), "the broker's admin socket", || std::os::unix::net::UnixStream::connect(&sock).is_ok());
+        wait_for(Duration::from_secs(10), "the broker's admin socket", || {
+            std::os::unix::net::UnixStream::connect(&sock).is_ok()
+        });
         p
     }
 
     /// Starts devshim for `machine`, publishing under `guest/<machine>/dev`.
     pub fn shim(&self, machine: &str) -> Proc {
-        let log = fs::OpenOptions::new().create(true).append(true).open(self.path(&format!("shim-{machine}.log"))).unwrap();
+        let log = fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.path(&format!("shim-{machine}.log")))
+            .unwrap();
         let child = Command::new(devshim())
             .args(["serve", "--dir"])
             .arg(self.run.join("machines").join(machine))
@@ -160,7 +195,10 @@ impl World {
             .stderr(log)
             .spawn()
             .unwrap();
-        Proc { child, name: format!("devshim {machine}") }
+        Proc {
+            child,
+            name: format!("devshim {machine}"),
+        }
     }
 
     /// A machine's guest `/dev`.
@@ -179,8 +217,16 @@ impl World {
 
     /// `devbroker status --json`.
     pub fn status(&self) -> serde_json::Value {
-        let out = Command::new(bin("devbroker")).args(["status", "--json", "--run-dir"]).arg(&self.run).output().unwrap();
-        assert!(out.status.success(), "status failed: {}", String::from_utf8_lossy(&out.stderr));
+        let out = Command::new(bin("devbroker"))
+            .args(["status", "--json", "--run-dir"])
+            .arg(&self.run)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "status failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
@@ -189,7 +235,11 @@ impl World {
         let mut s = String::new();
         for e in fs::read_dir(self.tmp.path()).unwrap().flatten() {
             if e.path().extension().is_some_and(|x| x == "log") {
-                s += &format!("==== {}\n{}", e.path().display(), fs::read_to_string(e.path()).unwrap_or_default());
+                s += &format!(
+                    "==== {}\n{}",
+                    e.path().display(),
+                    fs::read_to_string(e.path()).unwrap_or_default()
+                );
             }
         }
         s
@@ -209,7 +259,11 @@ pub struct Tool {
 impl Tool {
     /// Opens `path` read-write, raw, and returns the tool.
     pub fn open(path: &Path) -> io::Result<Tool> {
-        let fd = nix::fcntl::open(path, nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC, nix::sys::stat::Mode::empty())?;
+        let fd = nix::fcntl::open(
+            path,
+            nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_NOCTTY | nix::fcntl::OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )?;
         // SAFETY: fresh descriptor from open.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
         let mut t = wire::termios::get(fd.as_raw_fd())?;
@@ -234,7 +288,11 @@ impl Tool {
 
 /// poll + read on any fd, `Ok(None)` on timeout.
 pub fn read_timeout(fd: i32, buf: &mut [u8], limit: Duration) -> io::Result<Option<usize>> {
-    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let mut pfd = libc::pollfd {
+        fd,
+        events: libc::POLLIN,
+        revents: 0,
+    };
     // SAFETY: one valid pollfd.
     let r = unsafe { libc::poll(&mut pfd, 1, limit.as_millis() as i32) };
     if r < 0 {
@@ -257,10 +315,20 @@ pub fn read_exact_timeout(fd: i32, n: usize, limit: Duration) -> io::Result<Vec<
     let mut out = Vec::with_capacity(n);
     let mut buf = vec![0u8; 65536];
     while out.len() < n {
-        let left = limit.checked_sub(t0.elapsed()).ok_or_else(|| io::Error::new(io::ErrorKind::TimedOut, format!("got {} of {n} bytes", out.len())))?;
+        let left = limit.checked_sub(t0.elapsed()).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!("got {} of {n} bytes", out.len()),
+            )
+        })?;
         let want = (n - out.len()).min(buf.len());
         match read_timeout(fd, &mut buf[..want], left)? {
-            Some(0) => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, format!("EOF after {} of {n} bytes", out.len()))),
+            Some(0) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("EOF after {} of {n} bytes", out.len()),
+                ))
+            }
             Some(k) => out.extend_from_slice(&buf[..k]),
             None => {}
         }
@@ -292,18 +360,28 @@ pub fn first_bytes_as(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Vec<
     let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(5)\ns.connect(sys.argv[1])\nsys.stdout.buffer.write(s.recv(512))\n";
     let mut cmd = Command::new("/usr/bin/python3");
     cmd.args(["-c", script]).arg(socket);
+    let same = uid == nix::unistd::geteuid().as_raw();
     // SAFETY: setgroups/setgid/setuid between fork and exec, async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            let gs: Vec<libc::gid_t> = groups.clone();
-            if libc::setgroups(gs.len(), gs.as_ptr()) != 0 || libc::setgid(gid) != 0 || libc::setuid(uid) != 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        });
+    if !same {
+        unsafe {
+            cmd.pre_exec(move || {
+                let gs: Vec<libc::gid_t> = groups.clone();
+                if libc::setgroups(gs.len(), gs.as_ptr()) != 0
+                    || libc::setgid(gid) != 0
+                    || libc::setuid(uid) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+                Ok(())
+            });
+        }
     }
     let out = cmd.output().expect("python3");
-    assert!(out.status.success(), "client failed: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "client failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -324,7 +402,11 @@ impl Tool {
             let mut buf = [0u8; 256];
             // SAFETY: reading into a valid buffer.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-            if n < 0 { Err(io::Error::last_os_error()) } else { Ok(n as usize) }
+            if n < 0 {
+                Err(io::Error::last_os_error())
+            } else {
+                Ok(n as usize)
+            }
         });
         // Give the thread time to block in read.
         std::thread::sleep(Duration::from_millis(50));

@@ -24,7 +24,10 @@ fn demo_echoes_and_cleans_up() {
         if let Some(p) = line.trim().strip_prefix("guest side") {
             guest = Some(PathBuf::from(p.trim()));
         }
-        if let Some(p) = line.trim().strip_prefix("Stop the demo with Ctrl-C; it removes ") {
+        if let Some(p) = line
+            .trim()
+            .strip_prefix("Stop the demo with Ctrl-C; it removes ")
+        {
             root = Some(PathBuf::from(p.trim_end_matches('.')));
             break;
         }
@@ -37,10 +40,15 @@ fn demo_echoes_and_cleans_up() {
     tool.write_all(b"hello board\n").unwrap();
     let mut got = Vec::new();
     let mut buf = [0u8; 4096];
-    while !String::from_utf8_lossy(&got).contains("hello board") || !String::from_utf8_lossy(&got).contains("boot #") {
+    while !String::from_utf8_lossy(&got).contains("hello board")
+        || !String::from_utf8_lossy(&got).contains("boot #")
+    {
         match read_timeout(tool.fd.as_raw_fd(), &mut buf, Duration::from_secs(3)).unwrap() {
             Some(n) if n > 0 => got.extend_from_slice(&buf[..n]),
-            other => panic!("no echo and banner from the demo board: {other:?}, got {:?}", String::from_utf8_lossy(&got)),
+            other => panic!(
+                "no echo and banner from the demo board: {other:?}, got {:?}",
+                String::from_utf8_lossy(&got)
+            ),
         }
     }
     drop(tool);

@@ -34,7 +34,10 @@ pub enum Reply {
 /// Parses one request line; the error is the text to send back.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
     if line.len() > MAX_LINE {
-        return Err(format!("request of {} bytes is over the {MAX_LINE}-byte limit", line.len()));
+        return Err(format!(
+            "request of {} bytes is over the {MAX_LINE}-byte limit",
+            line.len()
+        ));
     }
     serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
 }
@@ -103,20 +106,35 @@ mod tests {
     fn request_lines() {
         assert_eq!(
             parse_request(br#"{"request":"hello","version":1,"client":"devshim"}"#).unwrap(),
-            Request::Hello { version: 1, client: "devshim".into() }
+            Request::Hello {
+                version: 1,
+                client: "devshim".into()
+            }
         );
-        assert_eq!(parse_request(br#"{"request":"status"}"#).unwrap(), Request::Status {});
-        assert!(parse_request(br#"{"request":"nope"}"#).unwrap_err().contains("unknown variant"));
+        assert_eq!(
+            parse_request(br#"{"request":"status"}"#).unwrap(),
+            Request::Status {}
+        );
+        assert!(parse_request(br#"{"request":"nope"}"#)
+            .unwrap_err()
+            .contains("unknown variant"));
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
         assert!(parse_request(b"not json").is_err());
-        assert!(parse_request(&vec![b' '; MAX_LINE + 1]).unwrap_err().contains("limit"));
+        assert!(parse_request(&vec![b' '; MAX_LINE + 1])
+            .unwrap_err()
+            .contains("limit"));
         let line = request_line(&Request::Status {});
-        assert_eq!(parse_request(&line[..line.len() - 1]).unwrap(), Request::Status {});
+        assert_eq!(
+            parse_request(&line[..line.len() - 1]).unwrap(),
+            Request::Status {}
+        );
     }
 
     #[test]
     fn reply_roundtrip() {
-        let r = Reply::Error { message: "x".into() };
+        let r = Reply::Error {
+            message: "x".into(),
+        };
         let line = reply_line(&r);
         assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), r);
     }

@@ -49,12 +49,17 @@ impl Entry {
 impl Manifest {
     /// Parses and checks a manifest.
     pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
-        let m: Manifest = serde_json::from_slice(bytes).map_err(|e| format!("unreadable index: {e}"))?;
+        let m: Manifest =
+            serde_json::from_slice(bytes).map_err(|e| format!("unreadable index: {e}"))?;
         if m.version != 1 {
-            return Err(format!("index version {} is not supported (this build reads 1)", m.version));
+            return Err(format!(
+                "index version {} is not supported (this build reads 1)",
+                m.version
+            ));
         }
         for e in &m.ttys {
-            check_name(&e.board).map_err(|why| format!("board name {:?} refused: {why}", e.board))?;
+            check_name(&e.board)
+                .map_err(|why| format!("board name {:?} refused: {why}", e.board))?;
             check_name(&e.tty).map_err(|why| format!("tty name {:?} refused: {why}", e.tty))?;
             if let Some(l) = &e.by_id {
                 check_link_name(l).map_err(|why| format!("by-id name {l:?} refused: {why}"))?;
@@ -78,12 +83,19 @@ mod tests {
     fn refuses_escaping_names() {
         let good = Manifest {
             version: 1,
-            ttys: vec![Entry { board: "b".into(), tty: "t".into(), by_id: Some("usb-x".into()), rate: 115200 }],
+            ttys: vec![Entry {
+                board: "b".into(),
+                tty: "t".into(),
+                by_id: Some("usb-x".into()),
+                rate: 115200,
+            }],
         };
         assert_eq!(Manifest::parse(&good.to_bytes()).unwrap(), good);
         let mut bad = good.clone();
         bad.ttys[0].by_id = Some("../../etc/shadow".into());
-        assert!(Manifest::parse(&bad.to_bytes()).unwrap_err().contains("by-id name"));
+        assert!(Manifest::parse(&bad.to_bytes())
+            .unwrap_err()
+            .contains("by-id name"));
         let mut bad = good.clone();
         bad.ttys[0].board = "..".into();
         assert!(Manifest::parse(&bad.to_bytes()).is_err());

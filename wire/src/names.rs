@@ -15,14 +15,25 @@ pub fn check_name(name: &str) -> Result<(), String> {
         return Err("it is empty".into());
     }
     if name.len() > MAX_NAME {
-        return Err(format!("it is {} characters long; the limit is {MAX_NAME}", name.len()));
+        return Err(format!(
+            "it is {} characters long; the limit is {MAX_NAME}",
+            name.len()
+        ));
     }
     let first = name.as_bytes()[0];
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(format!("it starts with {:?}; names start with a-z or 0-9", first as char));
+        return Err(format!(
+            "it starts with {:?}; names start with a-z or 0-9",
+            first as char
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-')) {
-        return Err(format!("it contains {c:?}; names use only a-z, 0-9, '.' and '-'"));
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-'))
+    {
+        return Err(format!(
+            "it contains {c:?}; names use only a-z, 0-9, '.' and '-'"
+        ));
     }
     Ok(())
 }
@@ -56,13 +67,18 @@ pub fn check_link_name(name: &str) -> Result<(), String> {
         return Err("it is empty".into());
     }
     if name == "." || name == ".." {
-        return Err(format!("{name:?} is a directory reference, not a link name"));
+        return Err(format!(
+            "{name:?} is a directory reference, not a link name"
+        ));
     }
     if name.contains('/') {
         return Err("it contains '/'; give the link's name alone, not a path".into());
     }
     if name.len() > 255 {
-        return Err(format!("it is {} bytes long; file names end at 255", name.len()));
+        return Err(format!(
+            "it is {} bytes long; file names end at 255",
+            name.len()
+        ));
     }
     if let Some(c) = name.chars().find(|c| c.is_control() || c.is_whitespace()) {
         return Err(format!("it contains {c:?}"));

@@ -159,8 +159,9 @@ impl Command {
 
     /// Parses the payload of an option-44 subnegotiation.
     pub fn decode(payload: &[u8]) -> Result<(Direction, Command), DecodeError> {
-        let (&code, value) =
-            payload.split_first().ok_or_else(|| DecodeError("empty subnegotiation".into()))?;
+        let (&code, value) = payload
+            .split_first()
+            .ok_or_else(|| DecodeError("empty subnegotiation".into()))?;
         let (dir, code) = if code >= SERVER_OFFSET {
             (Direction::ServerToClient, code - SERVER_OFFSET)
         } else {
@@ -169,21 +170,32 @@ impl Command {
         let byte = |name: &str| -> Result<u8, DecodeError> {
             match value {
                 [v] => Ok(*v),
-                _ => Err(DecodeError(format!("{name} takes 1 byte, got {}", value.len()))),
+                _ => Err(DecodeError(format!(
+                    "{name} takes 1 byte, got {}",
+                    value.len()
+                ))),
             }
         };
         let none = |name: &str| -> Result<(), DecodeError> {
             if value.is_empty() {
                 Ok(())
             } else {
-                Err(DecodeError(format!("{name} takes no value, got {} bytes", value.len())))
+                Err(DecodeError(format!(
+                    "{name} takes no value, got {} bytes",
+                    value.len()
+                )))
             }
         };
         let cmd = match code {
             SIGNATURE => Command::Signature(value.to_vec()),
             SET_BAUDRATE => match value {
                 [a, b, c, d] => Command::SetBaudRate(u32::from_be_bytes([*a, *b, *c, *d])),
-                _ => return Err(DecodeError(format!("SET-BAUDRATE takes 4 bytes, got {}", value.len()))),
+                _ => {
+                    return Err(DecodeError(format!(
+                        "SET-BAUDRATE takes 4 bytes, got {}",
+                        value.len()
+                    )))
+                }
             },
             SET_DATASIZE => Command::SetDataSize(byte("SET-DATASIZE")?),
             SET_PARITY => Command::SetParity(byte("SET-PARITY")?),
@@ -202,7 +214,17 @@ impl Command {
             SET_LINESTATE_MASK => Command::SetLineStateMask(byte("SET-LINESTATE-MASK")?),
             SET_MODEMSTATE_MASK => Command::SetModemStateMask(byte("SET-MODEMSTATE-MASK")?),
             PURGE_DATA => Command::PurgeData(byte("PURGE-DATA")?),
-            other => return Err(DecodeError(format!("unknown command code {}", other as u16 + if dir == Direction::ServerToClient { 100 } else { 0 }))),
+            other => {
+                return Err(DecodeError(format!(
+                    "unknown command code {}",
+                    other as u16
+                        + if dir == Direction::ServerToClient {
+                            100
+                        } else {
+                            0
+                        }
+                )))
+            }
         };
         Ok((dir, cmd))
     }
@@ -298,7 +320,9 @@ mod tests {
         assert_eq!(bytes, wire, "encoding of {cmd:?}");
         let evs = Decoder::new().decode_all(&bytes);
         match &evs[..] {
-            [OwnedEvent::Subnegotiation(44, p)] => assert_eq!(Command::decode(p).unwrap(), (dir, cmd)),
+            [OwnedEvent::Subnegotiation(44, p)] => {
+                assert_eq!(Command::decode(p).unwrap(), (dir, cmd))
+            }
             other => panic!("{other:?}"),
         }
     }
@@ -309,29 +333,119 @@ mod tests {
     fn rfc_byte_sequences() {
         use Direction::*;
         // IAC SB COM-PORT-OPTION SET-BAUDRATE <value(4)> IAC SE; 115200 = 0x0001C200
-        roundtrip(Command::SetBaudRate(115200), ClientToServer, &[IAC, SB, 44, 1, 0, 1, 0xC2, 0, IAC, SE]);
-        roundtrip(Command::SetBaudRate(115200), ServerToClient, &[IAC, SB, 44, 101, 0, 1, 0xC2, 0, IAC, SE]);
+        roundtrip(
+            Command::SetBaudRate(115200),
+            ClientToServer,
+            &[IAC, SB, 44, 1, 0, 1, 0xC2, 0, IAC, SE],
+        );
+        roundtrip(
+            Command::SetBaudRate(115200),
+            ServerToClient,
+            &[IAC, SB, 44, 101, 0, 1, 0xC2, 0, IAC, SE],
+        );
         // A value with 0xFF in it is escaped: 65535 = 0x0000FFFF.
-        roundtrip(Command::SetBaudRate(65535), ClientToServer, &[IAC, SB, 44, 1, 0, 0, IAC, IAC, IAC, IAC, IAC, SE]);
-        roundtrip(Command::SetDataSize(8), ClientToServer, &[IAC, SB, 44, 2, 8, IAC, SE]);
-        roundtrip(Command::SetDataSize(7), ServerToClient, &[IAC, SB, 44, 102, 7, IAC, SE]);
-        roundtrip(Command::SetParity(parity::EVEN), ClientToServer, &[IAC, SB, 44, 3, 3, IAC, SE]);
-        roundtrip(Command::SetParity(parity::NONE), ServerToClient, &[IAC, SB, 44, 103, 1, IAC, SE]);
-        roundtrip(Command::SetStopSize(stopsize::TWO), ClientToServer, &[IAC, SB, 44, 4, 2, IAC, SE]);
-        roundtrip(Command::SetStopSize(stopsize::ONE), ServerToClient, &[IAC, SB, 44, 104, 1, IAC, SE]);
-        roundtrip(Command::SetControl(control::DTR_ON), ClientToServer, &[IAC, SB, 44, 5, 8, IAC, SE]);
-        roundtrip(Command::SetControl(control::RTS_OFF), ServerToClient, &[IAC, SB, 44, 105, 12, IAC, SE]);
-        roundtrip(Command::SetControl(control::BREAK_ON), ClientToServer, &[IAC, SB, 44, 5, 5, IAC, SE]);
-        roundtrip(Command::NotifyLineState(linestate::THRE | linestate::TSRE), ServerToClient, &[IAC, SB, 44, 106, 0x60, IAC, SE]);
-        roundtrip(Command::NotifyModemState(modemstate::CTS | modemstate::DSR), ServerToClient, &[IAC, SB, 44, 107, 0x30, IAC, SE]);
-        roundtrip(Command::FlowControlSuspend, ClientToServer, &[IAC, SB, 44, 8, IAC, SE]);
-        roundtrip(Command::FlowControlResume, ServerToClient, &[IAC, SB, 44, 109, IAC, SE]);
-        roundtrip(Command::SetLineStateMask(0), ClientToServer, &[IAC, SB, 44, 10, 0, IAC, SE]);
-        roundtrip(Command::SetModemStateMask(0xFF), ServerToClient, &[IAC, SB, 44, 111, IAC, IAC, IAC, SE]);
-        roundtrip(Command::PurgeData(purge::BOTH), ClientToServer, &[IAC, SB, 44, 12, 3, IAC, SE]);
-        roundtrip(Command::PurgeData(purge::RECEIVE), ServerToClient, &[IAC, SB, 44, 112, 1, IAC, SE]);
-        roundtrip(Command::Signature(b"devbroker".to_vec()), ServerToClient, &[IAC, SB, 44, 100, b'd', b'e', b'v', b'b', b'r', b'o', b'k', b'e', b'r', IAC, SE]);
-        roundtrip(Command::Signature(vec![]), ClientToServer, &[IAC, SB, 44, 0, IAC, SE]);
+        roundtrip(
+            Command::SetBaudRate(65535),
+            ClientToServer,
+            &[IAC, SB, 44, 1, 0, 0, IAC, IAC, IAC, IAC, IAC, SE],
+        );
+        roundtrip(
+            Command::SetDataSize(8),
+            ClientToServer,
+            &[IAC, SB, 44, 2, 8, IAC, SE],
+        );
+        roundtrip(
+            Command::SetDataSize(7),
+            ServerToClient,
+            &[IAC, SB, 44, 102, 7, IAC, SE],
+        );
+        roundtrip(
+            Command::SetParity(parity::EVEN),
+            ClientToServer,
+            &[IAC, SB, 44, 3, 3, IAC, SE],
+        );
+        roundtrip(
+            Command::SetParity(parity::NONE),
+            ServerToClient,
+            &[IAC, SB, 44, 103, 1, IAC, SE],
+        );
+        roundtrip(
+            Command::SetStopSize(stopsize::TWO),
+            ClientToServer,
+            &[IAC, SB, 44, 4, 2, IAC, SE],
+        );
+        roundtrip(
+            Command::SetStopSize(stopsize::ONE),
+            ServerToClient,
+            &[IAC, SB, 44, 104, 1, IAC, SE],
+        );
+        roundtrip(
+            Command::SetControl(control::DTR_ON),
+            ClientToServer,
+            &[IAC, SB, 44, 5, 8, IAC, SE],
+        );
+        roundtrip(
+            Command::SetControl(control::RTS_OFF),
+            ServerToClient,
+            &[IAC, SB, 44, 105, 12, IAC, SE],
+        );
+        roundtrip(
+            Command::SetControl(control::BREAK_ON),
+            ClientToServer,
+            &[IAC, SB, 44, 5, 5, IAC, SE],
+        );
+        roundtrip(
+            Command::NotifyLineState(linestate::THRE | linestate::TSRE),
+            ServerToClient,
+            &[IAC, SB, 44, 106, 0x60, IAC, SE],
+        );
+        roundtrip(
+            Command::NotifyModemState(modemstate::CTS | modemstate::DSR),
+            ServerToClient,
+            &[IAC, SB, 44, 107, 0x30, IAC, SE],
+        );
+        roundtrip(
+            Command::FlowControlSuspend,
+            ClientToServer,
+            &[IAC, SB, 44, 8, IAC, SE],
+        );
+        roundtrip(
+            Command::FlowControlResume,
+            ServerToClient,
+            &[IAC, SB, 44, 109, IAC, SE],
+        );
+        roundtrip(
+            Command::SetLineStateMask(0),
+            ClientToServer,
+            &[IAC, SB, 44, 10, 0, IAC, SE],
+        );
+        roundtrip(
+            Command::SetModemStateMask(0xFF),
+            ServerToClient,
+            &[IAC, SB, 44, 111, IAC, IAC, IAC, SE],
+        );
+        roundtrip(
+            Command::PurgeData(purge::BOTH),
+            ClientToServer,
+            &[IAC, SB, 44, 12, 3, IAC, SE],
+        );
+        roundtrip(
+            Command::PurgeData(purge::RECEIVE),
+            ServerToClient,
+            &[IAC, SB, 44, 112, 1, IAC, SE],
+        );
+        roundtrip(
+            Command::Signature(b"devbroker".to_vec()),
+            ServerToClient,
+            &[
+                IAC, SB, 44, 100, b'd', b'e', b'v', b'b', b'r', b'o', b'k', b'e', b'r', IAC, SE,
+            ],
+        );
+        roundtrip(
+            Command::Signature(vec![]),
+            ClientToServer,
+            &[IAC, SB, 44, 0, IAC, SE],
+        );
     }
 
     #[test]
@@ -343,13 +457,25 @@ mod tests {
         );
         assert!(Command::decode(&[2]).is_err());
         assert!(Command::decode(&[8, 1]).is_err());
-        assert_eq!(Command::decode(&[13, 0]).unwrap_err().0, "unknown command code 13");
-        assert_eq!(Command::decode(&[113]).unwrap_err().0, "unknown command code 113");
+        assert_eq!(
+            Command::decode(&[13, 0]).unwrap_err().0,
+            "unknown command code 13"
+        );
+        assert_eq!(
+            Command::decode(&[113]).unwrap_err().0,
+            "unknown command code 113"
+        );
     }
 
     #[test]
     fn settings_diff() {
-        let a = LineSettings { baud: 115200, data_size: 8, parity: parity::NONE, stop_size: stopsize::ONE, flow: control::FLOW_NONE };
+        let a = LineSettings {
+            baud: 115200,
+            data_size: 8,
+            parity: parity::NONE,
+            stop_size: stopsize::ONE,
+            flow: control::FLOW_NONE,
+        };
         let b = LineSettings { baud: 460800, ..a };
         assert_eq!(a.changes_to(&b), vec![Command::SetBaudRate(460800)]);
         assert!(a.changes_to(&a).is_empty());

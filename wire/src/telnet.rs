@@ -107,7 +107,12 @@ static FF: [u8; 1] = [IAC];
 
 impl Decoder {
     pub fn new() -> Decoder {
-        Decoder { state: State::Data, sb_option: 0, sb: Vec::new(), sb_overflow: false }
+        Decoder {
+            state: State::Data,
+            sb_option: 0,
+            sb: Vec::new(),
+            sb_overflow: false,
+        }
     }
 
     /// Decodes from the start of `input`. Returns the bytes consumed and the
@@ -178,7 +183,10 @@ impl Decoder {
                             self.sb.clear();
                             self.state = State::Iac;
                             i -= 1;
-                            return (i, Some(Event::Malformed("subnegotiation not ended by IAC SE")));
+                            return (
+                                i,
+                                Some(Event::Malformed("subnegotiation not ended by IAC SE")),
+                            );
                         }
                     }
                 }
@@ -285,7 +293,10 @@ mod tests {
 
     #[test]
     fn doubled_iac_is_one_data_byte() {
-        assert_eq!(all(&[1, IAC, IAC, 2]), vec![OwnedEvent::Data(vec![1, IAC, 2])]);
+        assert_eq!(
+            all(&[1, IAC, IAC, 2]),
+            vec![OwnedEvent::Data(vec![1, IAC, 2])]
+        );
     }
 
     #[test]
@@ -312,12 +323,17 @@ mod tests {
     fn subnegotiation_with_escaped_payload() {
         // RFC 2217 SET-BAUDRATE 0x0000FFFF: the 0xFF bytes are doubled on the wire.
         let wire = [IAC, SB, 44, 1, 0, 0, IAC, IAC, IAC, IAC, IAC, SE];
-        assert_eq!(all(&wire), vec![OwnedEvent::Subnegotiation(44, vec![1, 0, 0, 0xFF, 0xFF])]);
+        assert_eq!(
+            all(&wire),
+            vec![OwnedEvent::Subnegotiation(44, vec![1, 0, 0, 0xFF, 0xFF])]
+        );
     }
 
     #[test]
     fn split_anywhere_decodes_the_same() {
-        let wire = [b'x', IAC, SB, 44, 1, 0, 1, IAC, IAC, 0, IAC, SE, IAC, IAC, b'y', IAC, DO, 0];
+        let wire = [
+            b'x', IAC, SB, 44, 1, 0, 1, IAC, IAC, 0, IAC, SE, IAC, IAC, b'y', IAC, DO, 0,
+        ];
         let whole = all(&wire);
         for cut in 0..wire.len() {
             let mut d = Decoder::new();
@@ -341,7 +357,10 @@ mod tests {
         wire.extend_from_slice(&[IAC, SE, b'z']);
         assert_eq!(
             all(&wire),
-            vec![OwnedEvent::Malformed("subnegotiation too long"), OwnedEvent::Data(b"z".to_vec())]
+            vec![
+                OwnedEvent::Malformed("subnegotiation too long"),
+                OwnedEvent::Data(b"z".to_vec())
+            ]
         );
     }
 
@@ -377,20 +396,38 @@ pub struct Negotiator {
 
 impl Negotiator {
     pub fn server() -> Negotiator {
-        Negotiator { server: true, sent: Vec::new() }
+        Negotiator {
+            server: true,
+            sent: Vec::new(),
+        }
     }
 
     pub fn client() -> Negotiator {
-        Negotiator { server: false, sent: Vec::new() }
+        Negotiator {
+            server: false,
+            sent: Vec::new(),
+        }
     }
 
     /// What this end sends first on a new connection.
     pub fn opening(&mut self) -> Vec<u8> {
         let mut out = Vec::new();
         let first: &[(Verb, u8)] = if self.server {
-            &[(Verb::Will, OPT_BINARY), (Verb::Do, OPT_BINARY), (Verb::Will, OPT_SGA), (Verb::Do, OPT_SGA), (Verb::Do, OPT_COM_PORT)]
+            &[
+                (Verb::Will, OPT_BINARY),
+                (Verb::Do, OPT_BINARY),
+                (Verb::Will, OPT_SGA),
+                (Verb::Do, OPT_SGA),
+                (Verb::Do, OPT_COM_PORT),
+            ]
         } else {
-            &[(Verb::Will, OPT_BINARY), (Verb::Do, OPT_BINARY), (Verb::Will, OPT_SGA), (Verb::Do, OPT_SGA), (Verb::Will, OPT_COM_PORT)]
+            &[
+                (Verb::Will, OPT_BINARY),
+                (Verb::Do, OPT_BINARY),
+                (Verb::Will, OPT_SGA),
+                (Verb::Do, OPT_SGA),
+                (Verb::Will, OPT_COM_PORT),
+            ]
         };
         for &(v, o) in first {
             self.sent.push((v, o));
@@ -408,8 +445,20 @@ impl Negotiator {
             _ => false,
         };
         let reply = match verb {
-            Verb::Will => if agree { Verb::Do } else { Verb::Dont },
-            Verb::Do => if agree { Verb::Will } else { Verb::Wont },
+            Verb::Will => {
+                if agree {
+                    Verb::Do
+                } else {
+                    Verb::Dont
+                }
+            }
+            Verb::Do => {
+                if agree {
+                    Verb::Will
+                } else {
+                    Verb::Wont
+                }
+            }
             Verb::Wont => Verb::Dont,
             Verb::Dont => Verb::Wont,
         };
@@ -459,7 +508,10 @@ mod negotiator_tests {
             to_c = next_s;
             to_s = next_c;
         }
-        assert!(to_c.is_empty() && to_s.is_empty(), "negotiation did not settle");
+        assert!(
+            to_c.is_empty() && to_s.is_empty(),
+            "negotiation did not settle"
+        );
     }
 
     #[test]
@@ -467,7 +519,10 @@ mod negotiator_tests {
         let mut s = Negotiator::server();
         assert_eq!(s.answer(Verb::Do, OPT_ECHO), Some((Verb::Wont, OPT_ECHO)));
         assert_eq!(s.answer(Verb::Do, OPT_ECHO), None);
-        assert_eq!(s.answer(Verb::Will, OPT_COM_PORT), Some((Verb::Do, OPT_COM_PORT)));
+        assert_eq!(
+            s.answer(Verb::Will, OPT_COM_PORT),
+            Some((Verb::Do, OPT_COM_PORT))
+        );
         assert_eq!(s.answer(Verb::Will, 99), Some((Verb::Dont, 99)));
     }
 }

@@ -57,7 +57,11 @@ pub fn to_settings(t: &libc::termios2) -> LineSettings {
     let par = if t.c_cflag & libc::PARENB == 0 {
         parity::NONE
     } else if t.c_cflag & libc::CMSPAR != 0 {
-        if t.c_cflag & libc::PARODD != 0 { parity::MARK } else { parity::SPACE }
+        if t.c_cflag & libc::PARODD != 0 {
+            parity::MARK
+        } else {
+            parity::SPACE
+        }
     } else if t.c_cflag & libc::PARODD != 0 {
         parity::ODD
     } else {
@@ -74,7 +78,11 @@ pub fn to_settings(t: &libc::termios2) -> LineSettings {
         baud: t.c_ospeed,
         data_size,
         parity: par,
-        stop_size: if t.c_cflag & libc::CSTOPB != 0 { stopsize::TWO } else { stopsize::ONE },
+        stop_size: if t.c_cflag & libc::CSTOPB != 0 {
+            stopsize::TWO
+        } else {
+            stopsize::ONE
+        },
         flow,
     }
 }
@@ -142,7 +150,14 @@ pub fn set_flow(t: &mut libc::termios2, f: u8) -> Option<()> {
 
 /// Makes a termios raw (as `cfmakeraw`), keeping its rate.
 pub fn make_raw(t: &mut libc::termios2) {
-    t.c_iflag &= !(libc::IGNBRK | libc::BRKINT | libc::PARMRK | libc::ISTRIP | libc::INLCR | libc::IGNCR | libc::ICRNL | libc::IXON);
+    t.c_iflag &= !(libc::IGNBRK
+        | libc::BRKINT
+        | libc::PARMRK
+        | libc::ISTRIP
+        | libc::INLCR
+        | libc::IGNCR
+        | libc::ICRNL
+        | libc::IXON);
     t.c_oflag &= !libc::OPOST;
     t.c_lflag &= !(libc::ECHO | libc::ECHONL | libc::ICANON | libc::ISIG | libc::IEXTEN);
     t.c_cflag &= !(libc::CSIZE | libc::PARENB);
@@ -165,7 +180,16 @@ mod tests {
         set_stop_size(&mut t, stopsize::TWO).unwrap();
         set_flow(&mut t, control::FLOW_HARDWARE).unwrap();
         let s = to_settings(&t);
-        assert_eq!(s, LineSettings { baud: 250_000, data_size: 7, parity: parity::EVEN, stop_size: stopsize::TWO, flow: control::FLOW_HARDWARE });
+        assert_eq!(
+            s,
+            LineSettings {
+                baud: 250_000,
+                data_size: 7,
+                parity: parity::EVEN,
+                stop_size: stopsize::TWO,
+                flow: control::FLOW_HARDWARE
+            }
+        );
         for p in [parity::NONE, parity::ODD, parity::MARK, parity::SPACE] {
             set_parity(&mut t, p).unwrap();
             assert_eq!(to_settings(&t).parity, p);

@@ -32,7 +32,10 @@ pub struct ByIdSource {
 
 impl ByIdSource {
     pub fn new(dir: impl Into<PathBuf>) -> ByIdSource {
-        ByIdSource { dir: dir.into(), udev_data: PathBuf::from("/run/udev/data") }
+        ByIdSource {
+            dir: dir.into(),
+            udev_data: PathBuf::from("/run/udev/data"),
+        }
     }
 }
 
@@ -100,7 +103,11 @@ fn arm(watches: &mut Watches, armed: &mut Vec<WatchDescriptor>, dir: &Path) -> i
     let mut anc = dir.parent();
     let mut found = false;
     while let Some(a) = anc {
-        let p = if a.as_os_str().is_empty() { Path::new(".") } else { a };
+        let p = if a.as_os_str().is_empty() {
+            Path::new(".")
+        } else {
+            a
+        };
         if let Ok(wd) = watches.add(p, entry_mask) {
             now.push(wd);
             found = true;
@@ -115,7 +122,10 @@ fn arm(watches: &mut Watches, armed: &mut Vec<WatchDescriptor>, dir: &Path) -> i
     }
     *armed = now;
     if !found {
-        return Err(io::Error::new(io::ErrorKind::NotFound, format!("no ancestor of {} can be watched", dir.display())));
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no ancestor of {} can be watched", dir.display()),
+        ));
     }
     Ok(())
 }
@@ -124,24 +134,39 @@ fn arm(watches: &mut Watches, armed: &mut Vec<WatchDescriptor>, dir: &Path) -> i
 /// out: there is nothing to open behind them.
 pub fn scan(dir: &Path, udev_data: &Path) -> BTreeMap<String, Adapter> {
     let mut out = BTreeMap::new();
-    let Ok(rd) = std::fs::read_dir(dir) else { return out };
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return out;
+    };
     for entry in rd.flatten() {
-        let Some(name) = entry.file_name().to_str().map(str::to_owned) else { continue };
+        let Some(name) = entry.file_name().to_str().map(str::to_owned) else {
+            continue;
+        };
         if wire::names::check_link_name(&name).is_err() {
             continue;
         }
         let link = entry.path();
-        let Ok(meta) = std::fs::metadata(&link) else { continue };
+        let Ok(meta) = std::fs::metadata(&link) else {
+            continue;
+        };
         if !meta.file_type().is_char_device() {
             continue;
         }
         let rdev = meta.rdev();
         let record = udev_data.join(format!("c{}:{}", libc::major(rdev), libc::minor(rdev)));
-        let ident = std::fs::read_to_string(record).map(|t| UdevIdentity::parse(&t)).unwrap_or_default();
+        let ident = std::fs::read_to_string(record)
+            .map(|t| UdevIdentity::parse(&t))
+            .unwrap_or_default();
         let id = link.to_string_lossy().into_owned();
         out.insert(
             id.clone(),
-            Adapter { id, device: link, by_id: Some(name), serial: ident.serial, path: ident.path, usb: ident.usb },
+            Adapter {
+                id,
+                device: link,
+                by_id: Some(name),
+                serial: ident.serial,
+                path: ident.path,
+                usb: ident.usb,
+            },
         );
     }
     out
@@ -169,13 +194,28 @@ mod tests {
     use super::*;
 
     fn ad(id: &str, dev: &str) -> Adapter {
-        Adapter { id: id.into(), device: dev.into(), by_id: None, serial: None, path: None, usb: None }
+        Adapter {
+            id: id.into(),
+            device: dev.into(),
+            by_id: None,
+            serial: None,
+            path: None,
+            usb: None,
+        }
     }
 
     #[test]
     fn diff_reports_changes_only() {
-        let old: BTreeMap<_, _> = [("a".to_string(), ad("a", "1")), ("b".to_string(), ad("b", "2"))].into();
-        let new: BTreeMap<_, _> = [("b".to_string(), ad("b", "3")), ("c".to_string(), ad("c", "4"))].into();
+        let old: BTreeMap<_, _> = [
+            ("a".to_string(), ad("a", "1")),
+            ("b".to_string(), ad("b", "2")),
+        ]
+        .into();
+        let new: BTreeMap<_, _> = [
+            ("b".to_string(), ad("b", "3")),
+            ("c".to_string(), ad("c", "4")),
+        ]
+        .into();
         assert_eq!(
             diff(&old, &new),
             vec![

@@ -38,7 +38,10 @@ pub(crate) struct ChannelStream<T>(pub tokio::sync::mpsc::Receiver<T>);
 
 impl<T> Stream for ChannelStream<T> {
     type Item = T;
-    fn poll_next(mut self: Pin<&mut Self>, cx: &mut std::task::Context<'_>) -> std::task::Poll<Option<T>> {
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<T>> {
         self.0.poll_recv(cx)
     }
 }

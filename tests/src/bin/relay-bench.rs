@@ -27,7 +27,11 @@ const MIB: usize = 1 << 20;
 /// The tool's end of a path: a pty fd, or a Telnet TCP client.
 enum ToolEnd {
     Fd(OwnedFd),
-    Telnet { sock: TcpStream, dec: Decoder, neg: Negotiator },
+    Telnet {
+        sock: TcpStream,
+        dec: Decoder,
+        neg: Negotiator,
+    },
 }
 
 impl ToolEnd {
@@ -42,7 +46,9 @@ impl ToolEnd {
     /// Reads payload bytes (Telnet commands answered and dropped).
     fn read(&mut self, buf: &mut [u8]) -> usize {
         match self {
-            ToolEnd::Fd(fd) => read_timeout(fd.as_raw_fd(), buf, Duration::from_secs(10)).unwrap().expect("tool read timed out"),
+            ToolEnd::Fd(fd) => read_timeout(fd.as_raw_fd(), buf, Duration::from_secs(10))
+                .unwrap()
+                .expect("tool read timed out"),
             ToolEnd::Telnet { sock, dec, neg } => loop {
                 let mut raw = vec![0u8; buf.len()];
                 let n = sock.read(&mut raw).unwrap();
@@ -116,7 +122,10 @@ struct Figures {
 }
 
 fn payload(n: usize, seed: u64) -> Vec<u8> {
-    devbroker_tests::random_bytes(n, seed).into_iter().map(|b| if b == 0xFF { 0xFE } else { b }).collect()
+    devbroker_tests::random_bytes(n, seed)
+        .into_iter()
+        .map(|b| if b == 0xFF { 0xFE } else { b })
+        .collect()
 }
 
 /// CPU seconds (user + system) of a process and its threads.
@@ -124,7 +133,8 @@ fn cpu_seconds(pid: i32) -> f64 {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let after = stat.rsplit_once(')').map(|x| x.1).unwrap_or("");
     let f: Vec<&str> = after.split_whitespace().collect();
-    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0) + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
+    let ticks = f.get(11).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0)
+        + f.get(12).and_then(|x| x.parse::<u64>().ok()).unwrap_or(0);
     ticks as f64 / 100.0
 }
 
@@ -135,7 +145,10 @@ fn wakeups(pid: i32) -> u64 {
         for t in rd.flatten() {
             let s = fs::read_to_string(t.path().join("status")).unwrap_or_default();
             for l in s.lines() {
-                if let Some(v) = l.strip_prefix("voluntary_ctxt_switches:").or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:")) {
+                if let Some(v) = l
+                    .strip_prefix("voluntary_ctxt_switches:")
+                    .or_else(|| l.strip_prefix("nonvoluntary_ctxt_switches:"))
+                {
                     total += v.trim().parse::<u64>().unwrap_or(0);
                 }
             }
@@ -146,7 +159,10 @@ fn wakeups(pid: i32) -> u64 {
 
 fn rss_kib(pid: i32) -> u64 {
     let s = fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    s.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok()).unwrap_or(0)
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
 }
 
 fn cpu_of(pids: &[i32]) -> f64 {
@@ -155,12 +171,18 @@ fn cpu_of(pids: &[i32]) -> f64 {
 
 /// Moves `n` bytes from `w` to `r` through the rig; returns MB/s.
 fn throughput(rig: &mut Rig, n: usize, to_tool: bool) -> f64 {
-    eprintln!("  {}: {} MiB to the {}", rig.name, n / MIB, if to_tool { "tool" } else { "board" });
+    eprintln!(
+        "  {}: {} MiB to the {}",
+        rig.name,
+        n / MIB,
+        if to_tool { "tool" } else { "board" }
+    );
     let data = payload(n, if to_tool { 7 } else { 8 });
     let board = rig.board_fd;
     let t0 = Instant::now();
     if to_tool {
-        let writer = std::thread::spawn(move || devbroker_tests::write_all_fd(board, &data).unwrap());
+        let writer =
+            std::thread::spawn(move || devbroker_tests::write_all_fd(board, &data).unwrap());
         let mut got = 0;
         let mut buf = vec![0u8; 65536];
         while got < n {
@@ -168,7 +190,11 @@ fn throughput(rig: &mut Rig, n: usize, to_tool: bool) -> f64 {
         }
         writer.join().unwrap();
     } else {
-        let reader = std::thread::spawn(move || devbroker_tests::read_exact_timeout(board, n, Duration::from_secs(120)).unwrap().len());
+        let reader = std::thread::spawn(move || {
+            devbroker_tests::read_exact_timeout(board, n, Duration::from_secs(120))
+                .unwrap()
+                .len()
+        });
         rig.tool.write_all(&data);
         assert_eq!(reader.join().unwrap(), n);
     }
@@ -205,7 +231,10 @@ fn rtt(rig: &mut Rig, count: usize) -> (f64, f64) {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     echo.join().unwrap();
     samples.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    (samples[samples.len() / 2], samples[samples.len() * 99 / 100])
+    (
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    )
 }
 
 fn measure(rig: &mut Rig, mib: usize) -> Figures {
@@ -238,7 +267,14 @@ fn measure(rig: &mut Rig, mib: usize) -> Figures {
 fn bare_pty() -> Rig {
     let board = FakeBoard::plug(&tmpdir().join("bare"), "board").unwrap();
     let tool = Tool::open(&board.slave_path).unwrap();
-    Rig { name: "pty", board_fd: board.master_fd(), tool: ToolEnd::Fd(tool.fd), pids: vec![], _keep: vec![Box::new(board)], children: vec![] }
+    Rig {
+        name: "pty",
+        board_fd: board.master_fd(),
+        tool: ToolEnd::Fd(tool.fd),
+        pids: vec![],
+        _keep: vec![Box::new(board)],
+        children: vec![],
+    }
 }
 
 fn socat() -> Rig {
@@ -254,7 +290,14 @@ fn socat() -> Rig {
         .expect("socat (apt-get install socat)");
     wait_for(Duration::from_secs(5), "socat's pty", || link.exists());
     let tool = Tool::open(&link).unwrap();
-    Rig { name: "socat", board_fd: board.master_fd(), tool: ToolEnd::Fd(tool.fd), pids: vec![child.id() as i32], _keep: vec![Box::new(board)], children: vec![child] }
+    Rig {
+        name: "socat",
+        board_fd: board.master_fd(),
+        tool: ToolEnd::Fd(tool.fd),
+        pids: vec![child.id() as i32],
+        _keep: vec![Box::new(board)],
+        children: vec![child],
+    }
 }
 
 fn ser2net() -> Rig {
@@ -266,7 +309,10 @@ fn ser2net() -> Rig {
         .arg("-Y")
         .arg(format!("  accepter: telnet(rfc2217),tcp,127.0.0.1,{port}"))
         .arg("-Y")
-        .arg(format!("  connector: serialdev,{},115200n81,local", board.slave_path.display()))
+        .arg(format!(
+            "  connector: serialdev,{},115200n81,local",
+            board.slave_path.display()
+        ))
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .die_with_parent()
@@ -286,7 +332,11 @@ fn ser2net() -> Rig {
     Rig {
         name: "ser2net",
         board_fd: board.master_fd(),
-        tool: ToolEnd::Telnet { sock, dec: Decoder::new(), neg },
+        tool: ToolEnd::Telnet {
+            sock,
+            dec: Decoder::new(),
+            neg,
+        },
         pids: vec![child.id() as i32],
         _keep: vec![Box::new(board)],
         children: vec![child],
@@ -308,7 +358,10 @@ fn devbroker(release: &Path) -> Rig {
         .arg(&by_id)
         .arg("--run-dir")
         .arg(&run)
-        .env("DEVBROKER_LOG", std::env::var("BENCH_LOG").unwrap_or("warn".into()))
+        .env(
+            "DEVBROKER_LOG",
+            std::env::var("BENCH_LOG").unwrap_or("warn".into()),
+        )
         .die_with_parent()
         .spawn()
         .expect("target/release/devbroker: run `cargo build --release --workspace` first");
@@ -320,7 +373,10 @@ fn devbroker(release: &Path) -> Rig {
         .arg("--link-root")
         .arg(&guest)
         .args(["--user", &uid])
-        .env("DEVSHIM_LOG", std::env::var("BENCH_LOG").unwrap_or("warn".into()))
+        .env(
+            "DEVSHIM_LOG",
+            std::env::var("BENCH_LOG").unwrap_or("warn".into()),
+        )
         .die_with_parent()
         .spawn()
         .unwrap();
@@ -344,18 +400,41 @@ fn devbroker(release: &Path) -> Rig {
 }
 
 fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
 fn tmpdir() -> PathBuf {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
-    DIR.get_or_init(|| tempfile::Builder::new().prefix("relay-bench-").tempdir().unwrap()).path().to_path_buf()
+    DIR.get_or_init(|| {
+        tempfile::Builder::new()
+            .prefix("relay-bench-")
+            .tempdir()
+            .unwrap()
+    })
+    .path()
+    .to_path_buf()
 }
 
 fn main() {
-    let mib: usize = std::env::var("BENCH_MIB").ok().and_then(|v| v.parse().ok()).unwrap_or(32);
-    let release = std::env::current_exe().unwrap().parent().unwrap().to_path_buf();
-    println!("relay-bench: {mib} MiB each way, 3000 1-byte round trips, 5 s idle; {} cores", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    let mib: usize = std::env::var("BENCH_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(32);
+    let release = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    println!(
+        "relay-bench: {mib} MiB each way, 3000 1-byte round trips, 5 s idle; {} cores",
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    );
     let mut rows: Vec<(&str, Figures)> = Vec::new();
     let only = std::env::var("BENCH_ONLY").ok();
     for make in [bare_pty as fn() -> Rig, socat, ser2net] {
@@ -372,7 +451,17 @@ fn main() {
     drop(rig);
 
     println!();
-    println!("{:<10} {:>12} {:>12} {:>10} {:>10} {:>12} {:>10} {:>9}", "path", "to tool MB/s", "to board MB/s", "RTT p50", "RTT p99", "CPU s/MiB", "idle wake", "RSS KiB");
+    println!(
+        "{:<10} {:>12} {:>12} {:>10} {:>10} {:>12} {:>10} {:>9}",
+        "path",
+        "to tool MB/s",
+        "to board MB/s",
+        "RTT p50",
+        "RTT p99",
+        "CPU s/MiB",
+        "idle wake",
+        "RSS KiB"
+    );
     for (name, f) in &rows {
         println!(
             "{:<10} {:>12.1} {:>13.1} {:>8.0}us {:>8.0}us {:>12} {:>10} {:>9}",
@@ -391,14 +480,46 @@ fn main() {
     println!();
     println!("devbroker against the baselines (goal in brackets):");
     let check = |ok: bool| if ok { "ok" } else { "MISSED" };
-    let line = |what: &str, v: f64, goal: &str, ok: bool| println!("  {what:<34} {v:>7.2}  [{goal}]  {}", check(ok));
-    line("to tool / ser2net", d.to_tool_mbs / r.to_tool_mbs, ">= 2", d.to_tool_mbs >= 2.0 * r.to_tool_mbs);
-    line("to board / ser2net", d.to_board_mbs / r.to_board_mbs, ">= 2", d.to_board_mbs >= 2.0 * r.to_board_mbs);
-    line("to tool / socat", d.to_tool_mbs / s.to_tool_mbs, ">= 0.75", d.to_tool_mbs >= 0.75 * s.to_tool_mbs);
-    line("to board / socat", d.to_board_mbs / s.to_board_mbs, ">= 0.75", d.to_board_mbs >= 0.75 * s.to_board_mbs);
-    line("RTT p50 / socat", d.rtt_p50_us / s.rtt_p50_us, "<= 1.5", d.rtt_p50_us <= 1.5 * s.rtt_p50_us);
+    let line = |what: &str, v: f64, goal: &str, ok: bool| {
+        println!("  {what:<34} {v:>7.2}  [{goal}]  {}", check(ok))
+    };
+    line(
+        "to tool / ser2net",
+        d.to_tool_mbs / r.to_tool_mbs,
+        ">= 2",
+        d.to_tool_mbs >= 2.0 * r.to_tool_mbs,
+    );
+    line(
+        "to board / ser2net",
+        d.to_board_mbs / r.to_board_mbs,
+        ">= 2",
+        d.to_board_mbs >= 2.0 * r.to_board_mbs,
+    );
+    line(
+        "to tool / socat",
+        d.to_tool_mbs / s.to_tool_mbs,
+        ">= 0.75",
+        d.to_tool_mbs >= 0.75 * s.to_tool_mbs,
+    );
+    line(
+        "to board / socat",
+        d.to_board_mbs / s.to_board_mbs,
+        ">= 0.75",
+        d.to_board_mbs >= 0.75 * s.to_board_mbs,
+    );
+    line(
+        "RTT p50 / socat",
+        d.rtt_p50_us / s.rtt_p50_us,
+        "<= 1.5",
+        d.rtt_p50_us <= 1.5 * s.rtt_p50_us,
+    );
     line("RTT p99 (us)", d.rtt_p99_us, "< 500", d.rtt_p99_us < 500.0);
     let (dc, rc) = (d.cpu_s_per_mib.unwrap(), r.cpu_s_per_mib.unwrap());
     line("CPU per MiB / ser2net", dc / rc.max(1e-9), "<= 1", dc <= rc);
-    line("idle wakeups in 5 s", d.idle_wakeups.unwrap() as f64, "0", d.idle_wakeups == Some(0));
+    line(
+        "idle wakeups in 5 s",
+        d.idle_wakeups.unwrap() as f64,
+        "0",
+        d.idle_wakeups == Some(0),
+    );
 }
