@@ -138,7 +138,7 @@ pub async fn run(
         }
         shared.set_present(&present);
         let want = plan::sockets(&config, &present);
-        listeners.retain(|rel, _| want.get(rel).is_some());
+        listeners.retain(|rel, _| want.contains_key(rel));
         for m in &machines {
             let man = plan::manifest(&config, &present, m);
             if manifests.get(m) != Some(&man) {

@@ -43,6 +43,17 @@ fn holder(w: &World, board: &str) -> Option<String> {
         .map(str::to_owned)
 }
 
+/// A board plugged in, the broker and devshim for ci1 running, the guest
+/// link up.
+fn attached(w: &World) -> (FakeBoard, Proc, Proc, std::path::PathBuf) {
+    let board = w.plug(FTDI);
+    let broker = w.broker();
+    let shim = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    (board, broker, shim, link)
+}
+
 /// Exchanges a line each way through an open tool.
 fn ping(tool: &Tool, board: &FakeBoard, w: &World) {
     tool.write_all(b"ping\n").unwrap();
@@ -58,11 +69,7 @@ fn ping(tool: &Tool, board: &FakeBoard, w: &World) {
 #[test]
 fn eight_mib_each_way_nothing_lost_or_reordered() {
     let w = World::new(CONFIG);
-    let board = w.plug(FTDI);
-    let _b = w.broker();
-    let _s = w.shim("ci1");
-    let link = w.guest_link("ci1", FTDI);
-    wait_for(5 * S, "the guest link", || exists(&link));
+    let (board, _b, _s, link) = attached(&w);
     let tool = Tool::open(&link).unwrap();
     wait_for(5 * S, "the session", || holder(&w, "esp1").is_some());
 
@@ -103,11 +110,7 @@ fn eight_mib_each_way_nothing_lost_or_reordered() {
 #[test]
 fn pyserial_baud_changes_reach_the_board() {
     let w = World::new(CONFIG);
-    let board = w.plug(FTDI);
-    let _b = w.broker();
-    let _s = w.shim("ci1");
-    let link = w.guest_link("ci1", FTDI);
-    wait_for(5 * S, "the guest link", || exists(&link));
+    let (board, _b, _s, link) = attached(&w);
     let script = r#"
 import serial, sys
 s = serial.Serial(sys.argv[1], 115200)
@@ -300,11 +303,7 @@ fn broker_sigkill_and_restart_devshim_reconnects() {
 #[test]
 fn status_shows_presence_holder_and_bytes() {
     let w = World::new(CONFIG);
-    let board = w.plug(FTDI);
-    let _b = w.broker();
-    let _s = w.shim("ci1");
-    let link = w.guest_link("ci1", FTDI);
-    wait_for(5 * S, "the guest link", || exists(&link));
+    let (board, _b, _s, link) = attached(&w);
     let tool = Tool::open(&link).unwrap();
     ping(&tool, &board, &w);
     let st = w.status();

@@ -18,6 +18,17 @@ struct Peer {
 }
 
 impl Peer {
+    /// Accepts devshim's session and opens negotiation as a server does.
+    fn accept(l: &UnixListener) -> Peer {
+        let (sock, _) = l.accept().unwrap();
+        (&sock).write_all(&Negotiator::server().opening()).unwrap();
+        Peer {
+            sock,
+            dec: Decoder::new(),
+            seen: Vec::new(),
+        }
+    }
+
     /// Reads until `want` has been seen (data is merged), or panics.
     fn expect(&mut self, what: &str, mut want: impl FnMut(&[OwnedEvent]) -> bool) {
         let t0 = Instant::now();
@@ -101,13 +112,7 @@ fn tool_actions_become_rfc2217_commands() {
 
     // A tool opens the pty: devshim connects, sends the line settings and raises DTR/RTS.
     let tool = Tool::open(&link).unwrap();
-    let (sock, _) = tty_listener.accept().unwrap();
-    (&sock).write_all(&Negotiator::server().opening()).unwrap();
-    let mut p = Peer {
-        sock,
-        dec: Decoder::new(),
-        seen: Vec::new(),
-    };
+    let mut p = Peer::accept(&tty_listener);
     p.expect("WILL COM-PORT-OPTION", |s| {
         s.contains(&OwnedEvent::Negotiate(
             wire::telnet::Verb::Will,
@@ -177,13 +182,7 @@ fn tool_actions_become_rfc2217_commands() {
 
     // The pty stays: a new tool gets a new session.
     let tool = Tool::open(&link).unwrap();
-    let (sock, _) = tty_listener.accept().unwrap();
-    (&sock).write_all(&Negotiator::server().opening()).unwrap();
-    let mut p = Peer {
-        sock,
-        dec: Decoder::new(),
-        seen: Vec::new(),
-    };
+    let mut p = Peer::accept(&tty_listener);
     p.expect_cmd(Cmd::SetBaudRate(460_800));
     drop(tool);
     let _ = shim.kill();

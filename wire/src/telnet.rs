@@ -353,7 +353,7 @@ mod tests {
     #[test]
     fn overlong_subnegotiation_is_reported_and_stream_recovers() {
         let mut wire = vec![IAC, SB, 44, 0];
-        wire.extend(std::iter::repeat(b'a').take(MAX_SUBNEG + 10));
+        wire.extend(std::iter::repeat_n(b'a', MAX_SUBNEG + 10));
         wire.extend_from_slice(&[IAC, SE, b'z']);
         assert_eq!(
             all(&wire),
