@@ -23,6 +23,34 @@ pub const DEFAULT_RATE: u32 = 115_200;
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Config {
     pub boards: Vec<Board>,
+    /// Containers the broker keeps a directory for even before any board is
+    /// allowed there, and that `machine setup` can set up by name.
+    pub machines: Vec<Machine>,
+}
+
+/// A container, from a `[[machine]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Machine {
+    pub name: String,
+    /// Its root directory (default `/var/lib/machines/NAME`).
+    pub tree: PathBuf,
+    /// The job user inside and its uid (default `sai:883`).
+    pub user: String,
+    pub uid: u32,
+}
+
+/// The job user a machine gets when none is named.
+pub const DEFAULT_JOB_USER: &str = "sai:883";
+
+/// Parses `NAME:UID`.
+pub fn parse_job_user(s: &str) -> Result<(String, u32), String> {
+    let (name, uid) = s.split_once(':').ok_or_else(|| format!("{s:?} is not NAME:UID, e.g. \"sai:883\""))?;
+    check_name(name).map_err(|why| format!("user name {name:?} is not allowed: {why}"))?;
+    let uid: u32 = uid.parse().map_err(|_| format!("uid {uid:?} is not a number"))?;
+    if uid == 0 || uid >= 65534 {
+        return Err(format!("uid {uid} is not a job user's: give one between 1 and 65533"));
+    }
+    Ok((name.to_string(), uid))
 }
 
 /// One board: a device under test with one or more USB serial ttys.
@@ -163,6 +191,16 @@ pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
 struct RawConfig {
     #[serde(default)]
     board: Vec<RawBoard>,
+    #[serde(default)]
+    machine: Vec<RawMachine>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMachine {
+    name: Spanned<String>,
+    tree: Option<Spanned<String>>,
+    user: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -243,7 +281,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             let span = e.span().unwrap_or(0..0);
             let msg = e.message().trim().to_string();
             let help = if msg.contains("unknown field") {
-                Some("remove the key or fix its spelling; board keys are name, compatible, machines, host-groups, tty; tty keys are name, rate, match; match keys are by-id, serial, path, usb".into())
+                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
             } else {
                 None
             };
@@ -272,7 +310,47 @@ fn check_named(cx: &mut Ctx, what: &str, name: &Spanned<String>) {
     }
 }
 
+fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
+    let mut out: Vec<Machine> = Vec::new();
+    let mut seen: BTreeMap<String, Range<usize>> = BTreeMap::new();
+    for m in raw {
+        check_named(cx, "machine", &m.name);
+        let name = m.name.get_ref().clone();
+        if let Err(why) = crate::machine::name::check(&name) {
+            if check_name(&name).is_ok() {
+                cx.err(m.name.span(), why, None);
+            }
+        }
+        if let Some(first) = seen.get(&name).cloned() {
+            cx.err(m.name.span(), format!("machine {name:?} is listed twice (first at {})", cx.pos(&first)), Some("list each machine once".into()));
+            continue;
+        }
+        seen.insert(name.clone(), m.name.span());
+        let tree = match &m.tree {
+            Some(t) if !t.get_ref().starts_with('/') => {
+                cx.err(t.span(), format!("tree {:?} is not an absolute path", t.get_ref()), Some(format!("write e.g. tree = \"/var/lib/machines/{name}\"")));
+                PathBuf::new()
+            }
+            Some(t) => PathBuf::from(t.get_ref()),
+            None => PathBuf::from("/var/lib/machines").join(&name),
+        };
+        let (user, uid) = match &m.user {
+            None => parse_job_user(DEFAULT_JOB_USER).expect("default is valid"),
+            Some(u) => match parse_job_user(u.get_ref()) {
+                Ok(x) => x,
+                Err(why) => {
+                    cx.err(u.span(), why, Some("write user = \"NAME:UID\", e.g. \"sai:883\"".into()));
+                    continue;
+                }
+            },
+        };
+        out.push(Machine { name, tree, user, uid });
+    }
+    out
+}
+
 fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
+    let machines = validate_machines(cx, raw.machine);
     let mut boards = Vec::new();
     let mut board_names: BTreeMap<String, Range<usize>> = BTreeMap::new();
     let mut sockets: BTreeMap<String, (String, Range<usize>)> = BTreeMap::new();
@@ -442,7 +520,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
             }
         }
     }
-    Config { boards }
+    Config { boards, machines }
 }
 
 fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {

@@ -43,6 +43,11 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
     },
+    /// Set up, check or remove a systemd-nspawn machine (container).
+    Machine {
+        #[command(subcommand)]
+        cmd: MachineCmd,
+    },
     /// Run a simulated board, the broker and devshim in a temporary directory.
     Demo {
         /// Stop after this long (e.g. "30s") instead of waiting for Ctrl-C.
@@ -51,6 +56,63 @@ enum Cmd {
         /// How often the simulated board prints its boot banner.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5s")]
         banner_every: Duration,
+    },
+}
+
+#[derive(Subcommand)]
+enum MachineCmd {
+    /// Write NAME.nspawn and configure the tree: hostname, network, devshim, the job user.
+    Setup {
+        name: String,
+        /// The container's root directory [default: /var/lib/machines/NAME].
+        #[arg(long)]
+        tree: Option<PathBuf>,
+        /// Where NAME.nspawn goes (/run/systemd/nspawn is honoured too).
+        #[arg(long, default_value = "/etc/systemd/nspawn")]
+        nspawn_dir: PathBuf,
+        /// The job user inside, NAME:UID [default: the config's, else sai:883].
+        #[arg(long)]
+        user: Option<String>,
+        /// Print a unified diff of every file it would write; write nothing.
+        #[arg(long)]
+        dry_run: bool,
+        /// Also run the host-side NetworkManager and firewalld steps.
+        #[arg(long)]
+        apply_host_network: bool,
+        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+        /// The static devshim to install [default: `devshim` next to devbroker].
+        #[arg(long)]
+        devshim: Option<PathBuf>,
+        /// Where setup records what it changed, for `remove`.
+        #[arg(long, default_value = "/var/lib/devbroker")]
+        state_dir: PathBuf,
+        /// Where machines' trees are, to find a free subnet and clashing names.
+        #[arg(long, default_value = "/var/lib/machines")]
+        machines_dir: PathBuf,
+        /// Read [[machine]] entries from this config, if it exists.
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+    },
+    /// Find leftovers of binding devices by hand (DeviceAllow=, Bind=/dev/tty*, MODE="0666").
+    Check {
+        name: String,
+        /// Remove them, keeping a backup of each file changed.
+        #[arg(long)]
+        fix: bool,
+        #[arg(long, default_value = "/etc/systemd/system")]
+        systemd_dir: PathBuf,
+        /// Directories with .nspawn files (repeatable).
+        #[arg(long, default_values = ["/etc/systemd/nspawn", "/run/systemd/nspawn"])]
+        nspawn_dir: Vec<PathBuf>,
+        #[arg(long, default_value = "/etc/udev/rules.d")]
+        udev_dir: PathBuf,
+    },
+    /// Undo what setup added, and only that.
+    Remove {
+        name: String,
+        #[arg(long, default_value = "/var/lib/devbroker")]
+        state_dir: PathBuf,
     },
 }
 
@@ -128,6 +190,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 Ok(ExitCode::from(2))
             }
         },
+        Cmd::Machine { cmd } => machine_cmd(cmd),
         Cmd::Demo {
             duration,
             banner_every,
@@ -136,6 +199,112 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 let stop = shutdown::on_signals()?;
                 demo::run(stop, duration, banner_every).await
             })?;
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
+    use devbroker::machine::{self, check, network, setup};
+    match cmd {
+        MachineCmd::Setup { name, tree, nspawn_dir, user, dry_run, apply_host_network, run_dir, devshim, state_dir, machines_dir, config: cfg_path } => {
+            let cfg = if cfg_path.exists() {
+                match config::load(&cfg_path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                }
+            } else {
+                config::Config::default()
+            };
+            let entry = cfg.machines.iter().find(|m| m.name == name);
+            let (user, uid) = match (&user, entry) {
+                (Some(u), _) => config::parse_job_user(u).map_err(anyhow::Error::msg)?,
+                (None, Some(m)) => (m.user.clone(), m.uid),
+                (None, None) => config::parse_job_user(config::DEFAULT_JOB_USER).expect("valid default"),
+            };
+            let tree = tree.or_else(|| entry.map(|m| m.tree.clone())).unwrap_or_else(|| machines_dir.join(&name));
+            let devshim = match devshim {
+                Some(p) => p,
+                None => std::env::current_exe()?.with_file_name("devshim"),
+            };
+            let names: Vec<String> = cfg.machines.iter().map(|m| m.name.clone()).chain(cfg.boards.iter().flat_map(|b| b.machines.clone())).collect();
+            let others = machine::known_machines(&machines_dir, &[PathBuf::from("/etc/systemd/nspawn"), PathBuf::from("/run/systemd/nspawn"), nspawn_dir.clone()], &names);
+            let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
+            let opts = setup::SetupOptions {
+                name: name.clone(),
+                tree: abs(tree),
+                nspawn_dir: abs(nspawn_dir),
+                run_dir: abs(run_dir),
+                user,
+                uid,
+                devshim,
+                state_dir: abs(state_dir),
+                machines_dir: abs(machines_dir),
+                other_machines: others,
+                dry_run,
+            };
+            let rep = setup::setup(&opts)?;
+            if dry_run {
+                print!("{}", rep.diff);
+                if rep.changed.is_empty() {
+                    println!("machine {name}: already set up; nothing would change");
+                } else {
+                    println!("machine {name}: {} paths would change (dry run: nothing written)", rep.changed.len());
+                }
+            } else if rep.changed.is_empty() {
+                println!("machine {name}: already set up; nothing changed");
+            } else {
+                for c in &rep.changed {
+                    println!("  wrote {c}");
+                }
+                println!("machine {name}: set up ({} paths changed; `devbroker machine remove {name}` undoes it)", rep.changed.len());
+            }
+            if rep.uid_shift != 0 {
+                println!("  the tree is owned by uid {}: private users (-U) shift ids by that much", rep.uid_shift);
+            }
+            let steps = network::host_steps(&name, rep.subnet);
+            println!("\nHost side, for 192.168.{}.0/24 on {}:\n{}", rep.subnet, machine::name::veth(&name), network::render(&steps));
+            if apply_host_network && !dry_run {
+                match network::apply(&steps) {
+                    Ok(done) => print!("{done}"),
+                    Err(e) => eprintln!("devbroker: {e}"),
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        MachineCmd::Check { name, fix, systemd_dir, nspawn_dir, udev_dir } => {
+            machine::name::check(&name).map_err(anyhow::Error::msg)?;
+            let found = check::scan(&check::Places { machine: name.clone(), systemd_dir, nspawn_dirs: nspawn_dir, udev_dir });
+            if found.is_empty() {
+                println!("machine {name}: no leftovers of binding devices by hand");
+                return Ok(ExitCode::SUCCESS);
+            }
+            for f in &found {
+                println!("{f}");
+            }
+            if fix {
+                for b in check::fix(&found)? {
+                    println!("  backup kept: {}", b.display());
+                }
+                println!("machine {name}: removed {} leftover lines; restart the container to drop them", found.len());
+                Ok(ExitCode::SUCCESS)
+            } else {
+                println!("machine {name}: {} leftover lines; `devbroker machine check {name} --fix` removes them", found.len());
+                Ok(ExitCode::from(1))
+            }
+        }
+        MachineCmd::Remove { name, state_dir } => {
+            let rep = setup::remove(&name, &state_dir)?;
+            for u in &rep.undone {
+                println!("  {u}");
+            }
+            for k in &rep.kept {
+                println!("  kept {k}");
+            }
+            println!("machine {name}: removed what setup added");
             Ok(ExitCode::SUCCESS)
         }
     }
