@@ -423,3 +423,36 @@ pub fn join_within<T: Send + 'static>(h: std::thread::JoinHandle<T>, limit: Dura
     }
     h.join().unwrap()
 }
+
+/// Every path under `root` with its type, mode, owner and content (or link
+/// target): two snapshots are equal when nothing under `root` changed.
+pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        let what = if m.file_type().is_symlink() {
+            format!("link {}", fs::read_link(&p).unwrap().display())
+        } else if m.is_dir() {
+            for e in fs::read_dir(&p).unwrap().flatten() {
+                stack.push(e.path());
+            }
+            "dir".to_string()
+        } else if m.is_file() {
+            let bytes = fs::read(&p).unwrap();
+            format!("file {} bytes {:x}", bytes.len(), bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3)))
+        } else {
+            "other".to_string()
+        };
+        out.insert(rel, format!("{what} mode {:o} owner {}:{}", m.mode() & 0o7777, m.uid(), m.gid()));
+    }
+    out
+}
+
+/// Runs `devbroker ARGS`; returns (success, stdout + stderr).
+pub fn devbroker_cli(args: &[&str]) -> (bool, String) {
+    let out = Command::new(bin("devbroker")).args(args).output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+}
