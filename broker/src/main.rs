@@ -177,12 +177,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
-                println!(
-                    "{}: ok, {} boards, {} ttys",
-                    path.display(),
-                    c.boards.len(),
-                    ttys
-                );
+                println!("{}: ok, {} boards, {} ttys, {} machines", path.display(), c.boards.len(), ttys, c.machines.len());
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {

@@ -39,7 +39,7 @@ fn the_example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).ends_with("ok, 3 boards, 4 ttys\n"));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("ok, 3 boards, 4 ttys, 2 machines\n"));
 }
 
 #[test]
@@ -210,4 +210,23 @@ fn check_missing() -> (bool, String) {
 fn every_problem_is_reported_at_once() {
     let m = rejected("[[board]]\nname = \"A\"\nmachines = [\"x_y\"]\n[[board.tty]]\nname = \"c\"\nmatch = { usb = \"zz\" }\n");
     assert_eq!(m.matches("FILE:").count(), 3, "{m}");
+}
+
+#[test]
+fn machine_entries() {
+    let (ok, m) = check("[[machine]]\nname = \"ci1\"\n[[machine]]\nname = \"ci2\"\ntree = \"/srv/ci2\"\nuser = \"build:1001\"\n");
+    assert!(ok, "{m}");
+    assert!(m.contains("0 boards, 0 ttys, 2 machines"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci1\"\n[[machine]]\nname = \"ci1\"\n");
+    assert!(m.contains("FILE:4:8: machine \"ci1\" is listed twice (first at 2:8)"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci_1\"\n");
+    assert!(m.contains("machine name \"ci_1\" is not allowed: it contains '_'"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci1\"\ntree = \"machines/ci1\"\n");
+    assert!(m.contains("tree \"machines/ci1\" is not an absolute path"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci1\"\nuser = \"sai\"\n");
+    assert!(m.contains("\"sai\" is not NAME:UID"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci1\"\nuser = \"root:0\"\n");
+    assert!(m.contains("uid 0 is not a job user's"), "{m}");
+    let m = rejected("[[machine]]\nname = \"ci1\"\nimage = \"x\"\n");
+    assert!(m.contains("unknown field `image`"), "{m}");
 }

@@ -29,6 +29,9 @@ machines = ["ci2"]
 [[board.tty]]
 name = "uart"
 match = { by-id = "usb-SEGGER_J-Link_000683-if00" }
+
+[[machine]]
+name = "ci3"
 "#;
 
 const S: Duration = Duration::from_secs(1);
@@ -193,6 +196,9 @@ fn policy_decides_who_gets_a_socket() {
     let _s1 = w.shim("ci1");
     let _s2 = w.shim("ci2");
     wait_for(5 * S, "the ci1 link", || exists(&w.guest_link("ci1", FTDI)));
+    // A [[machine]] with no board yet still has its directory and control socket.
+    assert!(w.run.join("machines/ci3/control.sock").exists());
+    assert_eq!(std::fs::read_to_string(w.run.join("machines/ci3/ttys.json")).unwrap(), "{\n  \"version\": 1,\n  \"ttys\": []\n}\n");
     // ci2 may use nrf only: no socket, no index entry, no link for esp1.
     assert!(w.run.join("machines/ci2").is_dir());
     assert!(w.run.join("machines/ci2/control.sock").exists());
