@@ -73,11 +73,8 @@ pub fn assign(
 
 /// Every machine the config names, whose directory the broker keeps.
 pub fn machines(config: &Config) -> BTreeSet<String> {
-    config
-        .boards
-        .iter()
-        .flat_map(|b| b.machines.iter().cloned())
-        .collect()
+    let from_boards = config.boards.iter().flat_map(|b| b.machines.iter().cloned());
+    from_boards.chain(config.machines.iter().map(|m| m.name.clone())).collect()
 }
 
 /// The sockets that should exist, by path relative to the run directory.
