@@ -44,11 +44,17 @@ pub const DEFAULT_JOB_USER: &str = "sai:883";
 
 /// Parses `NAME:UID`.
 pub fn parse_job_user(s: &str) -> Result<(String, u32), String> {
-    let (name, uid) = s.split_once(':').ok_or_else(|| format!("{s:?} is not NAME:UID, e.g. \"sai:883\""))?;
+    let (name, uid) = s
+        .split_once(':')
+        .ok_or_else(|| format!("{s:?} is not NAME:UID, e.g. \"sai:883\""))?;
     check_name(name).map_err(|why| format!("user name {name:?} is not allowed: {why}"))?;
-    let uid: u32 = uid.parse().map_err(|_| format!("uid {uid:?} is not a number"))?;
+    let uid: u32 = uid
+        .parse()
+        .map_err(|_| format!("uid {uid:?} is not a number"))?;
     if uid == 0 || uid >= 65534 {
-        return Err(format!("uid {uid} is not a job user's: give one between 1 and 65533"));
+        return Err(format!(
+            "uid {uid} is not a job user's: give one between 1 and 65533"
+        ));
     }
     Ok((name.to_string(), uid))
 }
@@ -279,12 +285,23 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
         Ok(r) => r,
         Err(e) => {
             let span = e.span().unwrap_or(0..0);
-            let msg = e.message().trim().to_string();
-            let help = if msg.contains("unknown field") {
+            let mut msg = e.message().trim().to_string();
+            let mut help = if msg.contains("unknown field") {
                 Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
             } else {
                 None
             };
+            if msg.is_empty() {
+                // toml gives no message for a control character in a comment.
+                let c = text.get(span.start..).and_then(|s| s.chars().next());
+                msg = match c {
+                    Some(c) => format!("the character {c:?} is not allowed here"),
+                    None => "the file is not valid TOML".into(),
+                };
+                if c.is_some_and(char::is_control) {
+                    help = Some("TOML allows no control characters but tab, not even in comments; remove it".into());
+                }
+            }
             cx.err(span, msg, help);
             return Err(ConfigErrors(cx.errors));
         }
@@ -322,13 +339,24 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
             }
         }
         if let Some(first) = seen.get(&name).cloned() {
-            cx.err(m.name.span(), format!("machine {name:?} is listed twice (first at {})", cx.pos(&first)), Some("list each machine once".into()));
+            cx.err(
+                m.name.span(),
+                format!(
+                    "machine {name:?} is listed twice (first at {})",
+                    cx.pos(&first)
+                ),
+                Some("list each machine once".into()),
+            );
             continue;
         }
         seen.insert(name.clone(), m.name.span());
         let tree = match &m.tree {
             Some(t) if !t.get_ref().starts_with('/') => {
-                cx.err(t.span(), format!("tree {:?} is not an absolute path", t.get_ref()), Some(format!("write e.g. tree = \"/var/lib/machines/{name}\"")));
+                cx.err(
+                    t.span(),
+                    format!("tree {:?} is not an absolute path", t.get_ref()),
+                    Some(format!("write e.g. tree = \"/var/lib/machines/{name}\"")),
+                );
                 PathBuf::new()
             }
             Some(t) => PathBuf::from(t.get_ref()),
@@ -339,12 +367,21 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
             Some(u) => match parse_job_user(u.get_ref()) {
                 Ok(x) => x,
                 Err(why) => {
-                    cx.err(u.span(), why, Some("write user = \"NAME:UID\", e.g. \"sai:883\"".into()));
+                    cx.err(
+                        u.span(),
+                        why,
+                        Some("write user = \"NAME:UID\", e.g. \"sai:883\"".into()),
+                    );
                     continue;
                 }
             },
         };
-        out.push(Machine { name, tree, user, uid });
+        out.push(Machine {
+            name,
+            tree,
+            user,
+            uid,
+        });
     }
     out
 }
@@ -658,6 +695,20 @@ match = { by-id = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0" }
             ..Default::default()
         };
         assert!(!could_match_same(&both, &ser("B")));
+    }
+
+    #[test]
+    fn control_character_in_a_comment_is_named() {
+        // Found by fuzz/ (target config): toml's error has an empty message.
+        let e = errs("# devbroker\n#\x02\n[[board]]\n");
+        assert_eq!(e.len(), 1, "{e:?}");
+        assert!(
+            e[0].starts_with("t.toml:2:2: the character '\\u{2}' is not allowed here"),
+            "{e:?}"
+        );
+        assert!(e[0].contains("help:"), "{e:?}");
+        let e = errs("#\r");
+        assert!(e[0].starts_with("t.toml:1:2: the character '\\r'"), "{e:?}");
     }
 
     #[test]

@@ -1,23 +1,34 @@
 //! Control sockets: versioned JSON lines (see `wire::control`).
 //!
-//! `RUN/broker.sock` (the admin's, mode 0600) sees every board;
-//! `RUN/machines/<m>/control.sock` sees the boards that machine may use. devshim
-//! also keeps a connection to its machine's control socket open: when it
-//! closes, the broker is gone and devshim takes the ttys down.
+//! - `RUN/broker.sock` (the admin's, mode 0600): status of every board.
+//! - `RUN/machines/<m>/control.sock`: a machine's jobs list, lease and
+//!   release the boards that machine may use. devshim also keeps a connection
+//!   open here: when it closes, the broker is gone.
+//! - `RUN/host/control.sock`: the same for host users, by their groups.
+//!
+//! Every request gets one reply; a grant that comes later (the board was
+//! busy) arrives as its own line. Bad requests get an `error` reply and the
+//! connection stays usable. A lease lives as long as the connection.
 
-use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{UnixListener, UnixStream};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
-use tracing::debug;
+use tracing::{debug, info};
 use wire::control::{parse_request, reply_line, Reply, Request, MAX_LINE, VERSION};
 
-use crate::state::Shared;
+use crate::lease::{Client, Want};
+use crate::peer::Peer;
+use crate::state::{LeaseOutcome, Shared};
 
-/// Which boards a control connection may see.
+/// Which boards a control connection may see and take.
 #[derive(Debug, Clone)]
 pub enum Scope {
     Admin,
     Machine(String),
+    Host,
 }
 
 /// Accepts control connections until `shutdown`.
@@ -36,59 +47,123 @@ pub async fn serve(
                 }
                 Err(e) => {
                     debug!("control accept: {e}");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
         }
     }
+}
+
+/// Ends a connection's leases however the connection ends.
+struct Registration {
+    shared: Shared,
+    conn: u64,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        self.shared.disconnect(self.conn);
+    }
+}
+
+/// One connection's state.
+struct Conn {
+    scope: Scope,
+    client: Option<Client>,
+    conn: u64,
+    greeted: bool,
+    /// A queued lease request and when it gives up.
+    waiting: Option<Option<Instant>>,
 }
 
 async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: CancellationToken) {
-    let (r, mut w) = sock.into_split();
-    let mut reader = BufReader::new(r);
-    let mut line = Vec::new();
-    let mut greeted = false;
+    let client = match &scope {
+        Scope::Admin => None,
+        Scope::Machine(m) => Some(Client::Machine(m.clone())),
+        Scope::Host => match Peer::of(&sock) {
+            Ok(p) => {
+                let name = std::fs::read_to_string("/etc/passwd")
+                    .ok()
+                    .and_then(|t| devshim::users::user_name(&t, p.uid))
+                    .unwrap_or_else(|| p.uid.to_string());
+                Some(Client::HostUser {
+                    uid: p.uid,
+                    name,
+                    groups: p.groups,
+                })
+            }
+            Err(_) => return,
+        },
+    };
+    let (conn, mut grants) = shared.connect();
+    let _reg = Registration {
+        shared: shared.clone(),
+        conn,
+    };
+    let mut c = Conn {
+        scope,
+        client,
+        conn,
+        greeted: false,
+        waiting: None,
+    };
+    let (mut rd, mut wr) = sock.into_split();
+    let mut buf: Vec<u8> = Vec::new();
+    let mut chunk = vec![0u8; 4096];
+    let mut skipping = false;
     loop {
-        line.clear();
-        let mut limited = (&mut reader).take(MAX_LINE as u64 + 1);
-        let read = tokio::select! {
+        let deadline = c.waiting.flatten();
+        let mut out: Vec<Reply> = Vec::new();
+        tokio::select! {
             _ = shutdown.cancelled() => return,
-            r = limited.read_until(b'\n', &mut line) => r,
-        };
-        match read {
-            Ok(0) | Err(_) => return,
-            Ok(_) => {}
-        }
-        let reply = if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
-            // Skip the rest of the oversized line, then answer it.
-            let mut rest = Vec::new();
-            loop {
-                rest.clear();
-                match (&mut reader)
-                    .take(MAX_LINE as u64)
-                    .read_until(b'\n', &mut rest)
-                    .await
-                {
-                    Ok(0) | Err(_) => return,
-                    Ok(_) if rest.last() == Some(&b'\n') => break,
-                    Ok(_) => {}
+            g = grants.recv() => match g {
+                Some(reply) => {
+                    if let Reply::Granted(g) = &reply {
+                        info!("lease: {} granted to {}", g.board, c.client.as_ref().map(Client::describe).unwrap_or_default());
+                    }
+                    c.waiting = None;
+                    out.push(reply);
+                }
+                None => return,
+            },
+            _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
+                shared.give_up(c.conn);
+                c.waiting = None;
+                out.push(Reply::Error { message: "no board became free in time (wait_ms passed)".into() });
+            }
+            r = rd.read(&mut chunk) => {
+                let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
+                buf.extend_from_slice(&chunk[..n]);
+                while let Some(pos) = memchr::memchr(b'\n', &buf) {
+                    let line: Vec<u8> = buf.drain(..=pos).collect();
+                    if skipping {
+                        skipping = false;
+                        continue;
+                    }
+                    out.push(handle(&line[..line.len() - 1], &mut c, &shared));
+                }
+                if buf.len() > MAX_LINE {
+                    buf.clear();
+                    if !skipping {
+                        skipping = true;
+                        out.push(Reply::Error { message: format!("request line is over the {MAX_LINE}-byte limit") });
+                    }
                 }
             }
-            Reply::Error {
-                message: format!("request line is over the {MAX_LINE}-byte limit"),
+        }
+        for reply in out {
+            if wr.write_all(&reply_line(&reply)).await.is_err() {
+                return;
             }
-        } else {
-            let text = line.strip_suffix(b"\n").unwrap_or(&line);
-            handle(text, &scope, &shared, &mut greeted)
-        };
-        if w.write_all(&reply_line(&reply)).await.is_err() {
-            return;
         }
     }
 }
 
-/// One request → one reply.
-fn handle(line: &[u8], scope: &Scope, shared: &Shared, greeted: &mut bool) -> Reply {
+/// One request → its reply.
+fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Reply {
+    let err = |m: &str| Reply::Error {
+        message: m.to_string(),
+    };
     let req = match parse_request(line) {
         Ok(r) => r,
         Err(message) => return Reply::Error { message },
@@ -100,19 +175,56 @@ fn handle(line: &[u8], scope: &Scope, shared: &Shared, greeted: &mut bool) -> Re
             ),
         },
         Request::Hello { .. } => {
-            *greeted = true;
+            c.greeted = true;
             Reply::Hello {
                 version: VERSION,
                 server: format!("devbroker {}", env!("CARGO_PKG_VERSION")),
             }
         }
-        _ if !*greeted => Reply::Error {
-            message: "send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}"
-                .into(),
-        },
-        Request::Status {} => Reply::Status(match scope {
+        _ if !c.greeted => {
+            err("send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}")
+        }
+        Request::Status {} => Reply::Status(match &c.scope {
             Scope::Admin => shared.status(|_| true),
             Scope::Machine(m) => shared.status(|b| b.machines.iter().any(|x| x == m)),
+            Scope::Host => shared.status(|b| !b.host_groups.is_empty()),
         }),
+        Request::List {} => Reply::Boards {
+            boards: shared.list(c.client.as_ref()),
+        },
+        Request::Lease {
+            board,
+            kind,
+            wait_ms,
+        } => {
+            let Some(client) = c.client.clone() else {
+                return err("leases are taken on a machine's control socket or the host's (RUN/host/control.sock)");
+            };
+            if c.waiting.is_some() {
+                return err(
+                    "this connection is already waiting for a board; one request at a time",
+                );
+            }
+            let want = match (board, kind) {
+                (Some(b), None) => Want::Board(b),
+                (None, Some(t)) => Want::Type(t),
+                _ => return err("give exactly one of \"board\" and \"type\""),
+            };
+            match shared.lease(c.conn, client.clone(), want) {
+                Ok(LeaseOutcome::Granted(g)) => {
+                    info!("lease: {} granted to {}", g.board, client.describe());
+                    Reply::Granted(g)
+                }
+                Ok(LeaseOutcome::Waiting(r)) => {
+                    c.waiting = Some(wait_ms.map(|ms| Instant::now() + Duration::from_millis(ms)));
+                    r
+                }
+                Err(message) => Reply::Error { message },
+            }
+        }
+        Request::Release { board } => match shared.release(c.conn, &board) {
+            Ok(()) => Reply::Released { board },
+            Err(message) => Reply::Error { message },
+        },
     }
 }

@@ -11,6 +11,7 @@ pub mod config;
 pub mod control;
 pub mod demo;
 pub mod fakeboard;
+pub mod lease;
 pub mod machine;
 pub mod peer;
 pub mod plan;

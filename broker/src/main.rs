@@ -5,7 +5,8 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use devbroker::{config, demo, server, shutdown, source::by_id, status};
+use devbroker::source::{by_id, udev, Source};
+use devbroker::{config, demo, server, shutdown, status};
 
 #[derive(Parser)]
 #[command(
@@ -24,9 +25,13 @@ enum Cmd {
     Run {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
-        /// Watch this directory of by-id links for adapters.
-        #[arg(long, default_value = by_id::DEFAULT_DIR)]
-        by_id_dir: PathBuf,
+        /// Where adapters come from [default: udev when udevd runs
+        /// (/run/udev/control exists), else by-id; by-id when --by-id-dir is given].
+        #[arg(long, value_enum)]
+        source: Option<SourceKind>,
+        /// The directory of by-id links the by-id source watches [default: /dev/serial/by-id].
+        #[arg(long)]
+        by_id_dir: Option<PathBuf>,
         #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
@@ -116,6 +121,15 @@ enum MachineCmd {
     },
 }
 
+/// Where the broker learns about adapters.
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum SourceKind {
+    /// udev: enumerate, then a udev monitor; identities from udev properties.
+    Udev,
+    /// A directory of by-id links watched with inotify (demo, hosts without udevd).
+    ById,
+}
+
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -144,9 +158,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Run {
             config: path,
+            source,
             by_id_dir,
             run_dir,
         } => {
+            let kind = source.unwrap_or(if by_id_dir.is_some() || !udev::udev_running() {
+                SourceKind::ById
+            } else {
+                SourceKind::Udev
+            });
+            if kind == SourceKind::Udev && by_id_dir.is_some() {
+                anyhow::bail!("--by-id-dir applies to --source by-id only");
+            }
+            let src: Box<dyn Source> = match kind {
+                SourceKind::Udev => Box::new(udev::UdevSource::new()),
+                SourceKind::ById => Box::new(by_id::ByIdSource::new(
+                    by_id_dir.unwrap_or_else(|| by_id::DEFAULT_DIR.into()),
+                )),
+            };
             let cfg = match config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -162,7 +191,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         run_dir,
                         etc: PathBuf::from("/etc"),
                     },
-                    Box::new(by_id::ByIdSource::new(by_id_dir)),
+                    src,
                     stop,
                 )
                 .await
@@ -177,7 +206,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
-                println!("{}: ok, {} boards, {} ttys, {} machines", path.display(), c.boards.len(), ttys, c.machines.len());
+                println!(
+                    "{}: ok, {} boards, {} ttys, {} machines",
+                    path.display(),
+                    c.boards.len(),
+                    ttys,
+                    c.machines.len()
+                );
                 Ok(ExitCode::SUCCESS)
             }
             Err(e) => {
@@ -202,7 +237,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
 fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
     use devbroker::machine::{self, check, network, setup};
     match cmd {
-        MachineCmd::Setup { name, tree, nspawn_dir, user, dry_run, apply_host_network, run_dir, devshim, state_dir, machines_dir, config: cfg_path } => {
+        MachineCmd::Setup {
+            name,
+            tree,
+            nspawn_dir,
+            user,
+            dry_run,
+            apply_host_network,
+            run_dir,
+            devshim,
+            state_dir,
+            machines_dir,
+            config: cfg_path,
+        } => {
             let cfg = if cfg_path.exists() {
                 match config::load(&cfg_path) {
                     Ok(c) => c,
@@ -218,15 +265,32 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
             let (user, uid) = match (&user, entry) {
                 (Some(u), _) => config::parse_job_user(u).map_err(anyhow::Error::msg)?,
                 (None, Some(m)) => (m.user.clone(), m.uid),
-                (None, None) => config::parse_job_user(config::DEFAULT_JOB_USER).expect("valid default"),
+                (None, None) => {
+                    config::parse_job_user(config::DEFAULT_JOB_USER).expect("valid default")
+                }
             };
-            let tree = tree.or_else(|| entry.map(|m| m.tree.clone())).unwrap_or_else(|| machines_dir.join(&name));
+            let tree = tree
+                .or_else(|| entry.map(|m| m.tree.clone()))
+                .unwrap_or_else(|| machines_dir.join(&name));
             let devshim = match devshim {
                 Some(p) => p,
                 None => std::env::current_exe()?.with_file_name("devshim"),
             };
-            let names: Vec<String> = cfg.machines.iter().map(|m| m.name.clone()).chain(cfg.boards.iter().flat_map(|b| b.machines.clone())).collect();
-            let others = machine::known_machines(&machines_dir, &[PathBuf::from("/etc/systemd/nspawn"), PathBuf::from("/run/systemd/nspawn"), nspawn_dir.clone()], &names);
+            let names: Vec<String> = cfg
+                .machines
+                .iter()
+                .map(|m| m.name.clone())
+                .chain(cfg.boards.iter().flat_map(|b| b.machines.clone()))
+                .collect();
+            let others = machine::known_machines(
+                &machines_dir,
+                &[
+                    PathBuf::from("/etc/systemd/nspawn"),
+                    PathBuf::from("/run/systemd/nspawn"),
+                    nspawn_dir.clone(),
+                ],
+                &names,
+            );
             let abs = |p: PathBuf| std::path::absolute(&p).unwrap_or(p);
             let opts = setup::SetupOptions {
                 name: name.clone(),
@@ -247,7 +311,10 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
                 if rep.changed.is_empty() {
                     println!("machine {name}: already set up; nothing would change");
                 } else {
-                    println!("machine {name}: {} paths would change (dry run: nothing written)", rep.changed.len());
+                    println!(
+                        "machine {name}: {} paths would change (dry run: nothing written)",
+                        rep.changed.len()
+                    );
                 }
             } else if rep.changed.is_empty() {
                 println!("machine {name}: already set up; nothing changed");
@@ -258,10 +325,18 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
                 println!("machine {name}: set up ({} paths changed; `devbroker machine remove {name}` undoes it)", rep.changed.len());
             }
             if rep.uid_shift != 0 {
-                println!("  the tree is owned by uid {}: private users (-U) shift ids by that much", rep.uid_shift);
+                println!(
+                    "  the tree is owned by uid {}: private users (-U) shift ids by that much",
+                    rep.uid_shift
+                );
             }
             let steps = network::host_steps(&name, rep.subnet);
-            println!("\nHost side, for 192.168.{}.0/24 on {}:\n{}", rep.subnet, machine::name::veth(&name), network::render(&steps));
+            println!(
+                "\nHost side, for 192.168.{}.0/24 on {}:\n{}",
+                rep.subnet,
+                machine::name::veth(&name),
+                network::render(&steps)
+            );
             if apply_host_network && !dry_run {
                 match network::apply(&steps) {
                     Ok(done) => print!("{done}"),
@@ -270,9 +345,20 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        MachineCmd::Check { name, fix, systemd_dir, nspawn_dir, udev_dir } => {
+        MachineCmd::Check {
+            name,
+            fix,
+            systemd_dir,
+            nspawn_dir,
+            udev_dir,
+        } => {
             machine::name::check(&name).map_err(anyhow::Error::msg)?;
-            let found = check::scan(&check::Places { machine: name.clone(), systemd_dir, nspawn_dirs: nspawn_dir, udev_dir });
+            let found = check::scan(&check::Places {
+                machine: name.clone(),
+                systemd_dir,
+                nspawn_dirs: nspawn_dir,
+                udev_dir,
+            });
             if found.is_empty() {
                 println!("machine {name}: no leftovers of binding devices by hand");
                 return Ok(ExitCode::SUCCESS);
@@ -284,7 +370,10 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
                 for b in check::fix(&found)? {
                     println!("  backup kept: {}", b.display());
                 }
-                println!("machine {name}: removed {} leftover lines; restart the container to drop them", found.len());
+                println!(
+                    "machine {name}: removed {} leftover lines; restart the container to drop them",
+                    found.len()
+                );
                 Ok(ExitCode::SUCCESS)
             } else {
                 println!("machine {name}: {} leftover lines; `devbroker machine check {name} --fix` removes them", found.len());

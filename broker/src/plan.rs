@@ -73,14 +73,22 @@ pub fn assign(
 
 /// Every machine the config names, whose directory the broker keeps.
 pub fn machines(config: &Config) -> BTreeSet<String> {
-    let from_boards = config.boards.iter().flat_map(|b| b.machines.iter().cloned());
-    from_boards.chain(config.machines.iter().map(|m| m.name.clone())).collect()
+    let from_boards = config
+        .boards
+        .iter()
+        .flat_map(|b| b.machines.iter().cloned());
+    from_boards
+        .chain(config.machines.iter().map(|m| m.name.clone()))
+        .collect()
 }
 
-/// The sockets that should exist, by path relative to the run directory.
+/// The sockets that should exist, by path relative to the run directory. A
+/// machine gets a board's sockets when `has(machine, board)`: always for a
+/// board dedicated to it, else while it holds the lease.
 pub fn sockets(
     config: &Config,
     present: &BTreeMap<TtyKey, Adapter>,
+    has: &dyn Fn(&str, &str) -> bool,
 ) -> BTreeMap<PathBuf, SocketSpec> {
     let mut out = BTreeMap::new();
     for board in &config.boards {
@@ -93,7 +101,7 @@ pub fn sockets(
                 continue;
             }
             let file = socket_name(&board.name, &tty.name);
-            for m in &board.machines {
+            for m in board.machines.iter().filter(|m| has(m, &board.name)) {
                 out.insert(
                     PathBuf::from("machines").join(m).join(&file),
                     SocketSpec {
@@ -117,12 +125,17 @@ pub fn sockets(
 }
 
 /// The index of one machine's directory.
-pub fn manifest(config: &Config, present: &BTreeMap<TtyKey, Adapter>, machine: &str) -> Manifest {
+pub fn manifest(
+    config: &Config,
+    present: &BTreeMap<TtyKey, Adapter>,
+    machine: &str,
+    has: &dyn Fn(&str, &str) -> bool,
+) -> Manifest {
     let mut ttys = Vec::new();
     for board in config
         .boards
         .iter()
-        .filter(|b| b.machines.iter().any(|m| m == machine))
+        .filter(|b| b.machines.iter().any(|m| m == machine) && has(machine, &b.name))
     {
         for tty in &board.ttys {
             let key = TtyKey {
@@ -182,7 +195,7 @@ match = { serial = "S2" }
         let adapters: BTreeMap<_, _> = [("x".to_string(), adapter("x", "usb-A", None))].into();
         let (present, warnings) = assign(&config, &adapters);
         assert!(warnings.is_empty());
-        let s = sockets(&config, &present);
+        let s = sockets(&config, &present, &|_, _| true);
         let paths: Vec<_> = s.keys().map(|p| p.to_str().unwrap().to_string()).collect();
         assert_eq!(
             paths,
@@ -192,7 +205,10 @@ match = { serial = "S2" }
                 "machines/ci2/esp1.console.sock"
             ]
         );
-        assert_eq!(manifest(&config, &present, "ci2").ttys.len(), 1);
+        assert_eq!(
+            manifest(&config, &present, "ci2", &|_, _| true).ttys.len(),
+            1
+        );
         assert_eq!(
             machines(&config).into_iter().collect::<Vec<_>>(),
             ["ci1", "ci2"]
@@ -201,13 +217,16 @@ match = { serial = "S2" }
         let adapters: BTreeMap<_, _> =
             [("y".to_string(), adapter("y", "usb-other", Some("S2")))].into();
         let (present, _) = assign(&config, &adapters);
-        let s = sockets(&config, &present);
+        let s = sockets(&config, &present, &|_, _| true);
         assert_eq!(s.len(), 1);
         assert!(s.contains_key(Path::new("machines/ci2/nrf.uart.sock")));
         assert!(
             !s.keys().any(|p| p.starts_with("machines/ci1")),
             "ci1 may not use nrf"
         );
-        assert_eq!(manifest(&config, &present, "ci2").ttys[0].rate, 9600);
+        assert_eq!(
+            manifest(&config, &present, "ci2", &|_, _| true).ttys[0].rate,
+            9600
+        );
     }
 }

@@ -66,48 +66,29 @@ pub async fn run(
     let _lock = prepare_run_dir(&opts.run_dir, &machines)?;
     let shared = Shared::new(config.clone());
     let mut fixed = Vec::new();
-    let admin_path = opts.run_dir.join(ADMIN_SOCKET);
-    let admin = bind(&admin_path, 0o600)?;
-    fixed.push(Listener {
-        path: admin_path,
-        cancel: shutdown.child_token(),
-    });
-    tokio::spawn(control::serve(
-        admin,
-        Scope::Admin,
-        shared.clone(),
-        fixed.last().unwrap().cancel.clone(),
-    ));
+    let mut control = |path: PathBuf, mode: u32, scope: Scope| -> anyhow::Result<()> {
+        let l = bind(&path, mode).with_context(|| format!("can't serve {}", path.display()))?;
+        let cancel = shutdown.child_token();
+        tokio::spawn(control::serve(l, scope, shared.clone(), cancel.clone()));
+        fixed.push(Listener { path, cancel });
+        Ok(())
+    };
+    control(opts.run_dir.join(ADMIN_SOCKET), 0o600, Scope::Admin)?;
+    control(
+        opts.run_dir.join("host").join(CONTROL_SOCKET),
+        0o666,
+        Scope::Host,
+    )?;
+    let empty = Manifest {
+        version: 1,
+        ttys: vec![],
+    };
     let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
     for m in &machines {
         let dir = opts.run_dir.join("machines").join(m);
-        write_manifest(
-            &dir,
-            &Manifest {
-                version: 1,
-                ttys: vec![],
-            },
-        )?;
-        manifests.insert(
-            m.clone(),
-            Manifest {
-                version: 1,
-                ttys: vec![],
-            },
-        );
-        let path = dir.join(CONTROL_SOCKET);
-        let l = bind(&path, 0o666)?;
-        let token = shutdown.child_token();
-        tokio::spawn(control::serve(
-            l,
-            Scope::Machine(m.clone()),
-            shared.clone(),
-            token.clone(),
-        ));
-        fixed.push(Listener {
-            path,
-            cancel: token,
-        });
+        write_manifest(&dir, &empty)?;
+        manifests.insert(m.clone(), empty.clone());
+        control(dir.join(CONTROL_SOCKET), 0o666, Scope::Machine(m.clone()))?;
     }
 
     info!("watching {}", source.describe());
@@ -116,31 +97,34 @@ pub async fn run(
     let mut listeners: BTreeMap<PathBuf, Listener> = BTreeMap::new();
     info!(run_dir = %opts.run_dir.display(), boards = config.boards.len(), machines = machines.len(), "devbroker ready");
     let result = loop {
-        let ev = tokio::select! {
+        tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
-            ev = stream.next() => ev,
-        };
-        match ev {
-            Some(Ok(SourceEvent::Added(a))) => {
-                debug!(adapter = %a.id, "added");
-                adapters.insert(a.id.clone(), a);
-            }
-            Some(Ok(SourceEvent::Removed(id))) => {
-                debug!(adapter = %id, "removed");
-                adapters.remove(&id);
-            }
-            Some(Err(e)) => break Err(anyhow::Error::new(e).context("the discovery source failed")),
-            None => break Err(anyhow::anyhow!("the discovery source stopped")),
+            // Leases moved: re-plan who has which sockets.
+            _ = shared.changed.notified() => {}
+            ev = stream.next() => match ev {
+                Some(Ok(SourceEvent::Added(a))) => {
+                    debug!(adapter = %a.id, "added");
+                    adapters.insert(a.id.clone(), a);
+                }
+                Some(Ok(SourceEvent::Removed(id))) => {
+                    debug!(adapter = %id, "removed");
+                    adapters.remove(&id);
+                }
+                Some(Err(e)) => break Err(anyhow::Error::new(e).context("the discovery source failed")),
+                None => break Err(anyhow::anyhow!("the discovery source stopped")),
+            },
         }
         let (present, warnings) = plan::assign(&config, &adapters);
         for w in warnings {
             warn!("{w}");
         }
         shared.set_present(&present);
-        let want = plan::sockets(&config, &present);
+        let has = |m: &str, b: &str| shared.machine_has(m, b);
+        let want = plan::sockets(&config, &present, &has);
         listeners.retain(|rel, _| want.contains_key(rel));
+        shared.end_sessions_outside(&|p| want.contains_key(p));
         for m in &machines {
-            let man = plan::manifest(&config, &present, m);
+            let man = plan::manifest(&config, &present, m, &has);
             if manifests.get(m) != Some(&man) {
                 if let Err(e) = write_manifest(&opts.run_dir.join("machines").join(m), &man) {
                     warn!(machine = %m, "can't write the index: {e}");
@@ -157,14 +141,14 @@ pub async fn run(
                 Ok(l) => {
                     let cancel = shutdown.child_token();
                     info!(socket = %path.display(), "serving {}", spec.tty);
-                    tokio::spawn(accept_loop(
-                        l,
+                    let ctx = Ctx {
+                        rel: rel.clone(),
                         spec,
-                        shared.clone(),
-                        opts.etc.clone(),
-                        cancel.clone(),
-                        shutdown.clone(),
-                    ));
+                        shared: shared.clone(),
+                        etc: opts.etc.clone(),
+                        root: shutdown.clone(),
+                    };
+                    tokio::spawn(accept_loop(l, ctx, cancel.clone()));
                     listeners.insert(rel, Listener { path, cancel });
                 }
                 Err(e) => warn!(socket = %path.display(), "can't serve: {e}"),
@@ -179,23 +163,27 @@ pub async fn run(
     result
 }
 
-async fn accept_loop(
-    l: UnixListener,
+/// What a tty socket's connections need.
+#[derive(Clone)]
+struct Ctx {
+    /// The socket, relative to the run directory.
+    rel: PathBuf,
     spec: SocketSpec,
     shared: Shared,
     etc: PathBuf,
-    cancel: CancellationToken,
     root: CancellationToken,
-) {
+}
+
+async fn accept_loop(l: UnixListener, ctx: Ctx, cancel: CancellationToken) {
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
             r = l.accept() => match r {
                 Ok((sock, _)) => {
-                    tokio::spawn(connection(sock, spec.clone(), shared.clone(), etc.clone(), root.clone()));
+                    tokio::spawn(connection(sock, ctx.clone()));
                 }
                 Err(e) => {
-                    warn!("accept on {}: {e}", spec.tty);
+                    warn!("accept on {}: {e}", ctx.spec.tty);
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
@@ -203,33 +191,32 @@ async fn accept_loop(
     }
 }
 
-async fn connection(
-    sock: UnixStream,
-    spec: SocketSpec,
-    shared: Shared,
-    etc: PathBuf,
-    root: CancellationToken,
-) {
-    let label = spec.tty.to_string();
+async fn connection(sock: UnixStream, ctx: Ctx) {
+    let label = ctx.spec.tty.to_string();
     let peer = match Peer::of(&sock) {
         Ok(p) => p,
         Err(e) => {
             return session::refuse(sock, &format!("can't read the peer's credentials: {e}")).await
         }
     };
-    let who = match &spec.access {
+    let who = match &ctx.spec.access {
         Access::Machine(m) => format!("machine {m}"),
         Access::HostGroups(groups) => {
-            let who = peer.describe(&etc);
-            let group_file = fs::read_to_string(etc.join("group")).unwrap_or_default();
-            if let Err(why) = check_host_access(&peer, groups, &group_file, &who, &label) {
-                info!(tty = %label, "refused {who}");
+            let who = peer.describe(&ctx.etc);
+            let group_file = fs::read_to_string(ctx.etc.join("group")).unwrap_or_default();
+            let allowed = check_host_access(&peer, groups, &group_file, &who, &label)
+                .and_then(|()| ctx.shared.host_lease(peer.uid, &ctx.spec.tty.board));
+            if let Err(why) = allowed {
+                info!(tty = %label, "refused {who}: {why}");
                 return session::refuse(sock, &why).await;
             }
             who
         }
     };
-    match shared.acquire(&spec.tty, who, peer.pid, &root) {
+    match ctx
+        .shared
+        .acquire(&ctx.spec.tty, &ctx.rel, who, peer.pid, &ctx.root)
+    {
         Ok(guard) => {
             session::run(sock, guard, label).await;
         }

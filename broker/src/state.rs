@@ -9,8 +9,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
+use tokio::sync::{mpsc, Notify};
 use tokio_util::sync::CancellationToken;
-use wire::control::{BoardStatus, Holder, Status, TtyStatus};
+use wire::control::{
+    BoardInfo, BoardStatus, Granted, GrantedTty, Holder, Reply, Status, TtyStatus,
+};
+
+use crate::lease::{Client, Leases, Want};
 
 use crate::adapter::Adapter;
 use crate::config::Config;
@@ -26,6 +31,9 @@ pub struct Counters {
 #[derive(Debug)]
 struct Session {
     id: u64,
+    /// The socket it came through, relative to the run directory: a session
+    /// ends when its socket is withdrawn (the lease moved on).
+    socket: std::path::PathBuf,
     who: String,
     pid: Option<i32>,
     since: SystemTime,
@@ -44,12 +52,28 @@ struct Inner {
     config: Config,
     ttys: BTreeMap<TtyKey, TtyState>,
     next_session: u64,
+    leases: Leases,
+    /// Control connections, to tell a waiter its lease was granted.
+    conns: BTreeMap<u64, mpsc::UnboundedSender<Reply>>,
+    next_conn: u64,
 }
 
 /// The broker's shared state.
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
     inner: Arc<Mutex<Inner>>,
+    /// Woken when leases change, so the server loop re-plans the sockets.
+    pub changed: Arc<Notify>,
+}
+
+/// How long a session outlives the lease it came with.
+pub const LEASE_END_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
+
+/// What a lease request got.
+#[derive(Debug, Clone, PartialEq)]
+pub enum LeaseOutcome {
+    Granted(Granted),
+    Waiting(Reply),
 }
 
 /// A session's hold on a tty. Dropping it frees the tty.
@@ -94,6 +118,224 @@ impl Shared {
         inner.config = config;
         Shared {
             inner: Arc::new(Mutex::new(inner)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// Registers a control connection; replies for it (a grant while it
+    /// waits) arrive on the returned channel.
+    pub fn connect(&self) -> (u64, mpsc::UnboundedReceiver<Reply>) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.next_conn += 1;
+        let id = inner.next_conn;
+        let (tx, rx) = mpsc::unbounded_channel();
+        inner.conns.insert(id, tx);
+        (id, rx)
+    }
+
+    /// A control connection closed: its leases end, the next waiters get
+    /// the boards.
+    pub fn disconnect(&self, conn: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        inner.conns.remove(&conn);
+        inner.leases.drop_connection(conn);
+        Self::grant(&mut inner);
+        drop(inner);
+        self.changed.notify_one();
+    }
+
+    fn present_boards(inner: &Inner) -> Vec<String> {
+        let tty_present = |b: &str, t: &str| {
+            inner.ttys[&TtyKey {
+                board: b.into(),
+                tty: t.into(),
+            }]
+                .adapter
+                .is_some()
+        };
+        inner
+            .config
+            .boards
+            .iter()
+            .filter(|b| b.ttys.iter().all(|t| tty_present(&b.name, &t.name)))
+            .map(|b| b.name.clone())
+            .collect()
+    }
+
+    fn granted(inner: &Inner, board: &str, client: &Client) -> Granted {
+        let b = inner
+            .config
+            .boards
+            .iter()
+            .find(|b| b.name == board)
+            .expect("granted boards are configured");
+        let ttys = b
+            .ttys
+            .iter()
+            .map(|t| {
+                let st = &inner.ttys[&TtyKey {
+                    board: b.name.clone(),
+                    tty: t.name.clone(),
+                }];
+                let sock = wire::names::socket_name(&b.name, &t.name);
+                GrantedTty {
+                    tty: t.name.clone(),
+                    by_id: st
+                        .adapter
+                        .as_ref()
+                        .and_then(|a| a.by_id.clone())
+                        .or_else(|| t.matcher.by_id.clone()),
+                    socket: match client {
+                        Client::Machine(_) => sock,
+                        Client::HostUser { .. } => format!("host/{sock}"),
+                    },
+                }
+            })
+            .collect();
+        Granted {
+            board: board.to_string(),
+            ttys,
+        }
+    }
+
+    /// Hands free boards to waiters and tells them.
+    fn grant(inner: &mut Inner) {
+        let present = Self::present_boards(inner);
+        let config = inner.config.clone();
+        let grants =
+            inner
+                .leases
+                .grant_waiting(&config, &|b| present.iter().any(|p| p == b), &group_gid);
+        for g in grants {
+            let client = inner
+                .leases
+                .holder(&g.board)
+                .map(|l| l.client.clone())
+                .expect("just granted");
+            let reply = Reply::Granted(Self::granted(inner, &g.board, &client));
+            if let Some(tx) = inner.conns.get(&g.conn) {
+                let _ = tx.send(reply);
+            }
+        }
+    }
+
+    /// Asks for a lease for `conn`.
+    pub fn lease(&self, conn: u64, client: Client, want: Want) -> Result<LeaseOutcome, String> {
+        let mut inner = self.inner.lock().unwrap();
+        let present = Self::present_boards(&inner);
+        let config = inner.config.clone();
+        let got = inner.leases.request(
+            &config,
+            conn,
+            client.clone(),
+            want,
+            &|b| present.iter().any(|p| p == b),
+            &group_gid,
+        )?;
+        if let Some(board) = got {
+            let g = Self::granted(&inner, &board, &client);
+            drop(inner);
+            self.changed.notify_one();
+            return Ok(LeaseOutcome::Granted(g));
+        }
+        let pos = inner
+            .leases
+            .position(&config, conn, &group_gid)
+            .expect("just queued");
+        Ok(LeaseOutcome::Waiting(Reply::Waiting {
+            place: pos.place,
+            holders: pos
+                .holders
+                .iter()
+                .map(|(b, who, since)| {
+                    format!(
+                        "{b}: {who} since {}",
+                        humantime::format_rfc3339_seconds(*since)
+                    )
+                })
+                .collect(),
+        }))
+    }
+
+    /// Gives back a leased board.
+    pub fn release(&self, conn: u64, board: &str) -> Result<(), String> {
+        let mut inner = self.inner.lock().unwrap();
+        inner.leases.release(conn, board)?;
+        Self::grant(&mut inner);
+        drop(inner);
+        self.changed.notify_one();
+        Ok(())
+    }
+
+    /// Withdraws `conn` from the queue (its wait timed out).
+    pub fn give_up(&self, conn: u64) {
+        self.inner.lock().unwrap().leases.drop_connection(conn);
+    }
+
+    /// Whether a machine may have a board's sockets now: always for a board
+    /// dedicated to it, else while it holds the lease.
+    pub fn machine_has(&self, machine: &str, board: &str) -> bool {
+        let inner = self.inner.lock().unwrap();
+        let Some(b) = inner.config.boards.iter().find(|b| b.name == board) else {
+            return false;
+        };
+        b.dedicated_machine() == Some(machine) || inner.leases.machine_holds(machine, board)
+    }
+
+    /// Ok when a host uid holds the lease on a board; else who does.
+    pub fn host_lease(&self, uid: u32, board: &str) -> Result<(), String> {
+        let inner = self.inner.lock().unwrap();
+        if inner.leases.host_uid_holds(uid, board) {
+            return Ok(());
+        }
+        Err(match inner.leases.holder(board) {
+            Some(l) => format!(
+                "{board} is leased to {} since {}; wait for it with `devshim lease --board {board} -- COMMAND`",
+                l.client.describe(),
+                humantime::format_rfc3339_seconds(l.since)
+            ),
+            None => format!("{board} is not leased to you: take it with `devshim lease --board {board} -- COMMAND`"),
+        })
+    }
+
+    /// The boards a client may use (every board for the admin: `None`).
+    pub fn list(&self, client: Option<&Client>) -> Vec<BoardInfo> {
+        let inner = self.inner.lock().unwrap();
+        let present = Self::present_boards(&inner);
+        inner
+            .config
+            .boards
+            .iter()
+            .filter(|b| {
+                client.is_none_or(|c| crate::lease::allowed(&inner.config, &b.name, c, group_gid))
+            })
+            .map(|b| BoardInfo {
+                name: b.name.clone(),
+                compatible: b.compatible.clone(),
+                present: present.contains(&b.name),
+                leased_by: inner.leases.holder(&b.name).map(|l| l.client.describe()),
+                waiting: inner.leases.waiting_for(&inner.config, &b.name),
+                dedicated: b.dedicated_machine().is_some(),
+                ttys: b.ttys.iter().map(|t| t.name.clone()).collect(),
+            })
+            .collect()
+    }
+
+    /// Ends sessions that came through sockets no longer served (the lease
+    /// moved on), after [`LEASE_END_GRACE`]: what a job wrote just before it
+    /// ended still reaches the board, as a real port drains on close.
+    pub fn end_sessions_outside(&self, served: &dyn Fn(&std::path::Path) -> bool) {
+        let inner = self.inner.lock().unwrap();
+        for t in inner.ttys.values() {
+            if let Some(s) = &t.session {
+                if !served(&s.socket) {
+                    let cancel = s.cancel.clone();
+                    tokio::spawn(async move {
+                        tokio::time::sleep(LEASE_END_GRACE).await;
+                        cancel.cancel();
+                    });
+                }
+            }
         }
     }
 
@@ -110,12 +352,15 @@ impl Shared {
                 t.adapter = now;
             }
         }
+        // A board that came back may be what someone waits for.
+        Self::grant(&mut inner);
     }
 
     /// Takes the tty for a new session, or says who has it.
     pub fn acquire(
         &self,
         key: &TtyKey,
+        socket: &std::path::Path,
         who: String,
         pid: Option<i32>,
         parent: &CancellationToken,
@@ -144,6 +389,7 @@ impl Shared {
         let t = inner.ttys.get_mut(key).expect("checked above");
         t.session = Some(Session {
             id,
+            socket: socket.to_path_buf(),
             who,
             pid,
             since: SystemTime::now(),
@@ -209,6 +455,12 @@ impl Shared {
     }
 }
 
+/// A host group's gid, from `/etc/group`.
+pub fn group_gid(name: &str) -> Option<u32> {
+    let text = std::fs::read_to_string("/etc/group").ok()?;
+    devshim::users::group_gid(&text, name)
+}
+
 fn rate_of(config: &Config, key: &TtyKey) -> u32 {
     config
         .boards
@@ -236,7 +488,13 @@ mod tests {
         };
         let root = CancellationToken::new();
         assert!(shared
-            .acquire(&key, "machine m".into(), None, &root)
+            .acquire(
+                &key,
+                std::path::Path::new("s"),
+                "machine m".into(),
+                None,
+                &root
+            )
             .unwrap_err()
             .contains("not plugged in"));
         let a = Adapter {
@@ -249,10 +507,22 @@ mod tests {
         };
         shared.set_present(&[(key.clone(), a)].into());
         let g = shared
-            .acquire(&key, "machine m".into(), Some(7), &root)
+            .acquire(
+                &key,
+                std::path::Path::new("s"),
+                "machine m".into(),
+                Some(7),
+                &root,
+            )
             .unwrap();
         let refusal = shared
-            .acquire(&key, "machine n".into(), None, &root)
+            .acquire(
+                &key,
+                std::path::Path::new("s"),
+                "machine n".into(),
+                None,
+                &root,
+            )
             .unwrap_err();
         assert!(
             refusal.contains("in use by machine m (pid 7) since"),

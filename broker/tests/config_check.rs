@@ -218,11 +218,20 @@ fn machine_entries() {
     assert!(ok, "{m}");
     assert!(m.contains("0 boards, 0 ttys, 2 machines"), "{m}");
     let m = rejected("[[machine]]\nname = \"ci1\"\n[[machine]]\nname = \"ci1\"\n");
-    assert!(m.contains("FILE:4:8: machine \"ci1\" is listed twice (first at 2:8)"), "{m}");
+    assert!(
+        m.contains("FILE:4:8: machine \"ci1\" is listed twice (first at 2:8)"),
+        "{m}"
+    );
     let m = rejected("[[machine]]\nname = \"ci_1\"\n");
-    assert!(m.contains("machine name \"ci_1\" is not allowed: it contains '_'"), "{m}");
+    assert!(
+        m.contains("machine name \"ci_1\" is not allowed: it contains '_'"),
+        "{m}"
+    );
     let m = rejected("[[machine]]\nname = \"ci1\"\ntree = \"machines/ci1\"\n");
-    assert!(m.contains("tree \"machines/ci1\" is not an absolute path"), "{m}");
+    assert!(
+        m.contains("tree \"machines/ci1\" is not an absolute path"),
+        "{m}"
+    );
     let m = rejected("[[machine]]\nname = \"ci1\"\nuser = \"sai\"\n");
     assert!(m.contains("\"sai\" is not NAME:UID"), "{m}");
     let m = rejected("[[machine]]\nname = \"ci1\"\nuser = \"root:0\"\n");

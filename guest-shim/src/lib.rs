@@ -5,6 +5,7 @@
 //! open the path they always did. Data, baud changes, flushes and open/close
 //! travel to the real port over RFC 2217.
 
+pub mod lease;
 pub mod links;
 pub mod pty;
 pub mod serve;

@@ -20,6 +20,28 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Wait for a board, run COMMAND with its ttys exported, give the board back.
+    ///
+    /// Exports SAI_DEVICE_TTY<n> (the guest path of tty n), SAI_DEVICE_BOARD,
+    /// and each ENV=IDX alias (e.g. ESPPORT=0). Exits with COMMAND's status,
+    /// or 75 if no board could be had. Invoked as `sai-device TYPE [ENV=IDX
+    /// ...] COMMAND...` it takes Sai's command line.
+    Lease {
+        /// Take this board by name (else the first word is a TYPE: any free
+        /// board compatible with it).
+        #[arg(long)]
+        board: Option<String>,
+        /// Give up after this long (e.g. "10m"); by default wait as long as it takes.
+        #[arg(long, value_parser = parse_duration)]
+        wait: Option<std::time::Duration>,
+        #[arg(long, default_value = "/run/devbroker")]
+        dir: PathBuf,
+        #[arg(long, default_value = "/dev")]
+        link_root: PathBuf,
+        /// [TYPE] [ENV=IDX ...] -- COMMAND [ARGS...]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1.., value_name = "[TYPE] [ENV=IDX ...] -- COMMAND")]
+        rest: Vec<String>,
+    },
     /// Publish a pty for every tty socket in DIR, for as long as it runs.
     Serve {
         /// The machine directory the broker fills (bind-mounted from the host).
@@ -34,7 +56,46 @@ enum Cmd {
     },
 }
 
+fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m or 1h"))?;
+    Ok(std::time::Duration::from_secs(match unit {
+        "" | "s" => n,
+        "m" => n * 60,
+        "h" => n * 3600,
+        "ms" => return Ok(std::time::Duration::from_millis(n)),
+        _ => return Err(format!("{s:?} is not a duration like 30s, 10m or 1h")),
+    }))
+}
+
 fn main() -> std::process::ExitCode {
+    let argv: Vec<String> = std::env::args().collect();
+    if argv
+        .first()
+        .and_then(|a| std::path::Path::new(a).file_name())
+        .is_some_and(|n| n == "sai-device")
+    {
+        return match devshim::lease::parse_sai_device(&argv[1..]) {
+            Ok(args) => {
+                // Sai's command line has no room for flags: the environment may move the paths.
+                let dir =
+                    std::env::var_os("DEVBROKER_DIR").unwrap_or_else(|| "/run/devbroker".into());
+                let links =
+                    std::env::var_os("DEVBROKER_LINK_ROOT").unwrap_or_else(|| "/dev".into());
+                std::process::ExitCode::from(devshim::lease::run(
+                    &args,
+                    std::path::Path::new(&dir),
+                    std::path::Path::new(&links),
+                ))
+            }
+            Err(e) => {
+                eprintln!("sai-device: {e}");
+                std::process::ExitCode::from(devshim::lease::EXIT_USAGE)
+            }
+        };
+    }
     tracing_subscriber::fmt()
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("DEVSHIM_LOG")
@@ -43,12 +104,48 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Lease {
+        board,
+        wait,
+        dir,
+        link_root,
+        rest,
+    } = &cli.cmd
+    {
+        // Without --board, the first word is the type.
+        let mut rest = rest.clone();
+        let kind = if board.is_none() && !rest.is_empty() && rest[0] != "--" {
+            Some(rest.remove(0))
+        } else {
+            None
+        };
+        let (aliases, command) = match devshim::lease::split_aliases(&rest) {
+            Ok(x) => x,
+            Err(e) => {
+                eprintln!("devshim: {e}");
+                return std::process::ExitCode::from(devshim::lease::EXIT_USAGE);
+            }
+        };
+        if board.is_none() && kind.is_none() {
+            eprintln!("devshim: name a board (--board NAME) or a type");
+            return std::process::ExitCode::from(devshim::lease::EXIT_USAGE);
+        }
+        let args = devshim::lease::LeaseArgs {
+            board: board.clone(),
+            kind,
+            wait: *wait,
+            aliases,
+            command,
+        };
+        return std::process::ExitCode::from(devshim::lease::run(&args, dir, link_root));
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.cmd {
+            Cmd::Lease { .. } => unreachable!("handled above"),
             Cmd::Serve {
                 dir,
                 link_root,

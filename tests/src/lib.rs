@@ -11,7 +11,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+pub mod control;
+
 pub use devbroker::fakeboard::FakeBoard;
+pub mod container;
+pub mod umockdev;
 
 /// A binary of this workspace, next to the running test's directory.
 pub fn bin(name: &str) -> PathBuf {
@@ -353,16 +357,44 @@ pub fn read_some(fd: i32) -> io::Result<Vec<u8>> {
 }
 
 /// Connects to a unix socket as another user (uid, gid, supplementary
-/// groups) and returns what the broker sent first, up to 512 bytes.
-pub fn first_bytes_as(socket: &Path, uid: u32, gid: u32, groups: &[u32]) -> Vec<u8> {
+/// groups) and returns what the broker sent first, up to 512 bytes. With
+/// `lease`, the same process first takes that board's lease on the host's
+/// control socket next to it (`RUN/host/control.sock`) and keeps it while
+/// connecting; if the lease is refused, the refusal is returned.
+pub fn first_bytes_as(
+    socket: &Path,
+    uid: u32,
+    gid: u32,
+    groups: &[u32],
+    lease: Option<&str>,
+) -> Vec<u8> {
     use std::os::unix::process::CommandExt;
     let groups = groups.to_vec();
-    let script = "import socket,sys\ns=socket.socket(socket.AF_UNIX)\ns.settimeout(5)\ns.connect(sys.argv[1])\nsys.stdout.buffer.write(s.recv(512))\n";
+    let script = r#"
+import json, socket, sys
+path, board = sys.argv[1], sys.argv[2]
+if board:
+    c = socket.socket(socket.AF_UNIX); c.settimeout(5)
+    c.connect(path.rsplit('/', 1)[0] + '/control.sock')
+    f = c.makefile('rwb')
+    for req in ({"request": "hello", "version": 1, "client": "test"}, {"request": "lease", "board": board}):
+        f.write(json.dumps(req).encode() + b'\n'); f.flush()
+        reply = json.loads(f.readline())
+    if reply["reply"] != "granted":
+        sys.stdout.write(json.dumps(reply)); sys.exit(0)
+    if path.endswith('/control.sock'):
+        sys.stdout.write(json.dumps(reply)); sys.exit(0)
+s = socket.socket(socket.AF_UNIX); s.settimeout(5)
+s.connect(path)
+sys.stdout.buffer.write(s.recv(512))
+"#;
     let mut cmd = Command::new("/usr/bin/python3");
-    cmd.args(["-c", script]).arg(socket);
+    cmd.args(["-c", script])
+        .arg(socket)
+        .arg(lease.unwrap_or(""));
     let same = uid == nix::unistd::geteuid().as_raw();
-    // SAFETY: setgroups/setgid/setuid between fork and exec, async-signal-safe.
     if !same {
+        // SAFETY: setgroups/setgid/setuid between fork and exec, async-signal-safe.
         unsafe {
             cmd.pre_exec(move || {
                 let gs: Vec<libc::gid_t> = groups.clone();
@@ -431,7 +463,9 @@ pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, String> {
     let mut out = std::collections::BTreeMap::new();
     let mut stack = vec![root.to_path_buf()];
     while let Some(p) = stack.pop() {
-        let Ok(m) = fs::symlink_metadata(&p) else { continue };
+        let Ok(m) = fs::symlink_metadata(&p) else {
+            continue;
+        };
         let rel = p.strip_prefix(root).unwrap().display().to_string();
         let what = if m.file_type().is_symlink() {
             format!("link {}", fs::read_link(&p).unwrap().display())
@@ -442,11 +476,26 @@ pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, String> {
             "dir".to_string()
         } else if m.is_file() {
             let bytes = fs::read(&p).unwrap();
-            format!("file {} bytes {:x}", bytes.len(), bytes.iter().fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3)))
+            format!(
+                "file {} bytes {:x}",
+                bytes.len(),
+                bytes
+                    .iter()
+                    .fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64)
+                        .wrapping_mul(0x100000001b3))
+            )
         } else {
             "other".to_string()
         };
-        out.insert(rel, format!("{what} mode {:o} owner {}:{}", m.mode() & 0o7777, m.uid(), m.gid()));
+        out.insert(
+            rel,
+            format!(
+                "{what} mode {:o} owner {}:{}",
+                m.mode() & 0o7777,
+                m.uid(),
+                m.gid()
+            ),
+        );
     }
     out
 }
@@ -454,5 +503,8 @@ pub fn snapshot(root: &Path) -> std::collections::BTreeMap<String, String> {
 /// Runs `devbroker ARGS`; returns (success, stdout + stderr).
 pub fn devbroker_cli(args: &[&str]) -> (bool, String) {
     let out = Command::new(bin("devbroker")).args(args).output().unwrap();
-    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr))
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
 }

@@ -6,17 +6,19 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use devbroker_tests::control::ControlClient;
 use devbroker_tests::*;
 
 const FTDI: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
 const JLINK: &str = "usb-SEGGER_J-Link_000683-if00";
+
+const HOSTB: &str = "usb-Host_Board_H1-if00";
 
 const CONFIG: &str = r#"
 [[board]]
 name = "esp1"
 compatible = ["esp32"]
 machines = ["ci1"]
-host-groups = ["dialout"]
 
 [[board.tty]]
 name = "console"
@@ -29,6 +31,14 @@ machines = ["ci2"]
 [[board.tty]]
 name = "uart"
 match = { by-id = "usb-SEGGER_J-Link_000683-if00" }
+
+[[board]]
+name = "hil1"
+host-groups = ["dialout"]
+
+[[board.tty]]
+name = "console"
+match = { by-id = "usb-Host_Board_H1-if00" }
 
 [[machine]]
 name = "ci3"
@@ -198,7 +208,10 @@ fn policy_decides_who_gets_a_socket() {
     wait_for(5 * S, "the ci1 link", || exists(&w.guest_link("ci1", FTDI)));
     // A [[machine]] with no board yet still has its directory and control socket.
     assert!(w.run.join("machines/ci3/control.sock").exists());
-    assert_eq!(std::fs::read_to_string(w.run.join("machines/ci3/ttys.json")).unwrap(), "{\n  \"version\": 1,\n  \"ttys\": []\n}\n");
+    assert_eq!(
+        std::fs::read_to_string(w.run.join("machines/ci3/ttys.json")).unwrap(),
+        "{\n  \"version\": 1,\n  \"ttys\": []\n}\n"
+    );
     // ci2 may use nrf only: no socket, no index entry, no link for esp1.
     assert!(w.run.join("machines/ci2").is_dir());
     assert!(w.run.join("machines/ci2/control.sock").exists());
@@ -217,26 +230,48 @@ fn policy_decides_who_gets_a_socket() {
         0o700
     );
 
-    // Host users: only members of dialout.
-    let host_sock = w.run.join("host/esp1.console.sock");
-    assert!(host_sock.exists());
+    // Host users: members of dialout, holding the lease.
+    let _host_board = w.plug(HOSTB);
+    let host_sock = w.run.join("host/hil1.console.sock");
+    wait_for(2 * S, "the host socket", || host_sock.exists());
     if !nix::unistd::geteuid().is_root() {
         eprintln!("skipped the host-group half: connecting as another user needs root (run the suite as root, as CI does)");
         return;
     }
     let group = std::fs::read_to_string("/etc/group").unwrap();
     let dialout = ::devshim::users::group_gid(&group, "dialout").expect("a dialout group");
-    let refused = String::from_utf8(first_bytes_as(&host_sock, 65534, 65534, &[65534])).unwrap();
+    let refused =
+        String::from_utf8(first_bytes_as(&host_sock, 65534, 65534, &[65534], None)).unwrap();
     assert!(
-        refused.starts_with("devbroker: permission denied: esp1.console is for members of dialout"),
+        refused.starts_with("devbroker: permission denied: hil1.console is for members of dialout"),
         "{refused}"
     );
     assert!(refused.contains("uid 65534"), "{refused}");
-    let accepted = first_bytes_as(&host_sock, 65534, 65534, &[dialout]);
+    let control = w.run.join("host/control.sock");
+    let lease_refused = String::from_utf8(first_bytes_as(
+        &control,
+        65534,
+        65534,
+        &[65534],
+        Some("hil1"),
+    ))
+    .unwrap();
+    assert!(
+        lease_refused.contains("may not use board hil1"),
+        "{lease_refused}"
+    );
+    let unleased =
+        String::from_utf8(first_bytes_as(&host_sock, 65534, 65534, &[dialout], None)).unwrap();
+    assert!(
+        unleased.contains("hil1 is not leased to you: take it with `devshim lease --board hil1"),
+        "{unleased}"
+    );
+    let accepted = first_bytes_as(&host_sock, 65534, 65534, &[dialout], Some("hil1"));
     assert_eq!(
         accepted.first(),
         Some(&255u8),
-        "a member of dialout gets RFC 2217 negotiation, got {accepted:?}"
+        "a member of dialout holding the lease gets RFC 2217 negotiation, got {:?}",
+        String::from_utf8_lossy(&accepted)
     );
     // nrf is absent: nobody has its socket.
     assert!(!w.run.join("machines/ci2/nrf.uart.sock").exists());
@@ -246,7 +281,7 @@ fn policy_decides_who_gets_a_socket() {
 }
 
 #[test]
-fn a_second_client_is_refused_with_the_holder_named() {
+fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
     let config = CONFIG.replace("machines = [\"ci1\"]", "machines = [\"ci1\", \"ci2\"]");
     let w = World::new(&config);
     let board = w.plug(FTDI);
@@ -255,29 +290,62 @@ fn a_second_client_is_refused_with_the_holder_named() {
     let _s2 = w.shim("ci2");
     let l1 = w.guest_link("ci1", FTDI);
     let l2 = w.guest_link("ci2", FTDI);
-    wait_for(5 * S, "both links", || exists(&l1) && exists(&l2));
+    // A shared board has no socket anywhere until someone leases it.
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    assert!(!exists(&l1) && !exists(&l2));
+    assert!(!w.run.join("machines/ci1/esp1.console.sock").exists());
+
+    let mut lease1 = ControlClient::connect(&w.run.join("machines/ci1/control.sock"));
+    let g = lease1.lease_board("esp1");
+    assert_eq!(g["ttys"][0]["by_id"], FTDI);
+    assert_eq!(g["ttys"][0]["socket"], "esp1.console.sock");
+    wait_for(2 * S, "the link in ci1", || exists(&l1));
+    assert!(!exists(&l2), "ci2 does not hold the lease");
     let tool = Tool::open(&l1).unwrap();
     ping(&tool, &board, &w);
     assert_eq!(holder(&w, "esp1").as_deref(), Some("machine ci1"));
 
-    let got = first_bytes_as(
-        &w.run.join("machines/ci2/esp1.console.sock"),
-        nix::unistd::geteuid().as_raw(),
+    // One client per tty: another connection to ci1's socket is refused, naming the holder.
+    let me = nix::unistd::geteuid().as_raw();
+    let text = String::from_utf8(first_bytes_as(
+        &w.run.join("machines/ci1/esp1.console.sock"),
+        me,
         0,
         &[],
-    );
-    let text = String::from_utf8(got).unwrap();
+        None,
+    ))
+    .unwrap();
     assert!(
         text.starts_with("devbroker: esp1.console is in use by machine ci1 (pid "),
         "{text}"
     );
     assert!(text.contains(" since 20"), "{text}");
-    // A tool in ci2 is hung up, as on a busy port.
-    let tool2 = Tool::open(&l2).unwrap();
-    let err = join_within(tool2.blocked_read(), 2 * S).expect_err("refused tool reads EIO");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    // The holder is untouched.
     ping(&tool, &board, &w);
+
+    // ci2 waits in line, told who holds the board.
+    let mut lease2 = ControlClient::connect(&w.run.join("machines/ci2/control.sock"));
+    let r = lease2.ask(serde_json::json!({"request": "lease", "type": "esp32"}));
+    assert_eq!(r["reply"], "waiting", "{r}");
+    assert_eq!(r["place"], 1);
+    assert!(
+        r["holders"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("esp1: machine ci1 since 20"),
+        "{r}"
+    );
+    // The holder's job ends: its connection closes, its tool is hung up, ci2 gets the board.
+    let reader = tool.blocked_read();
+    drop(lease1);
+    let err = join_within(reader, S).expect_err("the tool loses the board with the lease");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    let g = lease2.next();
+    assert_eq!(g["reply"], "granted", "{g}");
+    wait_for(2 * S, "the link to move to ci2", || {
+        exists(&l2) && !exists(&l1)
+    });
+    let tool2 = Tool::open(&l2).unwrap();
+    ping(&tool2, &board, &w);
 }
 
 #[test]

@@ -20,15 +20,78 @@ pub enum Request {
     Hello { version: u32, client: String },
     /// The boards this socket may see, their ttys, holders and counters.
     Status {},
+    /// The boards this client may use, with their types and leases.
+    List {},
+    /// Takes a board by name or any free board of a type; waits in line
+    /// (replies `waiting` while it does) up to `wait_ms` (forever if absent).
+    Lease {
+        #[serde(default)]
+        board: Option<String>,
+        #[serde(default, rename = "type")]
+        kind: Option<String>,
+        #[serde(default)]
+        wait_ms: Option<u64>,
+    },
+    /// Gives a leased board back (closing the connection does too).
+    Release { board: String },
 }
 
 /// The broker's reply to one request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "reply", rename_all = "kebab-case")]
 pub enum Reply {
-    Hello { version: u32, server: String },
+    Hello {
+        version: u32,
+        server: String,
+    },
     Status(Status),
-    Error { message: String },
+    Boards {
+        boards: Vec<BoardInfo>,
+    },
+    /// A lease request is queued: its place (1 = next) and who holds the
+    /// boards it waits for.
+    Waiting {
+        place: usize,
+        holders: Vec<String>,
+    },
+    Granted(Granted),
+    Released {
+        board: String,
+    },
+    Error {
+        message: String,
+    },
+}
+
+/// A board in a `list` reply.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BoardInfo {
+    pub name: String,
+    pub compatible: Vec<String>,
+    pub present: bool,
+    /// Who holds its lease, if anyone.
+    pub leased_by: Option<String>,
+    /// How many lease requests wait for it.
+    pub waiting: usize,
+    /// Attached to one machine all the time (no lease needed).
+    pub dedicated: bool,
+    pub ttys: Vec<String>,
+}
+
+/// A granted lease: the board and where its ttys appear.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Granted {
+    pub board: String,
+    pub ttys: Vec<GrantedTty>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct GrantedTty {
+    pub tty: String,
+    /// The adapter's by-id name (the guest link's name), when known.
+    pub by_id: Option<String>,
+    /// The socket file, relative to the directory the client uses.
+    pub socket: String,
 }
 
 /// Parses one request line; the error is the text to send back.

@@ -179,10 +179,17 @@ impl Decoder {
                         }
                         _ => {
                             // RFC 854 leaves this undefined; treat it as the end of a
-                            // broken subnegotiation and resume at the command.
+                            // broken subnegotiation and resume at the command. The
+                            // command byte is consumed with the Malformed event, so a
+                            // call always makes progress even when the byte starts
+                            // the input: a verb or SB goes on as after IAC; any other
+                            // command (IAC NOP, ...) would be a second event from
+                            // one byte, and is dropped with the subnegotiation.
                             self.sb.clear();
-                            self.state = State::Iac;
-                            i -= 1;
+                            self.state = match b {
+                                SB => State::SbOption,
+                                _ => Verb::from_byte(b).map_or(State::Data, State::Verb),
+                            };
                             return (
                                 i,
                                 Some(Event::Malformed("subnegotiation not ended by IAC SE")),
@@ -372,6 +379,39 @@ mod tests {
                 OwnedEvent::Malformed("subnegotiation not ended by IAC SE"),
                 OwnedEvent::Negotiate(Verb::Will, 0),
                 OwnedEvent::Data(b"q".to_vec())
+            ]
+        );
+    }
+
+    #[test]
+    fn stray_command_split_from_its_iac_still_makes_progress() {
+        // Found by fuzz/ (target rfc2217): with the stray byte first in the
+        // input, feed returned (0, Malformed).
+        let wire = [IAC, SB, 44, 1, IAC, WILL, 0, IAC, SB, 44, 5, IAC, NOP, b'q'];
+        let whole = all(&wire);
+        assert_eq!(
+            whole,
+            vec![
+                OwnedEvent::Malformed("subnegotiation not ended by IAC SE"),
+                OwnedEvent::Negotiate(Verb::Will, 0),
+                OwnedEvent::Malformed("subnegotiation not ended by IAC SE"),
+                OwnedEvent::Data(b"q".to_vec())
+            ]
+        );
+        let mut d = Decoder::new();
+        let mut got = Vec::new();
+        for b in wire.chunks(1) {
+            let (used, ev) = d.feed(b);
+            assert_eq!(used, 1, "{ev:?}");
+            got.extend(ev.map(OwnedEvent::from));
+        }
+        assert_eq!(got, whole);
+        // A stray SB starts a new subnegotiation.
+        assert_eq!(
+            all(&[IAC, SB, 44, 1, IAC, SB, 44, 8, IAC, SE]),
+            vec![
+                OwnedEvent::Malformed("subnegotiation not ended by IAC SE"),
+                OwnedEvent::Subnegotiation(44, vec![8])
             ]
         );
     }

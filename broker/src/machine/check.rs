@@ -17,7 +17,14 @@ pub struct Finding {
 
 impl std::fmt::Display for Finding {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}: {}\n  {}", self.file.display(), self.line + 1, self.text.trim(), self.why)
+        write!(
+            f,
+            "{}:{}: {}\n  {}",
+            self.file.display(),
+            self.line + 1,
+            self.text.trim(),
+            self.why
+        )
     }
 }
 
@@ -60,7 +67,12 @@ pub fn scan_text(file: &Path, text: &str, what: FileKind) -> Vec<Finding> {
             _ => None,
         };
         if let Some(why) = why {
-            v.push(Finding { file: file.to_owned(), line: i, text: line.to_string(), why });
+            v.push(Finding {
+                file: file.to_owned(),
+                line: i,
+                text: line.to_string(),
+                why,
+            });
         }
     }
     v
@@ -76,21 +88,43 @@ pub enum FileKind {
 /// All leftovers for a machine.
 pub fn scan(p: &Places) -> Vec<Finding> {
     let mut files: Vec<(PathBuf, FileKind)> = Vec::new();
-    let dropins = p.systemd_dir.join(format!("systemd-nspawn@{}.service.d", p.machine));
-    files.extend(conf_files(&dropins, ".conf").into_iter().map(|f| (f, FileKind::Dropin)));
+    let dropins = p
+        .systemd_dir
+        .join(format!("systemd-nspawn@{}.service.d", p.machine));
+    files.extend(
+        conf_files(&dropins, ".conf")
+            .into_iter()
+            .map(|f| (f, FileKind::Dropin)),
+    );
     for d in &p.nspawn_dirs {
         let f = d.join(format!("{}.nspawn", p.machine));
         if f.exists() {
             files.push((f, FileKind::Nspawn));
         }
     }
-    files.extend(conf_files(&p.udev_dir, ".rules").into_iter().map(|f| (f, FileKind::UdevRules)));
-    files.into_iter().flat_map(|(f, k)| fs::read_to_string(&f).map(|t| scan_text(&f, &t, k)).unwrap_or_default()).collect()
+    files.extend(
+        conf_files(&p.udev_dir, ".rules")
+            .into_iter()
+            .map(|f| (f, FileKind::UdevRules)),
+    );
+    files
+        .into_iter()
+        .flat_map(|(f, k)| {
+            fs::read_to_string(&f)
+                .map(|t| scan_text(&f, &t, k))
+                .unwrap_or_default()
+        })
+        .collect()
 }
 
 fn conf_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     let mut v: Vec<PathBuf> = fs::read_dir(dir)
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.to_string_lossy().ends_with(suffix)).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.to_string_lossy().ends_with(suffix))
+                .collect()
+        })
         .unwrap_or_default();
     v.sort();
     v
@@ -105,8 +139,17 @@ pub fn fix(findings: &[Finding]) -> std::io::Result<Vec<PathBuf>> {
     let mut backups = Vec::new();
     for file in files {
         let text = fs::read_to_string(file)?;
-        let drop: Vec<usize> = findings.iter().filter(|f| &f.file == file).map(|f| f.line).collect();
-        let kept: String = text.lines().enumerate().filter(|(i, _)| !drop.contains(i)).map(|(_, l)| format!("{l}\n")).collect();
+        let drop: Vec<usize> = findings
+            .iter()
+            .filter(|f| &f.file == file)
+            .map(|f| f.line)
+            .collect();
+        let kept: String = text
+            .lines()
+            .enumerate()
+            .filter(|(i, _)| !drop.contains(i))
+            .map(|(_, l)| format!("{l}\n"))
+            .collect();
         let mut backup = PathBuf::from(format!("{}.devbroker-bak", file.display()));
         let mut n = 1;
         while backup.exists() {
@@ -130,8 +173,20 @@ mod tests {
     #[test]
     fn finds_the_old_way() {
         let f = Path::new("x");
-        assert_eq!(scan_text(f, "[Service]\nDeviceAllow=char-ttyUSB rwm\n# DeviceAllow=x\n", FileKind::Dropin).len(), 1);
-        let n = scan_text(f, "[Files]\nBind=/dev/ttyUSB0\nBind=/srv\nBindReadOnly=/dev/serial/by-id\n", FileKind::Nspawn);
+        assert_eq!(
+            scan_text(
+                f,
+                "[Service]\nDeviceAllow=char-ttyUSB rwm\n# DeviceAllow=x\n",
+                FileKind::Dropin
+            )
+            .len(),
+            1
+        );
+        let n = scan_text(
+            f,
+            "[Files]\nBind=/dev/ttyUSB0\nBind=/srv\nBindReadOnly=/dev/serial/by-id\n",
+            FileKind::Nspawn,
+        );
         assert_eq!(n.iter().map(|x| x.line).collect::<Vec<_>>(), [1, 3]);
         let u = scan_text(f, "SUBSYSTEM==\"tty\", KERNEL==\"ttyUSB[0-9]*\", MODE=\"0666\"\nKERNEL==\"ttyS0\", MODE=\"0666\"\n", FileKind::UdevRules);
         assert_eq!(u.len(), 1);

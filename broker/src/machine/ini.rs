@@ -146,14 +146,32 @@ mod tests {
         let admin = "# mine\n[Exec]\nPrivateUsers=pick\n\n[Files]\nBind=/srv/cache\n";
         let t = set(admin, "Exec", "Boot", "yes");
         let t = set(&t, "Network", "VirtualEthernet", "yes");
-        let t = add(&t, "Files", "Bind", "/run/devbroker/machines/a:/run/devbroker");
+        let t = add(
+            &t,
+            "Files",
+            "Bind",
+            "/run/devbroker/machines/a:/run/devbroker",
+        );
         assert_eq!(
             t,
             "# mine\n[Exec]\nPrivateUsers=pick\nBoot=yes\n\n[Files]\nBind=/srv/cache\nBind=/run/devbroker/machines/a:/run/devbroker\n\n[Network]\nVirtualEthernet=yes\n"
         );
         assert_eq!(set(&t, "Exec", "Boot", "yes"), t, "idempotent");
-        assert_eq!(add(&t, "Files", "Bind", "/run/devbroker/machines/a:/run/devbroker"), t);
-        let back = remove(&t, "Files", "Bind", "/run/devbroker/machines/a:/run/devbroker");
+        assert_eq!(
+            add(
+                &t,
+                "Files",
+                "Bind",
+                "/run/devbroker/machines/a:/run/devbroker"
+            ),
+            t
+        );
+        let back = remove(
+            &t,
+            "Files",
+            "Bind",
+            "/run/devbroker/machines/a:/run/devbroker",
+        );
         let back = remove(&back, "Network", "VirtualEthernet", "yes");
         let back = remove(&back, "Exec", "Boot", "yes");
         assert_eq!(back, admin);
@@ -161,8 +179,14 @@ mod tests {
 
     #[test]
     fn changes_a_value_in_place() {
-        assert_eq!(set("[Exec]\nBoot=no\nX=1\n", "Exec", "Boot", "yes"), "[Exec]\nBoot=yes\nX=1\n");
+        assert_eq!(
+            set("[Exec]\nBoot=no\nX=1\n", "Exec", "Boot", "yes"),
+            "[Exec]\nBoot=yes\nX=1\n"
+        );
         assert_eq!(set("", "Exec", "Boot", "yes"), "[Exec]\nBoot=yes\n");
-        assert_eq!(values("[Files]\nBind=/dev/ttyUSB0\nBind=/x\n", "Files", "Bind"), vec![(1, "/dev/ttyUSB0".into()), (2, "/x".into())]);
+        assert_eq!(
+            values("[Files]\nBind=/dev/ttyUSB0\nBind=/x\n", "Files", "Bind"),
+            vec![(1, "/dev/ttyUSB0".into()), (2, "/x".into())]
+        );
     }
 }

@@ -16,9 +16,15 @@ pub fn check(name: &str) -> Result<(), String> {
         return Err(format!("the machine name is empty; {hint}"));
     }
     if name.len() > MAX {
-        return Err(format!("machine name {name:?} is {} characters long; systemd allows {MAX}", name.len()));
+        return Err(format!(
+            "machine name {name:?} is {} characters long; systemd allows {MAX}",
+            name.len()
+        ));
     }
-    if let Some(c) = name.chars().find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.')) {
+    if let Some(c) = name
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || *c == '-' || *c == '.'))
+    {
         let what = match c {
             '_' => "'_' (systemd refuses it in machine names)".to_string(),
             '\n' => "a newline".to_string(),
@@ -29,10 +35,14 @@ pub fn check(name: &str) -> Result<(), String> {
     }
     for label in name.split('.') {
         if label.is_empty() {
-            return Err(format!("machine name {name:?} has an empty label (\"..\", or a dot at an end); {hint}"));
+            return Err(format!(
+                "machine name {name:?} has an empty label (\"..\", or a dot at an end); {hint}"
+            ));
         }
         if label.starts_with('-') || label.ends_with('-') {
-            return Err(format!("machine name {name:?} has a label starting or ending with '-'; {hint}"));
+            return Err(format!(
+                "machine name {name:?} has a label starting or ending with '-'; {hint}"
+            ));
         }
     }
     Ok(())
@@ -46,7 +56,11 @@ pub fn veth(name: &str) -> String {
 /// Other machines whose host veth would be the same as `name`'s.
 pub fn veth_clashes<'a>(name: &str, others: impl IntoIterator<Item = &'a str>) -> Vec<String> {
     let mine = veth(name);
-    let mut v: Vec<String> = others.into_iter().filter(|o| *o != name && veth(o) == mine).map(str::to_owned).collect();
+    let mut v: Vec<String> = others
+        .into_iter()
+        .filter(|o| *o != name && veth(o) == mine)
+        .map(str::to_owned)
+        .collect();
     v.sort();
     v.dedup();
     v
@@ -60,7 +74,9 @@ mod tests {
     fn names() {
         assert!(check("sai-builder-1").is_ok());
         assert!(check("a.b").is_ok());
-        assert!(check("a_b").unwrap_err().contains("'_' (systemd refuses it"));
+        assert!(check("a_b")
+            .unwrap_err()
+            .contains("'_' (systemd refuses it"));
         assert!(check("a\nb").unwrap_err().contains("a newline"));
         assert!(check("..").unwrap_err().contains("empty label"));
         assert!(check("a/b").is_err());
@@ -72,7 +88,10 @@ mod tests {
     #[test]
     fn veth_prefix() {
         assert_eq!(veth("sai-builder-1"), "ve-sai-builder");
-        assert_eq!(veth_clashes("sai-builder-1", ["sai-builder-2", "other", "sai-builder-1"]), ["sai-builder-2"]);
+        assert_eq!(
+            veth_clashes("sai-builder-1", ["sai-builder-2", "other", "sai-builder-1"]),
+            ["sai-builder-2"]
+        );
         assert!(veth_clashes("short", ["shorter"]).is_empty());
     }
 }

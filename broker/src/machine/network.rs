@@ -11,9 +11,24 @@ pub fn host_steps(machine: &str, subnet: u8) -> Vec<Vec<String>> {
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<String>>();
     vec![
         s(&["firewall-cmd", "--permanent", "--new-zone=vm"]),
-        s(&["firewall-cmd", "--permanent", "--zone=vm", "--add-masquerade"]),
-        s(&["firewall-cmd", "--permanent", "--zone=vm", "--add-service=dns"]),
-        s(&["firewall-cmd", "--permanent", "--zone=vm", "--add-service=dhcp"]),
+        s(&[
+            "firewall-cmd",
+            "--permanent",
+            "--zone=vm",
+            "--add-masquerade",
+        ]),
+        s(&[
+            "firewall-cmd",
+            "--permanent",
+            "--zone=vm",
+            "--add-service=dns",
+        ]),
+        s(&[
+            "firewall-cmd",
+            "--permanent",
+            "--zone=vm",
+            "--add-service=dhcp",
+        ]),
         s(&["firewall-cmd", "--reload"]),
         vec![
             "nmcli".into(),
@@ -37,7 +52,10 @@ pub fn host_steps(machine: &str, subnet: u8) -> Vec<Vec<String>> {
 
 /// Renders the steps as shell lines.
 pub fn render(steps: &[Vec<String>]) -> String {
-    steps.iter().map(|s| format!("  {}\n", s.join(" "))).collect()
+    steps
+        .iter()
+        .map(|s| format!("  {}\n", s.join(" ")))
+        .collect()
 }
 
 /// Runs the steps where `nmcli` exists; says what it did or why not.
@@ -47,10 +65,17 @@ pub fn apply(steps: &[Vec<String>]) -> Result<String, String> {
     }
     let mut out = String::new();
     for s in steps {
-        let r = Command::new(&s[0]).args(&s[1..]).output().map_err(|e| format!("{}: {e}", s[0]))?;
+        let r = Command::new(&s[0])
+            .args(&s[1..])
+            .output()
+            .map_err(|e| format!("{}: {e}", s[0]))?;
         let err = String::from_utf8_lossy(&r.stderr);
         // An existing zone or connection is what we want.
-        if !r.status.success() && !err.contains("ALREADY_ENABLED") && !err.contains("NAME_CONFLICT") && !err.contains("already exists") {
+        if !r.status.success()
+            && !err.contains("ALREADY_ENABLED")
+            && !err.contains("NAME_CONFLICT")
+            && !err.contains("already exists")
+        {
             return Err(format!("{} failed: {}", s.join(" "), err.trim()));
         }
         out.push_str(&format!("  ran: {}\n", s.join(" ")));

@@ -22,9 +22,19 @@ pub enum Kind {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "kebab-case")]
 pub enum Edit {
-    AppendLine { line: String },
-    IniSet { section: String, key: String, value: String },
-    IniAdd { section: String, key: String, value: String },
+    AppendLine {
+        line: String,
+    },
+    IniSet {
+        section: String,
+        key: String,
+        value: String,
+    },
+    IniAdd {
+        section: String,
+        key: String,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -57,7 +67,9 @@ impl Record {
 
     pub fn load(state_dir: &Path, machine: &str) -> std::io::Result<Option<Record>> {
         match std::fs::read(Self::path(state_dir, machine)) {
-            Ok(b) => serde_json::from_slice(&b).map(Some).map_err(std::io::Error::other),
+            Ok(b) => serde_json::from_slice(&b)
+                .map(Some)
+                .map_err(std::io::Error::other),
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
             Err(e) => Err(e),
         }
@@ -82,7 +94,9 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
 pub fn current(path: &Path, kind: &Kind) -> Option<u64> {
     match kind {
         Kind::File => std::fs::read(path).ok().map(|b| fingerprint(&b)),
-        Kind::Symlink => std::fs::read_link(path).ok().map(|t| fingerprint(t.as_os_str().as_encoded_bytes())),
+        Kind::Symlink => std::fs::read_link(path)
+            .ok()
+            .map(|t| fingerprint(t.as_os_str().as_encoded_bytes())),
         Kind::Dir => path.is_dir().then_some(0),
     }
 }

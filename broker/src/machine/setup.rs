@@ -45,11 +45,21 @@ pub struct SetupOptions {
 /// What should be at a path.
 #[derive(Debug, Clone)]
 enum Want {
-    File { content: Vec<u8>, mode: u32 },
+    File {
+        content: Vec<u8>,
+        mode: u32,
+    },
     /// A text file changed by line edits (created empty if missing).
-    Edited { edits: Vec<Edit>, mode: u32 },
-    Symlink { target: PathBuf },
-    Dir { mode: u32 },
+    Edited {
+        edits: Vec<Edit>,
+        mode: u32,
+    },
+    Symlink {
+        target: PathBuf,
+    },
+    Dir {
+        mode: u32,
+    },
 }
 
 /// One path and what should be there, owned by `owner`.
@@ -95,12 +105,19 @@ fn pick_subnet(tree: &Path, machines_dir: &Path) -> anyhow::Result<u8> {
             if fs::canonicalize(&other).ok() == fs::canonicalize(tree).ok() {
                 continue;
             }
-            if let Some(n) = fs::read_to_string(in_tree(&other, "/etc/systemd/network/50-host0.network")).ok().as_deref().and_then(subnet_of) {
+            if let Some(n) =
+                fs::read_to_string(in_tree(&other, "/etc/systemd/network/50-host0.network"))
+                    .ok()
+                    .as_deref()
+                    .and_then(subnet_of)
+            {
                 used.push(n);
             }
         }
     }
-    (100..=254u8).find(|n| !used.contains(n)).context("every 192.168.100-254.0/24 is taken by another machine")
+    (100..=254u8)
+        .find(|n| !used.contains(n))
+        .context("every 192.168.100-254.0/24 is taken by another machine")
 }
 
 /// Where a unit lives in the tree, as the path a wants link points to.
@@ -139,13 +156,19 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
     let (phentsize, phnum) = (u16_at(54), u16_at(56));
     (0..phnum).all(|i| {
         let o = phoff + i * phentsize;
-        o + 4 <= bytes.len() && u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) != 3 // PT_INTERP
+        o + 4 <= bytes.len() && u32::from_le_bytes(bytes[o..o + 4].try_into().unwrap()) != 3
+        // PT_INTERP
     })
 }
 
 fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
     name::check(&opts.name).map_err(anyhow::Error::msg)?;
-    wire::names::check_name(&opts.name).map_err(|why| anyhow::anyhow!("machine name {:?} can't name a broker directory: {why}", opts.name))?;
+    wire::names::check_name(&opts.name).map_err(|why| {
+        anyhow::anyhow!(
+            "machine name {:?} can't name a broker directory: {why}",
+            opts.name
+        )
+    })?;
     let clashes = name::veth_clashes(&opts.name, opts.other_machines.iter().map(String::as_str));
     if !clashes.is_empty() {
         bail!(
@@ -156,17 +179,29 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
             name::VETH_CHARS
         );
     }
-    wire::names::check_name(&opts.user).map_err(|why| anyhow::anyhow!("job user {:?} refused: {why}", opts.user))?;
+    wire::names::check_name(&opts.user)
+        .map_err(|why| anyhow::anyhow!("job user {:?} refused: {why}", opts.user))?;
     let meta = fs::metadata(&opts.tree).with_context(|| {
-        format!("the tree {} is not there: make one (debootstrap, machinectl pull-tar) or pass --tree", opts.tree.display())
+        format!(
+            "the tree {} is not there: make one (debootstrap, machinectl pull-tar) or pass --tree",
+            opts.tree.display()
+        )
     })?;
     if !opts.tree.join("etc").is_dir() {
-        bail!("{} has no etc/: is it a container's root directory?", opts.tree.display());
+        bail!(
+            "{} has no etc/: is it a container's root directory?",
+            opts.tree.display()
+        );
     }
     // A tree used with private users (-U) is owned by its shifted root.
     let shift = meta.uid();
     let root = (shift, shift);
-    let shim = fs::read(&opts.devshim).with_context(|| format!("can't read devshim at {}; pass --devshim", opts.devshim.display()))?;
+    let shim = fs::read(&opts.devshim).with_context(|| {
+        format!(
+            "can't read devshim at {}; pass --devshim",
+            opts.devshim.display()
+        )
+    })?;
     if !is_static_elf(&shim) {
         bail!("{} is not a static executable; containers need the static devshim (see README, \"Building devshim\")", opts.devshim.display());
     }
@@ -186,48 +221,124 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
             owner: root,
         },
     ];
-    let mut enable = vec![("multi-user.target.wants", "systemd-networkd.service"), ("sockets.target.wants", "systemd-networkd.socket")];
+    let mut enable = vec![
+        ("multi-user.target.wants", "systemd-networkd.service"),
+        ("sockets.target.wants", "systemd-networkd.socket"),
+    ];
     if unit_in_tree(&opts.tree, "systemd-resolved.service").is_some() {
         enable.push(("multi-user.target.wants", "systemd-resolved.service"));
     }
     for (wants, unit) in enable {
-        let target = unit_in_tree(&opts.tree, unit).with_context(|| format!("{} has no {unit}: install systemd in the tree", opts.tree.display()))?;
-        steps.push(Step { path: t(&format!("/etc/systemd/system/{wants}/{unit}")), want: Want::Symlink { target }, owner: root });
+        let target = unit_in_tree(&opts.tree, unit).with_context(|| {
+            format!(
+                "{} has no {unit}: install systemd in the tree",
+                opts.tree.display()
+            )
+        })?;
+        steps.push(Step {
+            path: t(&format!("/etc/systemd/system/{wants}/{unit}")),
+            want: Want::Symlink { target },
+            owner: root,
+        });
     }
-    steps.push(Step { path: t("/usr/local/bin/devshim"), want: Want::File { content: shim, mode: 0o755 }, owner: root });
-    steps.push(Step { path: t("/etc/systemd/system/devshim.service"), want: Want::File { content: devshim_unit(&opts.user).into_bytes(), mode: 0o644 }, owner: root });
+    steps.push(Step {
+        path: t("/usr/local/bin/devshim"),
+        want: Want::File {
+            content: shim,
+            mode: 0o755,
+        },
+        owner: root,
+    });
+    steps.push(Step {
+        path: t("/etc/systemd/system/devshim.service"),
+        want: Want::File {
+            content: devshim_unit(&opts.user).into_bytes(),
+            mode: 0o644,
+        },
+        owner: root,
+    });
     steps.push(Step {
         path: t("/etc/systemd/system/multi-user.target.wants/devshim.service"),
-        want: Want::Symlink { target: PathBuf::from("/etc/systemd/system/devshim.service") },
+        want: Want::Symlink {
+            target: PathBuf::from("/etc/systemd/system/devshim.service"),
+        },
         owner: root,
     });
     let passwd = fs::read_to_string(t("/etc/passwd")).unwrap_or_default();
     let group = fs::read_to_string(t("/etc/group")).unwrap_or_default();
-    let days = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs() / 86400).unwrap_or(0);
-    let lines = user_lines(&passwd, &group, &opts.user, opts.uid, days).map_err(anyhow::Error::msg)?;
-    for (file, line, mode) in [("/etc/passwd", &lines.passwd, 0o644), ("/etc/group", &lines.group, 0o644), ("/etc/shadow", &lines.shadow, 0o640), ("/etc/gshadow", &lines.gshadow, 0o640)] {
+    let days = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs() / 86400)
+        .unwrap_or(0);
+    let lines =
+        user_lines(&passwd, &group, &opts.user, opts.uid, days).map_err(anyhow::Error::msg)?;
+    for (file, line, mode) in [
+        ("/etc/passwd", &lines.passwd, 0o644),
+        ("/etc/group", &lines.group, 0o644),
+        ("/etc/shadow", &lines.shadow, 0o640),
+        ("/etc/gshadow", &lines.gshadow, 0o640),
+    ] {
         if let Some(line) = line {
-            steps.push(Step { path: t(file), want: Want::Edited { edits: vec![Edit::AppendLine { line: line.clone() }], mode }, owner: root });
+            steps.push(Step {
+                path: t(file),
+                want: Want::Edited {
+                    edits: vec![Edit::AppendLine { line: line.clone() }],
+                    mode,
+                },
+                owner: root,
+            });
         }
     }
     let job = (shift + opts.uid, shift + opts.uid);
-    let home = passwd.lines().find(|l| l.starts_with(&format!("{}:", opts.user))).and_then(|l| l.split(':').nth(5)).map(str::to_owned).unwrap_or(format!("/home/{}", opts.user));
-    steps.push(Step { path: t(&home), want: Want::Dir { mode: 0o750 }, owner: job });
-    let bind = format!("{}:/run/devbroker", opts.run_dir.join("machines").join(&opts.name).display());
+    let home = passwd
+        .lines()
+        .find(|l| l.starts_with(&format!("{}:", opts.user)))
+        .and_then(|l| l.split(':').nth(5))
+        .map(str::to_owned)
+        .unwrap_or(format!("/home/{}", opts.user));
+    steps.push(Step {
+        path: t(&home),
+        want: Want::Dir { mode: 0o750 },
+        owner: job,
+    });
+    let bind = format!(
+        "{}:/run/devbroker",
+        opts.run_dir.join("machines").join(&opts.name).display()
+    );
     steps.push(Step {
         path: opts.nspawn_dir.join(format!("{}.nspawn", opts.name)),
         want: Want::Edited {
             edits: vec![
-                Edit::IniSet { section: "Exec".into(), key: "Boot".into(), value: "yes".into() },
-                Edit::IniSet { section: "Network".into(), key: "VirtualEthernet".into(), value: "yes".into() },
-                Edit::IniAdd { section: "Files".into(), key: "Bind".into(), value: bind },
+                Edit::IniSet {
+                    section: "Exec".into(),
+                    key: "Boot".into(),
+                    value: "yes".into(),
+                },
+                Edit::IniSet {
+                    section: "Network".into(),
+                    key: "VirtualEthernet".into(),
+                    value: "yes".into(),
+                },
+                Edit::IniAdd {
+                    section: "Files".into(),
+                    key: "Bind".into(),
+                    value: bind,
+                },
             ],
             mode: 0o644,
         },
         owner: (0, 0),
     });
-    steps.push(Step { path: opts.run_dir.join("machines"), want: Want::Dir { mode: 0o700 }, owner: (0, 0) });
-    steps.push(Step { path: opts.run_dir.join("machines").join(&opts.name), want: Want::Dir { mode: 0o755 }, owner: root });
+    steps.push(Step {
+        path: opts.run_dir.join("machines"),
+        want: Want::Dir { mode: 0o700 },
+        owner: (0, 0),
+    });
+    steps.push(Step {
+        path: opts.run_dir.join("machines").join(&opts.name),
+        want: Want::Dir { mode: 0o755 },
+        owner: root,
+    });
     Ok((steps, n, shift))
 }
 
@@ -240,15 +351,32 @@ fn apply_edit(text: &str, e: &Edit) -> String {
                 append(text, line)
             }
         }
-        Edit::IniSet { section, key, value } => ini::set(text, section, key, value),
-        Edit::IniAdd { section, key, value } => ini::add(text, section, key, value),
+        Edit::IniSet {
+            section,
+            key,
+            value,
+        } => ini::set(text, section, key, value),
+        Edit::IniAdd {
+            section,
+            key,
+            value,
+        } => ini::add(text, section, key, value),
     }
 }
 
 fn undo_edit(text: &str, e: &Edit) -> String {
     match e {
         Edit::AppendLine { line } => remove_line(text, line),
-        Edit::IniSet { section, key, value } | Edit::IniAdd { section, key, value } => ini::remove(text, section, key, value),
+        Edit::IniSet {
+            section,
+            key,
+            value,
+        }
+        | Edit::IniAdd {
+            section,
+            key,
+            value,
+        } => ini::remove(text, section, key, value),
     }
 }
 
@@ -272,18 +400,27 @@ fn satisfied(step: &Step) -> bool {
     let owned = |m: &fs::Metadata| (m.uid(), m.gid()) == step.owner;
     match &step.want {
         Want::File { mode, .. } | Want::Edited { mode, .. } => {
-            let Ok(m) = fs::symlink_metadata(&step.path) else { return false };
-            m.is_file() && owned(&m) && m.mode() & 0o7777 == *mode && fs::read(&step.path).ok() == after_bytes(step)
+            let Ok(m) = fs::symlink_metadata(&step.path) else {
+                return false;
+            };
+            m.is_file()
+                && owned(&m)
+                && m.mode() & 0o7777 == *mode
+                && fs::read(&step.path).ok() == after_bytes(step)
         }
         Want::Symlink { target } => fs::read_link(&step.path).ok().as_ref() == Some(target),
-        Want::Dir { mode } => fs::metadata(&step.path).is_ok_and(|m| m.is_dir() && owned(&m) && m.mode() & 0o7777 == *mode),
+        Want::Dir { mode } => fs::metadata(&step.path)
+            .is_ok_and(|m| m.is_dir() && owned(&m) && m.mode() & 0o7777 == *mode),
     }
 }
 
 fn describe(step: &Step, diff: &mut String) {
     let p = step.path.display().to_string();
     match &step.want {
-        Want::Symlink { target } => diff.push_str(&format!("--- {p}: link to {} would be made\n", target.display())),
+        Want::Symlink { target } => diff.push_str(&format!(
+            "--- {p}: link to {} would be made\n",
+            target.display()
+        )),
         Want::Dir { mode } => diff.push_str(&format!(
             "--- {p}: directory (mode {mode:o}, owner {}:{}) would be made or fixed\n",
             step.owner.0, step.owner.1
@@ -293,14 +430,24 @@ fn describe(step: &Step, diff: &mut String) {
             match String::from_utf8(after) {
                 Ok(after) => {
                     let before = fs::read_to_string(&step.path).unwrap_or_default();
-                    let from = if step.path.exists() { p.clone() } else { "/dev/null".into() };
-                    let u = similar::TextDiff::from_lines(&before, &after).unified_diff().header(&from, &p).to_string();
+                    let from = if step.path.exists() {
+                        p.clone()
+                    } else {
+                        "/dev/null".into()
+                    };
+                    let u = similar::TextDiff::from_lines(&before, &after)
+                        .unified_diff()
+                        .header(&from, &p)
+                        .to_string();
                     if u.is_empty() {
                         diff.push_str(&format!("--- {p}: mode or owner would change\n"));
                     }
                     diff.push_str(&u);
                 }
-                Err(e) => diff.push_str(&format!("--- {p}: binary file ({} bytes) would be installed\n", e.as_bytes().len())),
+                Err(e) => diff.push_str(&format!(
+                    "--- {p}: binary file ({} bytes) would be installed\n",
+                    e.as_bytes().len()
+                )),
             }
         }
     }
@@ -309,7 +456,11 @@ fn describe(step: &Step, diff: &mut String) {
 /// Runs setup (or, with `dry_run`, says what it would do).
 pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
     let (steps, subnet, shift) = plan(opts)?;
-    let mut report = Report { subnet, uid_shift: shift, ..Default::default() };
+    let mut report = Report {
+        subnet,
+        uid_shift: shift,
+        ..Default::default()
+    };
     let todo: Vec<Step> = steps.into_iter().filter(|s| !satisfied(s)).collect();
     if opts.dry_run {
         for s in &todo {
@@ -321,12 +472,20 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
     if todo.is_empty() {
         return Ok(report);
     }
-    let mut record = Record::load(&opts.state_dir, &opts.name)?.unwrap_or(Record { version: 1, machine: opts.name.clone(), entries: vec![] });
+    let mut record = Record::load(&opts.state_dir, &opts.name)?.unwrap_or(Record {
+        version: 1,
+        machine: opts.name.clone(),
+        entries: vec![],
+    });
     let backups = Record::backup_dir(&opts.state_dir, &opts.name);
     fs::create_dir_all(&backups).with_context(|| format!("can't create {}", backups.display()))?;
     for step in &todo {
         save(&record, &opts.state_dir)?;
-        let parent_owner = if step.path.starts_with(&opts.tree) { (shift, shift) } else { (0, 0) };
+        let parent_owner = if step.path.starts_with(&opts.tree) {
+            (shift, shift)
+        } else {
+            (0, 0)
+        };
         make_parents(&step.path, parent_owner, &mut record)?;
         save(&record, &opts.state_dir)?;
         let existed = fs::symlink_metadata(&step.path).is_ok();
@@ -352,7 +511,13 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
             }
         }
         record.entries.retain(|e| e.path != step.path);
-        record.entries.push(Entry { path: step.path.clone(), kind, backup, after, edits });
+        record.entries.push(Entry {
+            path: step.path.clone(),
+            kind,
+            backup,
+            after,
+            edits,
+        });
         report.changed.push(step.path.display().to_string());
         // Saved after every step: if a later one fails, remove still knows
         // everything done so far.
@@ -384,7 +549,13 @@ fn make_parents(path: &Path, owner: (u32, u32), record: &mut Record) -> anyhow::
         fs::create_dir(&d).with_context(|| format!("can't create {}", d.display()))?;
         fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
         std::os::unix::fs::chown(&d, Some(owner.0), Some(owner.1))?;
-        record.entries.push(Entry { path: d, kind: Kind::Dir, backup: None, after: 0, edits: vec![] });
+        record.entries.push(Entry {
+            path: d,
+            kind: Kind::Dir,
+            backup: None,
+            after: 0,
+            edits: vec![],
+        });
     }
     Ok(())
 }
@@ -402,7 +573,10 @@ fn copy_any(from: &Path, to: &Path) -> io::Result<()> {
 /// Writes one step atomically; returns what kind of thing it made.
 fn write_step(step: &Step) -> anyhow::Result<Kind> {
     let p = &step.path;
-    let tmp = p.with_file_name(format!(".{}.devbroker-tmp", p.file_name().unwrap().to_string_lossy()));
+    let tmp = p.with_file_name(format!(
+        ".{}.devbroker-tmp",
+        p.file_name().unwrap().to_string_lossy()
+    ));
     let ctx = || format!("can't write {}", p.display());
     match &step.want {
         Want::Dir { mode } => {
@@ -410,13 +584,15 @@ fn write_step(step: &Step) -> anyhow::Result<Kind> {
                 fs::create_dir(p).with_context(ctx)?;
             }
             fs::set_permissions(p, fs::Permissions::from_mode(*mode)).with_context(ctx)?;
-            std::os::unix::fs::chown(p, Some(step.owner.0), Some(step.owner.1)).with_context(ctx)?;
+            std::os::unix::fs::chown(p, Some(step.owner.0), Some(step.owner.1))
+                .with_context(ctx)?;
             Ok(Kind::Dir)
         }
         Want::Symlink { target } => {
             let _ = fs::remove_file(&tmp);
             std::os::unix::fs::symlink(target, &tmp).with_context(ctx)?;
-            std::os::unix::fs::lchown(&tmp, Some(step.owner.0), Some(step.owner.1)).with_context(ctx)?;
+            std::os::unix::fs::lchown(&tmp, Some(step.owner.0), Some(step.owner.1))
+                .with_context(ctx)?;
             fs::rename(&tmp, p).with_context(ctx)?;
             Ok(Kind::Symlink)
         }
@@ -424,7 +600,8 @@ fn write_step(step: &Step) -> anyhow::Result<Kind> {
             let bytes = after_bytes(step).unwrap();
             fs::write(&tmp, &bytes).with_context(ctx)?;
             fs::set_permissions(&tmp, fs::Permissions::from_mode(*mode)).with_context(ctx)?;
-            std::os::unix::fs::chown(&tmp, Some(step.owner.0), Some(step.owner.1)).with_context(ctx)?;
+            std::os::unix::fs::chown(&tmp, Some(step.owner.0), Some(step.owner.1))
+                .with_context(ctx)?;
             fs::rename(&tmp, p).with_context(ctx)?;
             Ok(Kind::File)
         }
@@ -441,7 +618,10 @@ pub struct RemoveReport {
 /// Takes back what setup recorded, newest first.
 pub fn remove(machine: &str, state_dir: &Path) -> anyhow::Result<RemoveReport> {
     let record = Record::load(state_dir, machine)?.with_context(|| {
-        format!("no record of a setup of {machine:?} in {}: nothing to remove", state_dir.join("machines").display())
+        format!(
+            "no record of a setup of {machine:?} in {}: nothing to remove",
+            state_dir.join("machines").display()
+        )
     })?;
     let mut rep = RemoveReport::default();
     for e in record.entries.iter().rev() {
@@ -473,10 +653,13 @@ pub fn remove(machine: &str, state_dir: &Path) -> anyhow::Result<RemoveReport> {
                 } else {
                     fs::write(&e.path, text)?;
                 }
-                rep.undone.push(format!("took devbroker's lines out of {p}"));
+                rep.undone
+                    .push(format!("took devbroker's lines out of {p}"));
             }
             (_, _, false) if now.is_none() => {}
-            _ => rep.kept.push(format!("{p}: changed since setup, left as it is")),
+            _ => rep
+                .kept
+                .push(format!("{p}: changed since setup, left as it is")),
         }
     }
     let _ = fs::remove_dir_all(Record::backup_dir(state_dir, machine));
@@ -490,7 +673,10 @@ mod tests {
 
     #[test]
     fn subnets() {
-        assert_eq!(subnet_of("[Network]\nAddress=192.168.101.9/24\n"), Some(101));
+        assert_eq!(
+            subnet_of("[Network]\nAddress=192.168.101.9/24\n"),
+            Some(101)
+        );
         assert_eq!(subnet_of("Address=10.0.0.1/8"), None);
     }
 

@@ -12,6 +12,7 @@ use futures_util::Stream;
 use crate::adapter::Adapter;
 
 pub mod by_id;
+pub mod udev;
 
 /// A change in the set of present adapters.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -1,0 +1,564 @@
+//! The udev source against real libudev and an emulated `/sys` + `/dev`
+//! (umockdev, tier 2), and the udev rules file.
+//!
+//! Each umockdev test re-executes itself under the preload library with its
+//! own testbed (see `devbroker_tests::umockdev`) and runs the broker's
+//! `UdevSource` in-process there.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use devbroker::adapter::Adapter;
+use devbroker::config::{self, UsbId};
+use devbroker::plan::{self, TtyKey};
+use devbroker::source::udev::UdevSource;
+use devbroker::source::{AdapterStream, Source, SourceEvent};
+use devbroker_tests::umockdev::{self, testdata};
+use futures_util::StreamExt;
+
+const FT232_TTY: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/ttyUSB0/tty/ttyUSB0";
+const FT232_TTY1: &str =
+    "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/ttyUSB1/tty/ttyUSB1";
+const FT232_USB: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2";
+const FT232_BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
+
+/// A built-in UART and a virtual console: ttys that are no USB serial adapters.
+const NOT_ADAPTERS: &str = "\
+P: /devices/platform/serial8250/tty/ttyS0
+N: ttyS0
+E: DEVNAME=/dev/ttyS0
+E: MAJOR=4
+E: MINOR=64
+E: SUBSYSTEM=tty
+E: ID_PATH=platform-serial8250
+A: dev=4:64
+
+P: /devices/virtual/tty/tty1
+N: tty1
+E: DEVNAME=/dev/tty1
+E: MAJOR=4
+E: MINOR=1
+E: SUBSYSTEM=tty
+A: dev=4:1
+";
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+fn start() -> AdapterStream {
+    let src: Box<dyn Source> = Box::new(UdevSource::new());
+    src.watch().expect("start the udev source")
+}
+
+/// The next event within `limit`, or `None`.
+async fn next_within(stream: &mut AdapterStream, limit: Duration) -> Option<SourceEvent> {
+    match tokio::time::timeout(limit, stream.next()).await {
+        Ok(Some(ev)) => Some(ev.expect("the source failed")),
+        Ok(None) => panic!("the source stopped"),
+        Err(_) => None,
+    }
+}
+
+/// Every event until none came for `quiet`.
+async fn events_until_quiet(stream: &mut AdapterStream, quiet: Duration) -> Vec<SourceEvent> {
+    let mut out = Vec::new();
+    while let Some(ev) = next_within(stream, quiet).await {
+        out.push(ev);
+    }
+    out
+}
+
+fn added(evs: Vec<SourceEvent>) -> BTreeMap<String, Adapter> {
+    evs.into_iter()
+        .map(|ev| match ev {
+            SourceEvent::Added(a) => (a.id.clone(), a),
+            other => panic!("expected only Added events, got {other:?}"),
+        })
+        .collect()
+}
+
+/// The FT232R of the test data, its tty numbered `ttyUSB<n>` (umockdev
+/// can't make a removed node again, so a replug takes the next number).
+fn ft232_description(n: u32) -> String {
+    testdata("ftdi-ft232r.umockdev")
+        .replace("ttyUSB0", &format!("ttyUSB{n}"))
+        .replace("E: MINOR=0\n", &format!("E: MINOR={n}\n"))
+        .replace("188:0", &format!("188:{n}"))
+}
+
+fn ft232() -> Adapter {
+    Adapter {
+        id: FT232_TTY.into(),
+        device: PathBuf::from("/dev/serial/by-id").join(FT232_BY_ID),
+        by_id: Some(FT232_BY_ID.into()),
+        serial: Some("A1B2C3".into()),
+        path: Some("pci-0000:00:14.0-usb-0:2:1.0".into()),
+        usb: UsbId::parse("0403:6001"),
+    }
+}
+
+#[test]
+fn ft232_found_at_start_with_its_identities() {
+    let Some(tb) = umockdev::enter("ft232_found_at_start_with_its_identities") else {
+        return;
+    };
+    tb.add_from_string(NOT_ADAPTERS).unwrap();
+    tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
+        .unwrap();
+    runtime().block_on(async {
+        let t0 = Instant::now();
+        let mut stream = start();
+        let ev = next_within(&mut stream, Duration::from_secs(5))
+            .await
+            .expect("no event for the FT232R present at start");
+        println!("umockdev: found at start after {:?}", t0.elapsed());
+        assert_eq!(ev, SourceEvent::Added(ft232()));
+        // ttyS0 and tty1 are not adapters, and the FT232R is reported once.
+        let more = events_until_quiet(&mut stream, Duration::from_millis(200)).await;
+        assert!(more.is_empty(), "unexpected events: {more:?}");
+    });
+    // The by-id link udev made is in the emulated /dev, and the device
+    // behind it is the testbed's pty.
+    assert!(tb
+        .root_dir()
+        .join("dev/serial/by-id")
+        .join(FT232_BY_ID)
+        .exists());
+    assert!(tb.dev_fd("/dev/ttyUSB0").is_some());
+}
+
+#[test]
+fn hotplug_add_and_remove() {
+    let Some(tb) = umockdev::enter("hotplug_add_and_remove") else {
+        return;
+    };
+    tb.add_from_string(NOT_ADAPTERS).unwrap();
+    runtime().block_on(async {
+        let mut stream = start();
+        let none = events_until_quiet(&mut stream, Duration::from_millis(100)).await;
+        assert!(none.is_empty(), "no adapter is plugged in, yet: {none:?}");
+
+        for (round, tty) in [(0, FT232_TTY), (1, FT232_TTY1)] {
+            let want = Adapter {
+                id: tty.into(),
+                ..ft232()
+            };
+            // Plug: add_from_string emits the add uevents.
+            let t0 = Instant::now();
+            tb.add_from_string(&ft232_description(round)).unwrap();
+            let added_in = t0.elapsed();
+            let ev = next_within(&mut stream, Duration::from_secs(5))
+                .await
+                .expect("no event for the plugged FT232R");
+            println!(
+                "umockdev: plug {round}: add_from_string {added_in:?}, Added after {:?}",
+                t0.elapsed()
+            );
+            assert_eq!(ev, SourceEvent::Added(want));
+
+            // A change that keeps the identity: nothing to report.
+            tb.uevent(tty, "change");
+            let none = events_until_quiet(&mut stream, Duration::from_millis(100)).await;
+            assert!(none.is_empty(), "a change without a new identity: {none:?}");
+
+            // Unplug: remove uevents first (remove_device emits none), then
+            // the devices go.
+            let t0 = Instant::now();
+            tb.unplug(tty, FT232_USB);
+            let unplugged_in = t0.elapsed();
+            let ev = next_within(&mut stream, Duration::from_secs(5))
+                .await
+                .expect("no event for the unplugged FT232R");
+            println!(
+                "umockdev: unplug {round}: uevents + removal {unplugged_in:?}, Removed after {:?}",
+                t0.elapsed()
+            );
+            assert_eq!(ev, SourceEvent::Removed(tty.into()));
+            let more = events_until_quiet(&mut stream, Duration::from_millis(100)).await;
+            assert!(more.is_empty(), "unexpected events: {more:?}");
+            assert!(!Path::new(tty).exists(), "the tty is still in the testbed");
+            assert!(!Path::new("/dev/serial/by-id").join(FT232_BY_ID).exists());
+        }
+    });
+}
+
+/// Starts the source and returns the adapters it reports at start.
+fn adapters_at_start() -> BTreeMap<String, Adapter> {
+    runtime().block_on(async {
+        let mut stream = start();
+        added(events_until_quiet(&mut stream, Duration::from_millis(300)).await)
+    })
+}
+
+fn assigned(cfg: &str, adapters: &BTreeMap<String, Adapter>) -> BTreeMap<String, Adapter> {
+    let config = config::parse(Path::new("devbroker.toml"), cfg).unwrap_or_else(|e| panic!("{e}"));
+    let (present, warnings) = plan::assign(&config, adapters);
+    assert!(warnings.is_empty(), "{warnings:?}");
+    present
+        .into_iter()
+        .map(|(TtyKey { board, tty }, a)| (format!("{board}.{tty}"), a))
+        .collect()
+}
+
+#[test]
+fn identical_adapters_told_apart_by_serial() {
+    let Some(tb) = umockdev::enter("identical_adapters_told_apart_by_serial") else {
+        return;
+    };
+    tb.add_from_string(&testdata("ftdi-ft232r-pair.umockdev"))
+        .unwrap();
+    let adapters = adapters_at_start();
+    assert_eq!(adapters.len(), 2, "{adapters:#?}");
+    // Identical but for the serial number (and the port they are in).
+    let ids: Vec<_> = adapters
+        .values()
+        .map(|a| (a.usb, a.by_id.clone()))
+        .collect();
+    assert_eq!(ids[0].0, ids[1].0);
+    assert_ne!(ids[0].1, ids[1].1);
+
+    // The config names them by serial only: which port each is in does not matter.
+    let cfg = r#"
+[[board]]
+name = "esp1"
+host-groups = ["hil"]
+[[board.tty]]
+name = "console"
+match = { usb = "0403:6001", serial = "FT100001" }
+
+[[board]]
+name = "esp2"
+host-groups = ["hil"]
+[[board.tty]]
+name = "console"
+match = { usb = "0403:6001", serial = "FT100002" }
+"#;
+    let got = assigned(cfg, &adapters);
+    let esp1 = &got["esp1.console"];
+    let esp2 = &got["esp2.console"];
+    assert_eq!(
+        esp1.id,
+        "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/ttyUSB1/tty/ttyUSB1"
+    );
+    assert_eq!(
+        esp1.device,
+        Path::new("/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_FT100001-if00-port0")
+    );
+    assert_eq!(esp1.path.as_deref(), Some("pci-0000:00:14.0-usb-0:4:1.0"));
+    assert_eq!(
+        esp2.id,
+        "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-3/1-3:1.0/ttyUSB0/tty/ttyUSB0"
+    );
+    assert_eq!(
+        esp2.device,
+        Path::new("/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_FT100002-if00-port0")
+    );
+    assert_eq!(esp2.path.as_deref(), Some("pci-0000:00:14.0-usb-0:3:1.0"));
+}
+
+#[test]
+fn clones_sharing_a_serial_open_their_own_node() {
+    let Some(tb) = umockdev::enter("clones_sharing_a_serial_open_their_own_node") else {
+        return;
+    };
+    // Cheap FT232R clones often share one serial number, and so one by-id
+    // name: the link leads to only one of them.
+    let clones = testdata("ftdi-ft232r-pair.umockdev")
+        .replace("FT100001", "A50285BI")
+        .replace("FT100002", "A50285BI");
+    tb.add_from_string(&clones).unwrap();
+    let link = Path::new("/dev/serial/by-id/usb-FTDI_FT232R_USB_UART_A50285BI-if00-port0");
+    let owner = std::fs::read_link(link).expect("the shared by-id link");
+    let adapters = adapters_at_start();
+    assert_eq!(adapters.len(), 2, "{adapters:#?}");
+    for a in adapters.values() {
+        let node = PathBuf::from("/dev").join(Path::new(&a.id).file_name().unwrap());
+        if owner.file_name() == node.file_name() {
+            assert_eq!(a.device, link, "{a:#?}");
+        } else {
+            assert_eq!(a.device, node, "the link leads to the other clone: {a:#?}");
+        }
+    }
+    let cfg = r#"
+[[board]]
+name = "clone-a"
+host-groups = ["hil"]
+[[board.tty]]
+name = "console"
+match = { serial = "A50285BI", path = "pci-0000:00:14.0-usb-0:3:1.0" }
+
+[[board]]
+name = "clone-b"
+host-groups = ["hil"]
+[[board.tty]]
+name = "console"
+match = { serial = "A50285BI", path = "pci-0000:00:14.0-usb-0:4:1.0" }
+"#;
+    let got = assigned(cfg, &adapters);
+    assert!(got["clone-a.console"].id.contains("/1-3/"));
+    assert!(got["clone-b.console"].id.contains("/1-4/"));
+    assert_ne!(got["clone-a.console"].device, got["clone-b.console"].device);
+}
+
+#[test]
+fn adapters_without_serial_told_apart_by_path() {
+    let Some(tb) = umockdev::enter("adapters_without_serial_told_apart_by_path") else {
+        return;
+    };
+    tb.add_from_string(&testdata("ch340-pair-noserial.umockdev"))
+        .unwrap();
+    let adapters = adapters_at_start();
+    assert_eq!(adapters.len(), 2, "{adapters:#?}");
+    for a in adapters.values() {
+        assert_eq!(a.serial, None);
+        assert_eq!(a.usb, UsbId::parse("1a86:7523"));
+        // Both carry the same by-id name: it can't tell them apart.
+        assert_eq!(a.by_id.as_deref(), Some("usb-1a86_USB_Serial-if00-port0"));
+    }
+
+    let cfg = r#"
+[[board]]
+name = "nrf-a"
+host-groups = ["hil"]
+[[board.tty]]
+name = "uart"
+match = { usb = "1a86:7523", path = "pci-0000:00:14.0-usb-0:3:1.0" }
+
+[[board]]
+name = "nrf-b"
+host-groups = ["hil"]
+[[board.tty]]
+name = "uart"
+match = { usb = "1a86:7523", path = "pci-0000:00:14.0-usb-0:4:1.0" }
+"#;
+    let got = assigned(cfg, &adapters);
+    let a = &got["nrf-a.uart"];
+    let b = &got["nrf-b.uart"];
+    assert_eq!(
+        a.id,
+        "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-3/1-3:1.0/ttyUSB0/tty/ttyUSB0"
+    );
+    assert_eq!(
+        b.id,
+        "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-4/1-4:1.0/ttyUSB1/tty/ttyUSB1"
+    );
+    // Each opens its own node, not the by-id link they share.
+    assert_eq!(a.device, Path::new("/dev/ttyUSB0"));
+    assert_eq!(b.device, Path::new("/dev/ttyUSB1"));
+
+    // Matching by the shared by-id name alone is refused by the config check.
+    let clash = cfg
+        .replace(
+            r#"path = "pci-0000:00:14.0-usb-0:3:1.0""#,
+            r#"by-id = "usb-1a86_USB_Serial-if00-port0""#,
+        )
+        .replace(
+            r#"path = "pci-0000:00:14.0-usb-0:4:1.0""#,
+            r#"by-id = "usb-1a86_USB_Serial-if00-port0""#,
+        );
+    let err = config::parse(Path::new("devbroker.toml"), &clash)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("can match the same adapter"), "{err}");
+}
+
+// ---- the udev rules file ----
+
+fn rules_file() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../udev-rules/60-devbroker.rules")
+}
+
+/// One `KEY{ATTR}OP"VALUE"` of a rule.
+#[derive(Debug, Clone, PartialEq)]
+struct Pair {
+    key: String,
+    op: String,
+    value: String,
+}
+
+/// Splits a rules file into rules (continuation lines joined, comments
+/// dropped), each a list of pairs.
+fn parse_rules(text: &str) -> Result<Vec<Vec<Pair>>, String> {
+    let mut logical = Vec::new();
+    let mut cur = String::new();
+    for (n, line) in text.lines().enumerate() {
+        let t = line.trim();
+        if cur.is_empty() && (t.is_empty() || t.starts_with('#')) {
+            continue;
+        }
+        if let Some(head) = t.strip_suffix('\\') {
+            cur.push_str(head);
+            cur.push(' ');
+            continue;
+        }
+        cur.push_str(t);
+        logical.push((n + 1, std::mem::take(&mut cur)));
+    }
+    if !cur.is_empty() {
+        return Err("the file ends with a continuation line".into());
+    }
+    let mut rules = Vec::new();
+    for (n, line) in logical {
+        let mut pairs = Vec::new();
+        let mut rest = line.as_str();
+        loop {
+            rest = rest.trim_start_matches(|c: char| c == ',' || c.is_whitespace());
+            if rest.is_empty() {
+                break;
+            }
+            let key_end = rest
+                .find(|c: char| !(c.is_ascii_alphanumeric() || "{}_.-:".contains(c)))
+                .ok_or(format!("line {n}: no operator after {rest:?}"))?;
+            let (mut key, after) = rest.split_at(key_end);
+            // `:=` — the ':' was taken into the key.
+            let mut op_prefix = "";
+            if let Some(k) = key.strip_suffix(':') {
+                key = k;
+                op_prefix = ":";
+            }
+            let op = ["==", "!=", "+=", "-=", "="]
+                .into_iter()
+                .find(|op| after.starts_with(op))
+                .ok_or(format!("line {n}: bad operator after {key:?}"))?;
+            let after = &after[op.len()..];
+            let after = after
+                .strip_prefix('"')
+                .ok_or(format!("line {n}: the value of {key} is not quoted"))?;
+            let end = after
+                .find('"')
+                .ok_or(format!("line {n}: unterminated value of {key}"))?;
+            pairs.push(Pair {
+                key: key.to_string(),
+                op: format!("{op_prefix}{op}"),
+                value: after[..end].to_string(),
+            });
+            rest = &after[end + 1..];
+            if !(rest.is_empty() || rest.starts_with(',') || rest.starts_with(char::is_whitespace))
+            {
+                return Err(format!("line {n}: no ',' after {key}"));
+            }
+        }
+        rules.push(pairs);
+    }
+    Ok(rules)
+}
+
+#[test]
+fn rules_file_sets_0660_and_the_group_never_0666() {
+    let text = std::fs::read_to_string(rules_file()).unwrap();
+    let rules = parse_rules(&text).unwrap_or_else(|e| panic!("60-devbroker.rules: {e}"));
+    let assigns = |key: &str| -> Vec<(usize, Pair)> {
+        rules
+            .iter()
+            .enumerate()
+            .flat_map(|(i, r)| r.iter().map(move |p| (i, p.clone())))
+            .filter(|(_, p)| p.key == key && !matches!(p.op.as_str(), "==" | "!="))
+            .collect()
+    };
+    // Every MODE it sets keeps others out (no 0666, nor any world bit).
+    let modes = assigns("MODE");
+    assert!(!modes.is_empty(), "the rules set no MODE");
+    for (_, m) in &modes {
+        let v = u32::from_str_radix(&m.value, 8)
+            .unwrap_or_else(|_| panic!("MODE {:?} is not octal", m.value));
+        assert_eq!(
+            v & 0o007,
+            0,
+            "MODE=\"{}\" gives access to everyone",
+            m.value
+        );
+        assert_ne!(m.value, "0666");
+    }
+    for l in text.lines().filter(|l| !l.trim_start().starts_with('#')) {
+        assert!(!l.contains("0666"), "a rule mentions 0666: {l}");
+    }
+    // The rule that sets 0660 also sets the group and the tag, for USB ttys.
+    let (i, _) = modes
+        .iter()
+        .find(|(_, m)| m.value == "0660")
+        .expect("MODE=\"0660\"");
+    let rule = &rules[*i];
+    let has = |key: &str, op: &str, value: &str| {
+        rule.iter()
+            .any(|p| p.key == key && p.op == op && p.value == value)
+    };
+    assert!(has("GROUP", "=", "devbroker"), "{rule:?}");
+    assert!(has("TAG", "+=", "devbroker"), "{rule:?}");
+    assert!(has("ENV{DEVBROKER}", "=", "1"), "{rule:?}");
+    // And it applies only to USB serial ttys: the file skips everything else.
+    let all: Vec<&Pair> = rules.iter().flatten().collect();
+    let skips = |key: &str, value: &str| {
+        all.iter()
+            .any(|p| p.key == key && p.op == "!=" && p.value == value)
+            || rule
+                .iter()
+                .any(|p| p.key == key && p.op == "==" && p.value == value)
+    };
+    assert!(skips("SUBSYSTEM", "tty"));
+    assert!(skips("ENV{ID_BUS}", "usb"));
+    assert!(skips("KERNEL", "ttyUSB[0-9]*|ttyACM[0-9]*"));
+
+    // udevadm verify (systemd 254 and later) checks the syntax for real.
+    let path = std::env::var("PATH").unwrap_or_default();
+    let Some(udevadm) = path
+        .split(':')
+        .chain(["/usr/bin", "/bin", "/usr/sbin", "/sbin"])
+        .map(|d| Path::new(d).join("udevadm"))
+        .find(|p| p.is_file())
+    else {
+        println!("skipped: udevadm verify: udevadm is not installed");
+        return;
+    };
+    let udevadm = udevadm.as_path();
+    let help = Command::new(udevadm)
+        .args(["verify", "--help"])
+        .output()
+        .unwrap();
+    if !help.status.success() {
+        let version = Command::new(udevadm).arg("--version").output().unwrap();
+        println!(
+            "skipped: udevadm verify: udevadm {} has no verify subcommand (systemd 254 added it)",
+            String::from_utf8_lossy(&version.stdout).trim()
+        );
+        return;
+    }
+    // Group names are not resolved: the devbroker group need not exist here.
+    let out = Command::new(udevadm)
+        .args(["verify", "--resolve-names=never"])
+        .arg(rules_file())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "udevadm verify: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn rules_parser_catches_mistakes() {
+    let r = parse_rules(
+        "SUBSYSTEM==\"tty\", MODE:=\"0660\"\n# MODE=\"0666\"\nKERNEL==\"a\", \\\n  GROUP=\"g\"\n",
+    )
+    .unwrap();
+    assert_eq!(r.len(), 2);
+    assert_eq!(
+        r[0][1],
+        Pair {
+            key: "MODE".into(),
+            op: ":=".into(),
+            value: "0660".into()
+        }
+    );
+    assert_eq!(r[1][1].key, "GROUP");
+    assert!(parse_rules("MODE=0666\n").is_err());
+    assert!(parse_rules("MODE=\"0666\" GROUP\n").is_err());
+    assert!(parse_rules("KERNEL==\"a\"GROUP=\"b\"\n").is_err());
+}
