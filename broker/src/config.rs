@@ -70,6 +70,10 @@ pub struct Board {
     /// Host unix groups whose members may use the board.
     pub host_groups: Vec<String>,
     pub ttys: Vec<Tty>,
+    /// Named line sequences (`reset`, `bootloader`, ...), as step text.
+    pub sequences: std::collections::BTreeMap<String, String>,
+    /// How its console is captured.
+    pub console: crate::capture::ConsoleConfig,
 }
 
 /// One serial port of a board.
@@ -221,6 +225,75 @@ struct RawBoard {
     host_groups: Vec<Spanned<String>>,
     #[serde(default)]
     tty: Vec<RawTty>,
+    #[serde(default)]
+    sequences: BTreeMap<String, Spanned<String>>,
+    console: Option<RawConsole>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConsole {
+    tty: Option<Spanned<String>>,
+    mode: Option<Spanned<String>>,
+    ring: Option<Spanned<i64>>,
+    log: Option<Spanned<String>>,
+    #[serde(rename = "log-max")]
+    log_max: Option<Spanned<i64>>,
+    #[serde(rename = "log-keep")]
+    log_keep: Option<Spanned<i64>>,
+}
+
+fn validate_console(cx: &mut Ctx, raw: Option<&RawConsole>, ttys: &[Tty]) -> crate::capture::ConsoleConfig {
+    use crate::capture::{ConsoleConfig, Mode, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX, DEFAULT_RING};
+    let mut c = ConsoleConfig {
+        tty: ttys.first().map(|t| t.name.clone()).unwrap_or_default(),
+        mode: Mode::Session,
+        ring: DEFAULT_RING,
+        log: None,
+        log_max: DEFAULT_LOG_MAX,
+        log_keep: DEFAULT_LOG_KEEP,
+    };
+    let Some(raw) = raw else { return c };
+    if let Some(t) = &raw.tty {
+        if ttys.iter().any(|x| &x.name == t.get_ref()) {
+            c.tty = t.get_ref().clone();
+        } else {
+            cx.err(t.span(), format!("console tty {:?} is not one of the board's ttys", t.get_ref()), Some(format!("write one of: {}", ttys.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "))));
+        }
+    }
+    if let Some(m) = &raw.mode {
+        match m.get_ref().as_str() {
+            "session" => c.mode = Mode::Session,
+            "always" => c.mode = Mode::Always,
+            other => cx.err(m.span(), format!("console mode {other:?} is not session or always"), Some("mode = \"session\" (while a client is attached) or \"always\" (the broker keeps the port open)".into())),
+        }
+    }
+    let mut num = |v: &Option<Spanned<i64>>, what: &str, lo: i64, hi: i64| -> Option<i64> {
+        let v = v.as_ref()?;
+        if (lo..=hi).contains(v.get_ref()) {
+            Some(*v.get_ref())
+        } else {
+            cx.err(v.span(), format!("console {what} {} is out of range", v.get_ref()), Some(format!("give {what} between {lo} and {hi}")));
+            None
+        }
+    };
+    if let Some(r) = num(&raw.ring, "ring", 1024, 64 << 20) {
+        c.ring = r as usize;
+    }
+    if let Some(r) = num(&raw.log_max, "log-max", 4096, 1 << 40) {
+        c.log_max = r as u64;
+    }
+    if let Some(r) = num(&raw.log_keep, "log-keep", 0, 100) {
+        c.log_keep = r as u32;
+    }
+    if let Some(l) = &raw.log {
+        if l.get_ref().starts_with('/') {
+            c.log = Some(PathBuf::from(l.get_ref()));
+        } else {
+            cx.err(l.span(), format!("console log {:?} is not an absolute path", l.get_ref()), Some("write e.g. log = \"/var/log/devbroker/esp1.log\"".into()));
+        }
+    }
+    c
 }
 
 #[derive(Deserialize)]
@@ -287,7 +360,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             let span = e.span().unwrap_or(0..0);
             let mut msg = e.message().trim().to_string();
             let mut help = if msg.contains("unknown field") {
-                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
+                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty, sequences, console; console keys are tty, mode, ring, log, log-max, log-keep; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
             } else {
                 None
             };
@@ -525,6 +598,18 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                 matcher,
             });
         }
+        let mut sequences = std::collections::BTreeMap::new();
+        for (name, text) in &rb.sequences {
+            if let Err(why) = check_name(name) {
+                cx.err(text.span(), format!("sequence name {name:?} is not allowed: {why}"), Some("name sequences like boards, e.g. reset, bootloader".into()));
+            }
+            match crate::sequence::parse(text.get_ref()) {
+                Ok(_) => {
+                    sequences.insert(name.clone(), text.get_ref().clone());
+                }
+                Err(why) => cx.err(text.span(), format!("sequence {name:?}: {why}"), Some("write steps like \"dtr=0 rts=1 sleep=100ms rts=0\"".into())),
+            }
+        }
         boards.push(Board {
             name: bname,
             compatible: rb.compatible.into_iter().map(Spanned::into_inner).collect(),
@@ -534,7 +619,9 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                 .into_iter()
                 .map(Spanned::into_inner)
                 .collect(),
+            console: validate_console(cx, rb.console.as_ref(), &ttys),
             ttys,
+            sequences,
         });
     }
 

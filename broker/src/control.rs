@@ -17,11 +17,11 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use wire::control::{parse_request, reply_line, Reply, Request, MAX_LINE, VERSION};
+use wire::control::{parse_request, reply_line, Reply, Request, StepTiming, MAX_LINE, VERSION};
 
 use crate::lease::{Client, Want};
 use crate::peer::Peer;
-use crate::state::{LeaseOutcome, Shared};
+use crate::state::{LeaseOutcome, SequencePort, Shared};
 
 /// Which boards a control connection may see and take.
 #[derive(Debug, Clone)]
@@ -74,6 +74,8 @@ struct Conn {
     greeted: bool,
     /// A queued lease request and when it gives up.
     waiting: Option<Option<Instant>>,
+    /// A console being followed.
+    follow: Option<(String, tokio::sync::broadcast::Receiver<std::sync::Arc<[u8]>>)>,
 }
 
 async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: CancellationToken) {
@@ -106,6 +108,7 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
         conn,
         greeted: false,
         waiting: None,
+        follow: None,
     };
     let (mut rd, mut wr) = sock.into_split();
     let mut buf: Vec<u8> = Vec::new();
@@ -126,6 +129,10 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
                 }
                 None => return,
             },
+            chunk = follow_next(&mut c.follow), if c.follow.is_some() => match chunk {
+                Some((board, data)) => out.push(Reply::Log { board, text: String::from_utf8_lossy(&data).into_owned() }),
+                None => c.follow = None,
+            },
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
                 shared.give_up(c.conn);
                 c.waiting = None;
@@ -140,7 +147,10 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
                         skipping = false;
                         continue;
                     }
-                    out.push(handle(&line[..line.len() - 1], &mut c, &shared));
+                    out.push(match handle(&line[..line.len() - 1], &mut c, &shared) {
+                        Handled::Now(r) => r,
+                        Handled::Run { board, tty, steps } => run_sequence(&shared, board, tty, steps).await,
+                    });
                 }
                 if buf.len() > MAX_LINE {
                     buf.clear();
@@ -159,15 +169,91 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
     }
 }
 
-/// One request → its reply.
-fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Reply {
-    let err = |m: &str| Reply::Error {
-        message: m.to_string(),
-    };
+/// The next chunk of a followed console; `None` when it can't go on.
+async fn follow_next(f: &mut Option<(String, tokio::sync::broadcast::Receiver<std::sync::Arc<[u8]>>)>) -> Option<(String, std::sync::Arc<[u8]>)> {
+    let (board, rx) = f.as_mut()?;
+    loop {
+        match rx.recv().await {
+            Ok(d) => return Some((board.clone(), d)),
+            // A slow follower skips ahead rather than holding memory.
+            Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
+            Err(_) => return None,
+        }
+    }
+}
+
+/// What a request asks for: a reply now, or a sequence to run first.
+enum Handled {
+    Now(Reply),
+    Run { board: String, tty: Option<String>, steps: String },
+}
+
+/// One request → its reply (or the sequence it asks for).
+fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
     let req = match parse_request(line) {
         Ok(r) => r,
+        Err(message) => return Handled::Now(Reply::Error { message }),
+    };
+    if let Request::Run { board, tty, sequence, steps } = req {
+        if !c.greeted {
+            return Handled::Now(Reply::Error { message: "send hello first".into() });
+        }
+        let may = match &c.client {
+            None => Ok(()),
+            Some(Client::Machine(m)) if shared.machine_has(m, &board) => Ok(()),
+            Some(Client::Machine(m)) => Err(format!("machine {m} does not hold board {board}: lease it first")),
+            Some(Client::HostUser { uid, .. }) => shared.host_lease(*uid, &board),
+        };
+        let steps = may.and_then(|()| match (sequence, steps) {
+            (Some(name), None) => shared.sequence_text(&board, &name),
+            (None, Some(text)) => Ok(text),
+            _ => Err("give exactly one of \"sequence\" and \"steps\"".into()),
+        });
+        return match steps {
+            Ok(steps) => Handled::Run { board, tty, steps },
+            Err(message) => Handled::Now(Reply::Error { message }),
+        };
+    }
+    Handled::Now(handle_now(req, c, shared))
+}
+
+/// Runs a sequence on the host, on the session's port if one is open.
+async fn run_sequence(shared: &Shared, board: String, tty: Option<String>, text: String) -> Reply {
+    let steps = match crate::sequence::parse(&text) {
+        Ok(s) => s,
         Err(message) => return Reply::Error { message },
     };
+    let (key, port) = match shared.sequence_port(&board, tty.as_deref()) {
+        Ok(p) => p,
+        Err(message) => return Reply::Error { message },
+    };
+    let ran = tokio::task::spawn_blocking(move || -> Result<Vec<crate::sequence::Timing>, String> {
+        use std::os::fd::AsRawFd;
+        match port {
+            SequencePort::Shared(fd) => crate::sequence::run(fd.as_raw_fd(), &steps, true).map_err(|e| format!("{key}: {e}")),
+            SequencePort::Open { device, rate } => {
+                let p = crate::port::open(&device, rate).map_err(|e| format!("can't open {} for {key}: {e}", device.display()))?;
+                crate::sequence::run(p.as_raw_fd(), &steps, true).map_err(|e| format!("{key}: {e}"))
+            }
+        }
+    })
+    .await;
+    match ran {
+        Ok(Ok(t)) => Reply::Ran {
+            board,
+            steps: t
+                .into_iter()
+                .map(|t| StepTiming { step: t.step, nominal_us: t.nominal.as_micros() as u64, late_us: t.late_us })
+                .collect(),
+        },
+        Ok(Err(message)) => Reply::Error { message },
+        Err(e) => Reply::Error { message: format!("the sequence failed: {e}") },
+    }
+}
+
+/// A request answered at once.
+fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
+    let err = |m: &str| Reply::Error { message: m.to_string() };
     match req {
         Request::Hello { version, .. } if version != VERSION => Reply::Error {
             message: format!(
@@ -226,5 +312,24 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Reply {
             Ok(()) => Reply::Released { board },
             Err(message) => Reply::Error { message },
         },
+        Request::Run { .. } => unreachable!("handled before"),
+        Request::Log { board, follow } => {
+            let may = match &c.client {
+                None => Ok(()),
+                Some(Client::Machine(m)) if shared.machine_has(m, &board) => Ok(()),
+                Some(Client::Machine(m)) => Err(format!("machine {m} does not hold board {board}")),
+                Some(Client::HostUser { uid, .. }) => shared.host_lease(*uid, &board),
+            };
+            match may.and_then(|()| shared.capture(&board).ok_or_else(|| format!("board {board} is not in the config"))) {
+                Ok(cap) => {
+                    let (ring, rx) = cap.snapshot();
+                    if follow {
+                        c.follow = Some((board.clone(), rx));
+                    }
+                    Reply::Log { board, text: String::from_utf8_lossy(&ring).into_owned() }
+                }
+                Err(message) => Reply::Error { message },
+            }
+        }
     }
 }

@@ -64,6 +64,7 @@ pub async fn run(
             dir: run_dir.join("machines/demo"),
             link_root: guest_dev.clone(),
             user,
+            state_dir: root.join("guest/run/devshim"),
         },
         shutdown.clone(),
     ));

@@ -7,6 +7,7 @@
 //! [`port`], [`control`]).
 
 pub mod adapter;
+pub mod capture;
 pub mod config;
 pub mod control;
 pub mod demo;
@@ -16,9 +17,11 @@ pub mod machine;
 pub mod peer;
 pub mod plan;
 pub mod port;
+pub mod sequence;
 pub mod server;
 pub mod session;
 pub mod shutdown;
 pub mod source;
 pub mod state;
 pub mod status;
+pub mod suggest;

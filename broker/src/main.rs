@@ -43,6 +43,31 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Print what a board's console sent (its capture ring); --follow keeps printing.
+    Log {
+        board: String,
+        #[arg(long, short)]
+        follow: bool,
+        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
+    /// List the USB serial adapters plugged in, their identities and the
+    /// board each is in the config; --suggest adds an entry for each other one.
+    Boards {
+        /// Print the listing as comments and a [[board]] entry for each adapter
+        /// the config does not name: the output can be appended to the config.
+        #[arg(long)]
+        suggest: bool,
+        #[arg(long, default_value = config::DEFAULT_PATH)]
+        config: PathBuf,
+        /// Where adapters come from [default: udev when udevd runs
+        /// (/run/udev/control exists), else by-id; by-id when --by-id-dir is given].
+        #[arg(long, value_enum)]
+        source: Option<SourceKind>,
+        /// The directory of by-id links to list [default: /dev/serial/by-id].
+        #[arg(long)]
+        by_id_dir: Option<PathBuf>,
+    },
     /// Check a config file and print what it says.
     Check {
         #[arg(long, default_value = config::DEFAULT_PATH)]
@@ -203,6 +228,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status::print(&s, json)?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Boards { suggest, config: path, source, by_id_dir } => {
+            let kind = source.unwrap_or(if by_id_dir.is_some() || !udev::udev_running() { SourceKind::ById } else { SourceKind::Udev });
+            if kind == SourceKind::Udev && by_id_dir.is_some() {
+                anyhow::bail!("--by-id-dir applies to --source by-id only");
+            }
+            let cfg = if path.exists() {
+                match config::load(&path) {
+                    Ok(c) => c,
+                    Err(e) => {
+                        eprintln!("{e}");
+                        return Ok(ExitCode::from(2));
+                    }
+                }
+            } else {
+                eprintln!("devbroker: {} does not exist yet; listing against an empty config", path.display());
+                config::Config::default()
+            };
+            let adapters = match kind {
+                SourceKind::Udev => devbroker::suggest::present_udev().map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
+                SourceKind::ById => devbroker::suggest::present_by_id(&by_id_dir.unwrap_or_else(|| by_id::DEFAULT_DIR.into())),
+            };
+            let report = devbroker::suggest::report(&adapters, &cfg);
+            print!("{}", report.render(suggest));
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Check { config: path } => match config::load(&path) {
             Ok(c) => {
                 let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
@@ -221,6 +271,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             }
         },
         Cmd::Machine { cmd } => machine_cmd(cmd),
+        Cmd::Log { board, follow, run_dir } => {
+            status::log(&run_dir.join(server::ADMIN_SOCKET), &board, follow)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Demo {
             duration,
             banner_every,

@@ -119,6 +119,16 @@ pub async fn run(
             warn!("{w}");
         }
         shared.set_present(&present);
+        // Consoles captured `always`: keep their ports open between sessions.
+        for (key, device, rate, capture) in shared.drains_needed() {
+            match crate::port::open(&device, rate) {
+                Ok(p) => {
+                    info!("capturing the console of {key}");
+                    shared.start_drain(key, p, capture);
+                }
+                Err(e) => warn!("can't open {} to capture {key}: {e}", device.display()),
+            }
+        }
         let has = |m: &str, b: &str| shared.machine_has(m, b);
         let want = plan::sockets(&config, &present, &has);
         listeners.retain(|rel, _| want.contains_key(rel));

@@ -48,7 +48,9 @@ pub async fn refuse(mut sock: UnixStream, why: &str) {
 /// Runs a session until the client leaves, the adapter goes or it is cancelled.
 pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     let rate = guard.rate;
-    let port = match port::open(&guard.adapter.device, rate) {
+    // A console captured `always` is already open: take it over as it is.
+    let drained = guard.take_drained().await;
+    let port = match drained.map_or_else(|| port::open(&guard.adapter.device, rate), Ok) {
         Ok(p) => p,
         Err(e) => {
             let why = format!(
@@ -61,6 +63,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         }
     };
     let fd = port.as_raw_fd();
+    guard.set_fd(fd);
     info!(tty = %label, device = %guard.adapter.device.display(), "session started");
     let (mut port_r, mut port_w) = tokio::io::split(port);
     let (mut sock_r, mut sock_w) = sock.into_split();
@@ -71,6 +74,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         Command::NotifyModemState(ms).encode(Direction::ServerToClient, &mut hello);
     }
     let counters = guard.counters.clone();
+    let capture = guard.capture.clone();
     let (suspend_tx, mut suspend_rx) = tokio::sync::watch::channel(false);
 
     let up = async {
@@ -101,6 +105,9 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
                     }
                     counters.from_board.fetch_add(n as u64, Ordering::Relaxed);
                     let chunk = &buf[..n];
+                    if let Some(c) = &capture {
+                        c.record(chunk);
+                    }
                     if telnet::needs_escape(chunk) {
                         esc.clear();
                         telnet::escape_into(chunk, &mut esc);
@@ -178,6 +185,9 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         _ = guard.cancel.cancelled() => End::Cancelled,
     };
     info!(tty = %label, "session ended: {end:?}");
+    if matches!(end, End::ClientLeft) {
+        guard.return_port(port_r.unsplit(port_w));
+    }
     drop(guard);
     end
 }

@@ -38,10 +38,18 @@ struct Session {
     pid: Option<i32>,
     since: SystemTime,
     cancel: CancellationToken,
+    /// The open port, for sequences run while the session holds it.
+    fd: Option<std::os::fd::RawFd>,
 }
+
+/// Asks a drain task for its port.
+type DrainTx = mpsc::Sender<tokio::sync::oneshot::Sender<tokio_serial::SerialStream>>;
 
 #[derive(Debug, Default)]
 struct TtyState {
+    /// The task keeping the port open between sessions (console mode
+    /// `always`), by generation.
+    drain: Option<(u64, DrainTx)>,
     adapter: Option<Adapter>,
     session: Option<Session>,
     counters: Arc<Counters>,
@@ -56,6 +64,9 @@ struct Inner {
     /// Control connections, to tell a waiter its lease was granted.
     conns: BTreeMap<u64, mpsc::UnboundedSender<Reply>>,
     next_conn: u64,
+    /// Each board's console capture.
+    captures: BTreeMap<String, Arc<crate::capture::Capture>>,
+    next_drain: u64,
 }
 
 /// The broker's shared state.
@@ -88,6 +99,50 @@ pub struct SessionGuard {
     pub adapter: Adapter,
     /// The rate the config gives the tty; the port opens at it.
     pub rate: u32,
+    /// Set when this tty is its board's console: what it reads is recorded.
+    pub capture: Option<Arc<crate::capture::Capture>>,
+}
+
+impl SessionGuard {
+    /// The port a drain task holds open for this tty, if any: taken over
+    /// without closing it (no DTR/RTS toggle, no lost bytes).
+    pub async fn take_drained(&self) -> Option<tokio_serial::SerialStream> {
+        let tx = {
+            let inner = self.shared.inner.lock().unwrap();
+            inner.ttys.get(&self.key)?.drain.as_ref().map(|(_, tx)| tx.clone())?
+        };
+        let (give, take) = tokio::sync::oneshot::channel();
+        tx.send(give).await.ok()?;
+        tokio::time::timeout(std::time::Duration::from_secs(1), take).await.ok()?.ok()
+    }
+
+    /// Hands the port back to a drain task when the console is captured
+    /// always; otherwise it is closed.
+    pub fn return_port(&self, port: tokio_serial::SerialStream) {
+        if let Some(c) = &self.capture {
+            if c.config.mode == crate::capture::Mode::Always && !self.cancel.is_cancelled() {
+                self.shared.start_drain(self.key.clone(), port, c.clone());
+            }
+        }
+    }
+
+    /// Records the session's open port, so sequences can run on it.
+    pub fn set_fd(&self, fd: std::os::fd::RawFd) {
+        let mut inner = self.shared.inner.lock().unwrap();
+        if let Some(s) = inner.ttys.get_mut(&self.key).and_then(|t| t.session.as_mut()) {
+            if s.id == self.id {
+                s.fd = Some(fd);
+            }
+        }
+    }
+}
+
+/// Where a sequence can run: a duplicate of an open session's port (it stays
+/// valid if the session ends meanwhile), or the device to open for it.
+#[derive(Debug)]
+pub enum SequencePort {
+    Shared(std::os::fd::OwnedFd),
+    Open { device: std::path::PathBuf, rate: u32 },
 }
 
 impl Drop for SessionGuard {
@@ -114,6 +169,9 @@ impl Shared {
                     TtyState::default(),
                 );
             }
+        }
+        for b in &config.boards {
+            inner.captures.insert(b.name.clone(), Arc::new(crate::capture::Capture::new(b.console.clone())));
         }
         inner.config = config;
         Shared {
@@ -321,6 +379,109 @@ impl Shared {
             .collect()
     }
 
+    /// A tty's port for a sequence, with its steps resolved: the board's own
+    /// sequence of that name, else a built-in.
+    pub fn sequence_port(&self, board: &str, tty: Option<&str>) -> Result<(TtyKey, SequencePort), String> {
+        let inner = self.inner.lock().unwrap();
+        let b = inner.config.boards.iter().find(|b| b.name == board).ok_or_else(|| format!("board {board} is not in the config"))?;
+        let t = match tty {
+            Some(t) => b.ttys.iter().find(|x| x.name == t).ok_or_else(|| format!("board {board} has no tty {t}"))?,
+            None => &b.ttys[0],
+        };
+        let key = TtyKey { board: board.to_string(), tty: t.name.clone() };
+        let st = &inner.ttys[&key];
+        let adapter = st.adapter.as_ref().ok_or_else(|| format!("{key} is not plugged in"))?;
+        if let Some(fd) = st.session.as_ref().and_then(|s| s.fd) {
+            // SAFETY: the session keeps `fd` open while we hold the lock.
+            let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| format!("{key}: {e}"))?;
+            return Ok((key, SequencePort::Shared(dup)));
+        }
+        Ok((key, SequencePort::Open { device: adapter.device.clone(), rate: t.rate }))
+    }
+
+    /// The step text of a board's sequence: its own, else a built-in.
+    pub fn sequence_text(&self, board: &str, name: &str) -> Result<String, String> {
+        let inner = self.inner.lock().unwrap();
+        let b = inner.config.boards.iter().find(|b| b.name == board).ok_or_else(|| format!("board {board} is not in the config"))?;
+        if let Some(t) = b.sequences.get(name) {
+            return Ok(t.clone());
+        }
+        crate::sequence::BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).ok_or_else(|| {
+            let mut names: Vec<&str> = b.sequences.keys().map(String::as_str).collect();
+            names.extend(crate::sequence::BUILTINS.iter().map(|(n, _)| *n));
+            format!("board {board} has no sequence {name:?}; it has {}", names.join(", "))
+        })
+    }
+
+    /// A board's console capture.
+    pub fn capture(&self, board: &str) -> Option<Arc<crate::capture::Capture>> {
+        self.inner.lock().unwrap().captures.get(board).cloned()
+    }
+
+    /// Console ttys captured `always` that are present with neither a session
+    /// nor a drain: the server opens them and calls [`Shared::start_drain`].
+    pub fn drains_needed(&self) -> Vec<(TtyKey, std::path::PathBuf, u32, Arc<crate::capture::Capture>)> {
+        let inner = self.inner.lock().unwrap();
+        let mut out = Vec::new();
+        for b in &inner.config.boards {
+            if b.console.mode != crate::capture::Mode::Always {
+                continue;
+            }
+            let key = TtyKey { board: b.name.clone(), tty: b.console.tty.clone() };
+            let Some(st) = inner.ttys.get(&key) else { continue };
+            if let (Some(a), None, None) = (&st.adapter, &st.session, &st.drain) {
+                out.push((key.clone(), a.device.clone(), rate_of(&inner.config, &key), inner.captures[&b.name].clone()));
+            }
+        }
+        out
+    }
+
+    /// Keeps a port open and records what the board sends until a session
+    /// takes the port over or the adapter goes.
+    pub fn start_drain(&self, key: TtyKey, mut port: tokio_serial::SerialStream, capture: Arc<crate::capture::Capture>) {
+        use tokio::io::AsyncReadExt;
+        let (tx, mut rx) = mpsc::channel::<tokio::sync::oneshot::Sender<tokio_serial::SerialStream>>(1);
+        let gen = {
+            let mut inner = self.inner.lock().unwrap();
+            inner.next_drain += 1;
+            let gen = inner.next_drain;
+            match inner.ttys.get_mut(&key) {
+                Some(t) => t.drain = Some((gen, tx)),
+                None => return,
+            }
+            gen
+        };
+        let shared = self.clone();
+        tokio::spawn(async move {
+            let mut buf = vec![0u8; 4096];
+            loop {
+                tokio::select! {
+                    give = rx.recv() => {
+                        if let Some(give) = give {
+                            shared.end_drain(&key, gen);
+                            let _ = give.send(port);
+                        }
+                        break;
+                    }
+                    r = port.read(&mut buf) => match r {
+                        Ok(n) if n > 0 => capture.record(&buf[..n]),
+                        _ => break,
+                    },
+                }
+            }
+            shared.end_drain(&key, gen);
+        });
+    }
+
+    fn end_drain(&self, key: &TtyKey, gen: u64) {
+        let mut inner = self.inner.lock().unwrap();
+        if let Some(t) = inner.ttys.get_mut(key) {
+            if t.drain.as_ref().is_some_and(|(g, _)| *g == gen) {
+                t.drain = None;
+            }
+        }
+    }
+
     /// Ends sessions that came through sockets no longer served (the lease
     /// moved on), after [`LEASE_END_GRACE`]: what a job wrote just before it
     /// ended still reaches the board, as a real port drains on close.
@@ -386,6 +547,12 @@ impl Shared {
         }
         let cancel = parent.child_token();
         let rate = rate_of(&inner.config, key);
+        let capture = inner
+            .config
+            .boards
+            .iter()
+            .find(|b| b.name == key.board && b.console.tty == key.tty)
+            .map(|b| inner.captures[&b.name].clone());
         let t = inner.ttys.get_mut(key).expect("checked above");
         t.session = Some(Session {
             id,
@@ -394,6 +561,7 @@ impl Shared {
             pid,
             since: SystemTime::now(),
             cancel: cancel.clone(),
+            fd: None,
         });
         Ok(SessionGuard {
             shared: self.clone(),
@@ -403,6 +571,7 @@ impl Shared {
             counters: t.counters.clone(),
             adapter,
             rate,
+            capture,
         })
     }
 

@@ -111,3 +111,36 @@ pub fn print(s: &Status, json: bool) -> anyhow::Result<()> {
     }
     Ok(())
 }
+
+/// `devbroker log BOARD [--follow]`: prints what the board's console sent
+/// (the ring), then, following, each new chunk until interrupted.
+pub fn log(socket: &Path, board: &str, follow: bool) -> anyhow::Result<()> {
+    let sock = UnixStream::connect(socket)
+        .with_context(|| format!("can't reach the broker at {}: is `devbroker run` running with this --run-dir?", socket.display()))?;
+    let mut w = sock.try_clone()?;
+    let mut r = BufReader::new(sock);
+    let mut out = std::io::stdout().lock();
+    for req in [&Request::Hello { version: VERSION, client: "devbroker-cli".into() }, &Request::Log { board: board.into(), follow }] {
+        w.write_all(&request_line(req))?;
+    }
+    let mut line = String::new();
+    let mut first = true;
+    loop {
+        line.clear();
+        if r.read_line(&mut line)? == 0 {
+            return Ok(());
+        }
+        match serde_json::from_str::<Reply>(&line).with_context(|| format!("unreadable reply: {line}"))? {
+            Reply::Error { message } => bail!("{message}"),
+            Reply::Log { text, .. } => {
+                out.write_all(text.as_bytes())?;
+                out.flush()?;
+                if first && !follow {
+                    return Ok(());
+                }
+                first = false;
+            }
+            _ => {}
+        }
+    }
+}

@@ -4,8 +4,9 @@
 //! The lease lives as long as this process's connection to the broker's
 //! control socket, so a job that crashes or is killed releases its board
 //! too. While it waits it says where it stands; once granted it waits for
-//! `devshim serve` to publish the board's links, exports their paths, runs
-//! the command with signals forwarded, and returns its exit status.
+//! `devshim serve` to publish the board's links, exports their paths and
+//! RFC 2217 endpoints, runs the command with signals forwarded, and returns
+//! its exit status.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -14,6 +15,8 @@ use std::time::{Duration, Instant};
 
 use wire::control::{request_line, GrantedTty, Reply, Request, VERSION};
 use wire::manifest::CONTROL_SOCKET;
+
+use crate::ports;
 
 /// Exit status when no board could be had (as sysexits' EX_TEMPFAIL).
 pub const EXIT_NO_BOARD: u8 = 75;
@@ -98,15 +101,21 @@ pub fn guest_path(link_root: &Path, board: &str, t: &GrantedTty) -> PathBuf {
     }
 }
 
-/// The environment a command gets: `SAI_DEVICE_TTY<n>` and the aliases.
+/// The environment a command gets: `SAI_DEVICE_TTY<n>`,
+/// `SAI_DEVICE_RFC2217_<n>` (for the ttys with a known endpoint port) and
+/// the aliases.
 pub fn environment(
     board: &str,
     paths: &[PathBuf],
+    endpoints: &[Option<u16>],
     aliases: &[(String, usize)],
 ) -> Result<Vec<(String, String)>, String> {
     let mut env = vec![("SAI_DEVICE_BOARD".to_string(), board.to_string())];
     for (i, p) in paths.iter().enumerate() {
         env.push((format!("SAI_DEVICE_TTY{i}"), p.display().to_string()));
+        if let Some(Some(port)) = endpoints.get(i) {
+            env.push((format!("SAI_DEVICE_RFC2217_{i}"), ports::url(*port)));
+        }
     }
     for (k, idx) in aliases {
         let p = paths.get(*idx).ok_or_else(|| {
@@ -121,9 +130,47 @@ pub fn environment(
     Ok(env)
 }
 
+/// The RFC 2217 port of each of `links`, from the state file in
+/// `state_dir`. `devshim serve` writes a tty's entry before it publishes its
+/// links, so once the links exist the entries normally do too; they are
+/// waited for until `deadline`. A tty without one is reported and gets no
+/// `SAI_DEVICE_RFC2217_<n>`: the job may well not need it.
+pub fn endpoints(state_dir: &Path, links: &[PathBuf], deadline: Instant) -> Vec<Option<u16>> {
+    let file = ports::path(state_dir);
+    loop {
+        let (found, why) = match ports::read(state_dir) {
+            Ok(p) => {
+                let found: Vec<Option<u16>> =
+                    links.iter().map(|l| p.by_link(l).map(|e| e.port)).collect();
+                (found, format!("{} has no entry for it", file.display()))
+            }
+            // No state file at all: that devshim serve keeps none here.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                (vec![None; links.len()], format!("{}: {e}", file.display()))
+            }
+            Err(e) => (vec![None; links.len()], e.to_string()),
+        };
+        let gave_up =
+            found.iter().any(Option::is_none) && (Instant::now() >= deadline || !file.exists());
+        if found.iter().all(Option::is_some) || gave_up {
+            for (l, f) in links.iter().zip(&found) {
+                if f.is_none() {
+                    eprintln!(
+                        "devshim: no RFC 2217 endpoint for {} ({why}; is devshim serve running with --state-dir {}?)",
+                        l.display(),
+                        state_dir.display()
+                    );
+                }
+            }
+            return found;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Runs a lease to completion; returns the exit status to leave with.
-pub fn run(args: &LeaseArgs, dir: &Path, link_root: &Path) -> u8 {
-    match run_inner(args, dir, link_root) {
+pub fn run(args: &LeaseArgs, dir: &Path, link_root: &Path, state_dir: &Path) -> u8 {
+    match run_inner(args, dir, link_root, state_dir) {
         Ok(code) => code,
         Err((code, msg)) => {
             eprintln!("devshim: {msg}");
@@ -132,7 +179,12 @@ pub fn run(args: &LeaseArgs, dir: &Path, link_root: &Path) -> u8 {
     }
 }
 
-fn run_inner(args: &LeaseArgs, dir: &Path, link_root: &Path) -> Result<u8, (u8, String)> {
+fn run_inner(
+    args: &LeaseArgs,
+    dir: &Path,
+    link_root: &Path,
+    state_dir: &Path,
+) -> Result<u8, (u8, String)> {
     let control = dir.join(CONTROL_SOCKET);
     let sock = UnixStream::connect(&control).map_err(|e| {
         (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is /run/devbroker bound and devbroker running?)", control.display()))
@@ -222,19 +274,47 @@ fn run_inner(args: &LeaseArgs, dir: &Path, link_root: &Path) -> Result<u8, (u8, 
             std::thread::sleep(Duration::from_millis(10));
         }
     }
-    let env = environment(&granted.board, &paths, &args.aliases).map_err(|e| (EXIT_USAGE, e))?;
+    let ports = endpoints(state_dir, &paths, t0 + Duration::from_secs(10));
+    let env =
+        environment(&granted.board, &paths, &ports, &args.aliases).map_err(|e| (EXIT_USAGE, e))?;
     eprintln!(
         "devshim: got {} ({})",
         granted.board,
         paths
             .iter()
-            .map(|p| p.display().to_string())
+            .zip(&ports)
+            .map(|(p, port)| match port {
+                Some(port) => format!("{}, {}", p.display(), ports::url(*port)),
+                None => p.display().to_string(),
+            })
             .collect::<Vec<_>>()
-            .join(", ")
+            .join("; ")
     );
     let code = run_command(&args.command, &env);
+    // A tool that wrote and exited may still have bytes on the way: let its
+    // session finish (up to 2 s) before the lease, and the socket, go.
+    let t0 = Instant::now();
+    while t0.elapsed() < Duration::from_secs(2) && board_held(&mut w, &mut r, &granted.board) {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     drop(w); // the lease ends with the connection
     code
+}
+
+/// Whether a session holds any tty of `board` now, asked on the lease's
+/// own connection.
+fn board_held(w: &mut UnixStream, r: &mut BufReader<UnixStream>, board: &str) -> bool {
+    if w.write_all(&request_line(&Request::Status {})).is_err() {
+        return false;
+    }
+    let mut line = String::new();
+    match r.read_line(&mut line) {
+        Ok(n) if n > 0 => match serde_json::from_str::<Reply>(&line) {
+            Ok(Reply::Status(s)) => s.boards.iter().filter(|b| b.name == board).flat_map(|b| &b.ttys).any(|t| t.holder.is_some()),
+            _ => false,
+        },
+        _ => false,
+    }
 }
 
 /// Runs the command, forwarding SIGINT, SIGTERM and SIGHUP to it.
@@ -307,10 +387,21 @@ mod tests {
             PathBuf::from("/dev/serial/by-id/a"),
             PathBuf::from("/dev/serial/by-id/b"),
         ];
-        let env = environment("esp1", &paths, &[("ESPPORT".into(), 1)]).unwrap();
+        let env = environment(
+            "esp1",
+            &paths,
+            &[None, Some(4321)],
+            &[("ESPPORT".into(), 1)],
+        )
+        .unwrap();
         assert!(env.contains(&("SAI_DEVICE_TTY0".into(), "/dev/serial/by-id/a".into())));
         assert!(env.contains(&("ESPPORT".into(), "/dev/serial/by-id/b".into())));
-        assert!(environment("esp1", &paths, &[("X".into(), 2)])
+        assert!(env.contains(&(
+            "SAI_DEVICE_RFC2217_1".into(),
+            "rfc2217://127.0.0.1:4321".into()
+        )));
+        assert!(!env.iter().any(|(k, _)| k == "SAI_DEVICE_RFC2217_0"));
+        assert!(environment("esp1", &paths, &[], &[("X".into(), 2)])
             .unwrap_err()
             .contains("has 2 ttys"));
         let (al, cmd) = split_aliases(&s(&["A=0", "--", "sh", "-c", "x"])).unwrap();

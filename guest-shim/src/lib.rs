@@ -3,10 +3,15 @@
 //! For every tty socket the broker puts in a machine directory, devshim makes
 //! a pty and publishes it under the host's `/dev/serial/by-id` name, so tools
 //! open the path they always did. Data, baud changes, flushes and open/close
-//! travel to the real port over RFC 2217.
+//! travel to the real port over RFC 2217. Each tty is also served as RFC
+//! 2217 on `127.0.0.1` for clients that need DTR, RTS, break, parity or data
+//! size, which a pty can't carry.
 
+pub mod ctl;
+pub mod endpoint;
 pub mod lease;
 pub mod links;
+pub mod ports;
 pub mod pty;
 pub mod serve;
 pub mod tty;

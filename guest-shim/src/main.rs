@@ -20,10 +20,26 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Run line control on the host next to a board's port: a named sequence
+    /// (reset, bootloader, esp32-bootloader, ...) or steps such as
+    /// `dtr=0 rts=1 break=250ms baud=115200 sleep=100ms`.
+    Ctl {
+        board: String,
+        /// SEQUENCE, or STEP...
+        #[arg(required = true, num_args = 1..)]
+        what: Vec<String>,
+        /// The tty [default: the board's first].
+        #[arg(long)]
+        tty: Option<String>,
+        #[arg(long, default_value = "/run/devbroker")]
+        dir: PathBuf,
+    },
     /// Wait for a board, run COMMAND with its ttys exported, give the board back.
     ///
-    /// Exports SAI_DEVICE_TTY<n> (the guest path of tty n), SAI_DEVICE_BOARD,
-    /// and each ENV=IDX alias (e.g. ESPPORT=0). Exits with COMMAND's status,
+    /// Exports SAI_DEVICE_TTY<n> (the guest path of tty n),
+    /// SAI_DEVICE_RFC2217_<n> (rfc2217://127.0.0.1:PORT, its RFC 2217
+    /// endpoint), SAI_DEVICE_BOARD, and each ENV=IDX alias (e.g. ESPPORT=0),
+    /// which names the tty's path. Exits with COMMAND's status,
     /// or 75 if no board could be had. Invoked as `sai-device TYPE [ENV=IDX
     /// ...] COMMAND...` it takes Sai's command line.
     Lease {
@@ -38,6 +54,9 @@ enum Cmd {
         dir: PathBuf,
         #[arg(long, default_value = "/dev")]
         link_root: PathBuf,
+        /// Where `devshim serve` keeps the state file of the RFC 2217 ports.
+        #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
+        state_dir: PathBuf,
         /// [TYPE] [ENV=IDX ...] -- COMMAND [ARGS...]
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1.., value_name = "[TYPE] [ENV=IDX ...] -- COMMAND")]
         rest: Vec<String>,
@@ -53,7 +72,47 @@ enum Cmd {
         /// The user who runs jobs and owns the ptys (name or uid, from /etc/passwd).
         #[arg(long, default_value = "sai")]
         user: String,
+        /// Where the state file of the RFC 2217 ports (ports.json) is kept.
+        #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
+        state_dir: PathBuf,
     },
+    /// List the attached ttys: guest path and RFC 2217 endpoint.
+    List {
+        #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
+        state_dir: PathBuf,
+        /// Print the state file (JSON) instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `devshim list`.
+fn list(state_dir: &std::path::Path, json: bool) -> std::process::ExitCode {
+    let ports = match devshim::ports::read(state_dir) {
+        Ok(p) => p,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!(
+                "devshim: {} does not exist: is devshim serve running (with --state-dir {})?",
+                devshim::ports::path(state_dir).display(),
+                state_dir.display()
+            );
+            return std::process::ExitCode::FAILURE;
+        }
+        Err(e) => {
+            eprintln!("devshim: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    let out = if json {
+        String::from_utf8(ports.to_bytes()).expect("JSON is UTF-8")
+    } else {
+        ports.table()
+    };
+    use std::io::Write;
+    match std::io::stdout().write_all(out.as_bytes()) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(_) => std::process::ExitCode::FAILURE,
+    }
 }
 
 fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
@@ -84,10 +143,13 @@ fn main() -> std::process::ExitCode {
                     std::env::var_os("DEVBROKER_DIR").unwrap_or_else(|| "/run/devbroker".into());
                 let links =
                     std::env::var_os("DEVBROKER_LINK_ROOT").unwrap_or_else(|| "/dev".into());
+                let state = std::env::var_os("DEVBROKER_STATE_DIR")
+                    .unwrap_or_else(|| devshim::ports::DEFAULT_DIR.into());
                 std::process::ExitCode::from(devshim::lease::run(
                     &args,
                     std::path::Path::new(&dir),
                     std::path::Path::new(&links),
+                    std::path::Path::new(&state),
                 ))
             }
             Err(e) => {
@@ -104,11 +166,24 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
+    if let Cmd::Ctl { board, what, tty, dir } = &cli.cmd {
+        return match devshim::ctl::request(board, tty.clone(), what) {
+            Ok(req) => std::process::ExitCode::from(devshim::ctl::run(dir, &req)),
+            Err(e) => {
+                eprintln!("devshim: {e}");
+                std::process::ExitCode::from(2)
+            }
+        };
+    }
+    if let Cmd::List { state_dir, json } = &cli.cmd {
+        return list(state_dir, *json);
+    }
     if let Cmd::Lease {
         board,
         wait,
         dir,
         link_root,
+        state_dir,
         rest,
     } = &cli.cmd
     {
@@ -137,7 +212,7 @@ fn main() -> std::process::ExitCode {
             aliases,
             command,
         };
-        return std::process::ExitCode::from(devshim::lease::run(&args, dir, link_root));
+        return std::process::ExitCode::from(devshim::lease::run(&args, dir, link_root, state_dir));
     }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -145,11 +220,12 @@ fn main() -> std::process::ExitCode {
         .expect("tokio runtime");
     let result = rt.block_on(async {
         match cli.cmd {
-            Cmd::Lease { .. } => unreachable!("handled above"),
+            Cmd::Lease { .. } | Cmd::List { .. } | Cmd::Ctl { .. } => unreachable!("handled above"),
             Cmd::Serve {
                 dir,
                 link_root,
                 user,
+                state_dir,
             } => {
                 let user = devshim::users::lookup(std::path::Path::new("/"), &user)
                     .map_err(anyhow::Error::msg)?;
@@ -166,6 +242,7 @@ fn main() -> std::process::ExitCode {
                         dir,
                         link_root,
                         user,
+                        state_dir,
                     },
                     shutdown,
                 )

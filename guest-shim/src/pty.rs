@@ -28,7 +28,7 @@ pub mod pkt {
 /// A pty whose master devshim holds.
 pub struct Pty {
     master: AsyncFd<OwnedFd>,
-    _slave: OwnedFd,
+    slave: OwnedFd,
     /// `/dev/pts/N`.
     pub path: PathBuf,
 }
@@ -80,7 +80,7 @@ impl Pty {
         let master = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
         let pty = Pty {
             master,
-            _slave: slave,
+            slave,
             path,
         };
         pty.drain_status();
@@ -99,6 +99,29 @@ impl Pty {
                 break;
             }
         }
+    }
+
+    /// Drops what waits for a tool to read (the slave's input queue), as a
+    /// real port does on its last close. Packet mode is off meanwhile, so
+    /// the flush is not reported back as a tool's `tcflush`.
+    pub fn discard_input(&self) -> io::Result<()> {
+        let mfd = self.master_fd();
+        let packet = |on: libc::c_int| -> io::Result<()> {
+            // SAFETY: TIOCPKT reads one int.
+            if unsafe { libc::ioctl(mfd, libc::TIOCPKT, &on) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            Ok(())
+        };
+        packet(0)?;
+        // SAFETY: tcflush on the slave descriptor this pty owns.
+        let flushed = if unsafe { libc::tcflush(self.slave.as_raw_fd(), libc::TCIFLUSH) } < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(())
+        };
+        packet(1)?;
+        flushed
     }
 
     /// The tool's settings, read through the master.

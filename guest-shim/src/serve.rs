@@ -5,6 +5,11 @@
 //! alive and the index (`ttys.json`) is trusted; when it closes, every tty is
 //! taken down (tools read `EIO`, links go), and devshim reconnects as soon as
 //! the control socket is back — on its inotify event, or within a second.
+//!
+//! Each tty is also served as RFC 2217 on a `127.0.0.1` port of its own
+//! ([`crate::endpoint`]), for as long as its actor runs; the ports are listed
+//! in the state file ([`crate::ports`]), rewritten before a new tty's links
+//! appear and after a withdrawn tty's endpoint is closed.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -21,8 +26,10 @@ use tracing::{info, warn};
 use wire::control::{request_line, Reply, Request, VERSION};
 use wire::manifest::{Entry, Manifest, CONTROL_SOCKET, FILE as MANIFEST};
 
+use crate::ports::{self, PortEntry};
 use crate::tty::{self, TtySpec};
 use crate::users::User;
+use crate::{endpoint, links};
 
 /// Where devshim reads sockets and publishes links.
 #[derive(Debug, Clone)]
@@ -30,12 +37,94 @@ pub struct Options {
     pub dir: PathBuf,
     pub link_root: PathBuf,
     pub user: User,
+    /// Where the state file of the RFC 2217 endpoints is kept.
+    pub state_dir: PathBuf,
 }
 
 struct Actor {
     entry: Entry,
     cancel: CancellationToken,
     task: JoinHandle<()>,
+    /// The RFC 2217 endpoint's port and task; `None` while it could not be
+    /// bound (retried every second).
+    endpoint: Option<(u16, JoinHandle<()>)>,
+}
+
+impl Actor {
+    async fn stop(self) {
+        self.cancel.cancel();
+        let _ = self.task.await;
+        if let Some((_, t)) = self.endpoint {
+            let _ = t.await;
+        }
+    }
+}
+
+/// Starts a tty's endpoint, or says why it can't.
+fn start_endpoint(
+    opts: &Options,
+    entry: &Entry,
+    cancel: &CancellationToken,
+) -> Option<(u16, JoinHandle<()>)> {
+    match endpoint::bind() {
+        Ok((listener, port)) => {
+            info!(tty = %entry.short_name(), "RFC 2217 on {}", ports::url(port));
+            let task = tokio::spawn(endpoint::run(
+                listener,
+                opts.dir.join(entry.socket()),
+                entry.short_name(),
+                cancel.clone(),
+            ));
+            Some((port, task))
+        }
+        Err(e) => {
+            warn!(tty = %entry.short_name(), "can't listen on 127.0.0.1: {e}; trying again in a second");
+            None
+        }
+    }
+}
+
+/// The guest path a tty is published at (its by-id link, else `devbroker/<board>.<tty>`).
+pub fn guest_link(link_root: &Path, entry: &Entry) -> PathBuf {
+    links::paths(link_root, entry.by_id.as_deref(), &entry.short_name()).remove(0)
+}
+
+/// A tty's line in the state file.
+fn port_entry(opts: &Options, entry: &Entry, port: u16) -> PortEntry {
+    PortEntry {
+        board: entry.board.clone(),
+        tty: entry.tty.clone(),
+        by_id: entry.by_id.clone(),
+        link: guest_link(&opts.link_root, entry),
+        port,
+        pid: std::process::id(),
+    }
+}
+
+/// Rewrites this devshim's entries in the state file; a failure is logged
+/// (loudly the first time).
+fn write_state(opts: &Options, mine: &[PortEntry], warned: &mut bool) {
+    match ports::publish(&opts.state_dir, &opts.link_root, mine) {
+        Ok(()) => {
+            *warned = false;
+            tracing::debug!(
+                "{} updated ({} ttys)",
+                ports::path(&opts.state_dir).display(),
+                mine.len()
+            )
+        }
+        Err(e) if !*warned => {
+            *warned = true;
+            warn!(
+                "can't write {}: {e}; `devshim list` and `devshim lease` won't see the RFC 2217 ports",
+                ports::path(&opts.state_dir).display()
+            )
+        }
+        Err(e) => tracing::debug!(
+            "can't write {}: {e}",
+            ports::path(&opts.state_dir).display()
+        ),
+    }
 }
 
 /// Which actors to stop and which entries to start, from what runs now and
@@ -154,7 +243,11 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     let mut control: Option<UnixStream> = None;
     let mut actors: BTreeMap<String, Actor> = BTreeMap::new();
     let control_path = opts.dir.join(CONTROL_SOCKET);
-    info!(dir = %opts.dir.display(), links = %opts.link_root.display(), user = %opts.user.name, "devshim serving");
+    info!(dir = %opts.dir.display(), links = %opts.link_root.display(), user = %opts.user.name, state = %opts.state_dir.display(), "devshim serving");
+    // Entries a previous devshim on these links left behind are stale.
+    let mut state_warned = false;
+    let mut published: Vec<PortEntry> = Vec::new();
+    write_state(&opts, &published, &mut state_warned);
     loop {
         if control.is_none() && control_path.exists() {
             match connect_control(&control_path).await {
@@ -179,11 +272,32 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         let (stop, start) = plan(&running, &want);
         for k in stop {
             if let Some(a) = actors.remove(&k) {
-                a.cancel.cancel();
-                let _ = a.task.await;
+                a.stop().await;
             }
         }
+        for a in actors.values_mut().filter(|a| a.endpoint.is_none()) {
+            a.endpoint = start_endpoint(&opts, &a.entry, &a.cancel);
+        }
+        // The endpoints of new ttys listen, and are in the state file, before
+        // their links appear: whoever sees a link finds its port.
+        let mut starting = Vec::new();
         for entry in start {
+            let cancel = shutdown.child_token();
+            let endpoint = start_endpoint(&opts, &entry, &cancel);
+            starting.push((entry, cancel, endpoint));
+        }
+        let mut mine: Vec<PortEntry> = actors
+            .values()
+            .map(|a| (&a.entry, &a.endpoint))
+            .chain(starting.iter().map(|(e, _, ep)| (e, ep)))
+            .filter_map(|(e, ep)| Some(port_entry(&opts, e, ep.as_ref()?.0)))
+            .collect();
+        mine.sort();
+        if mine != published {
+            write_state(&opts, &mine, &mut state_warned);
+            published = mine;
+        }
+        for (entry, cancel, endpoint) in starting {
             let spec = TtySpec {
                 socket: opts.dir.join(entry.socket()),
                 entry: entry.clone(),
@@ -191,7 +305,6 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 uid: opts.user.uid,
                 gid: opts.user.gid,
             };
-            let cancel = shutdown.child_token();
             let task = tokio::spawn(tty::run(spec, cancel.clone()));
             actors.insert(
                 entry.socket(),
@@ -199,9 +312,11 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                     entry,
                     cancel,
                     task,
+                    endpoint,
                 },
             );
         }
+        let unbound = actors.values().any(|a| a.endpoint.is_none());
         tokio::select! {
             _ = shutdown.cancelled() => break,
             ev = events.next() => if let Some(Err(e)) = ev { warn!("inotify: {e}") },
@@ -209,13 +324,13 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 info!("the broker went away; taking the ttys down until it is back");
                 control = None;
             }
-            _ = tokio::time::sleep(Duration::from_secs(1)), if control.is_none() => {}
+            _ = tokio::time::sleep(Duration::from_secs(1)), if control.is_none() || unbound => {}
         }
     }
     for (_, a) in actors {
-        a.cancel.cancel();
-        let _ = a.task.await;
+        a.stop().await;
     }
+    write_state(&opts, &[], &mut state_warned);
     Ok(())
 }
 

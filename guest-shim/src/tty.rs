@@ -310,7 +310,22 @@ async fn session(
     };
     if let End::ToolClosed = end {
         // Let the broker close the port before another session may start.
-        let _ = tokio::time::timeout(Duration::from_secs(3), &mut down).await;
+        // What the board sent for the tool that left is not for the next
+        // one: drop it, again and again while `down` still writes (a pty
+        // nobody reads would block it until the timeout), and once more after.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        loop {
+            if let Err(e) = pty.discard_input() {
+                debug!("can't discard the pty's input: {e}");
+            }
+            let step = (tokio::time::Instant::now() + Duration::from_millis(20)).min(deadline);
+            if tokio::time::timeout_at(step, &mut down).await.is_ok() || step >= deadline {
+                break;
+            }
+        }
+        if let Err(e) = pty.discard_input() {
+            debug!("can't discard the pty's input: {e}");
+        }
     }
     end
 }

@@ -120,10 +120,9 @@ fn waiters_from_two_machines_and_a_host_user_get_the_board_in_order() {
         .collect();
     assert_eq!(lines, ["A", "B"]);
     // While C holds it, no machine has its socket.
-    assert!(
-        !w.run.join("machines/ci1/esp1.console.sock").exists()
-            && !w.run.join("machines/ci2/esp1.console.sock").exists()
-    );
+    wait_for(S, "the machines' sockets to go", || {
+        !w.run.join("machines/ci1/esp1.console.sock").exists() && !w.run.join("machines/ci2/esp1.console.sock").exists()
+    });
     assert!(w.run.join("host/esp1.console.sock").exists());
 }
 

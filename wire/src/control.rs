@@ -34,6 +34,24 @@ pub enum Request {
     },
     /// Gives a leased board back (closing the connection does too).
     Release { board: String },
+    /// What a board's console printed (the ring); with `follow`, then each
+    /// new chunk as it comes, until the connection closes.
+    Log {
+        board: String,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Runs a named sequence (`sequence`) or explicit steps (`steps`, e.g.
+    /// "dtr=0 rts=1 sleep=100ms rts=0") on a board's tty, on the host.
+    Run {
+        board: String,
+        #[serde(default)]
+        tty: Option<String>,
+        #[serde(default)]
+        sequence: Option<String>,
+        #[serde(default)]
+        steps: Option<String>,
+    },
 }
 
 /// The broker's reply to one request.
@@ -58,9 +76,23 @@ pub enum Reply {
     Released {
         board: String,
     },
+    /// Console output (lossy UTF-8).
+    Log { board: String, text: String },
+    /// A sequence ran: each step and how late it started.
+    Ran { board: String, steps: Vec<StepTiming> },
     Error {
         message: String,
     },
+}
+
+/// One step of a sequence as it ran.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StepTiming {
+    pub step: String,
+    /// When it was due, from the sequence's start.
+    pub nominal_us: u64,
+    /// How late it started.
+    pub late_us: f64,
 }
 
 /// A board in a `list` reply.
