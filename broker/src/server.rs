@@ -54,6 +54,23 @@ impl Drop for Listener {
     }
 }
 
+impl Listener {
+    /// Withdraws a tty socket whose lease moved on: the file goes at once, so
+    /// nobody new connects, but a client already queued is still served, and
+    /// its session — like any from this socket — ends after
+    /// [`LEASE_END_GRACE`](crate::state::LEASE_END_GRACE): what a job wrote
+    /// just before it ended still reaches the board.
+    fn retire(self) {
+        let _ = fs::remove_file(&self.path);
+        let cancel = self.cancel.clone();
+        std::mem::forget(self);
+        tokio::spawn(async move {
+            tokio::time::sleep(crate::state::LEASE_END_GRACE).await;
+            cancel.cancel();
+        });
+    }
+}
+
 /// Runs the broker until `shutdown` is cancelled, then removes what it made
 /// (sockets and indexes; machine directories stay, as containers bind them).
 pub async fn run(
@@ -73,7 +90,6 @@ pub async fn run(
         fixed.push(Listener { path, cancel });
         Ok(())
     };
-    control(opts.run_dir.join(ADMIN_SOCKET), 0o600, Scope::Admin)?;
     control(
         opts.run_dir.join("host").join(CONTROL_SOCKET),
         0o666,
@@ -90,6 +106,8 @@ pub async fn run(
         manifests.insert(m.clone(), empty.clone());
         control(dir.join(CONTROL_SOCKET), 0o666, Scope::Machine(m.clone()))?;
     }
+    // Last: once the admin socket answers, every control socket is there.
+    control(opts.run_dir.join(ADMIN_SOCKET), 0o600, Scope::Admin)?;
 
     info!("watching {}", source.describe());
     let mut stream = source.watch().context("can't start the discovery source")?;
@@ -131,8 +149,12 @@ pub async fn run(
         }
         let has = |m: &str, b: &str| shared.machine_has(m, b);
         let want = plan::sockets(&config, &present, &has);
-        listeners.retain(|rel, _| want.contains_key(rel));
-        shared.end_sessions_outside(&|p| want.contains_key(p));
+        let gone: Vec<PathBuf> = listeners.keys().filter(|rel| !want.contains_key(*rel)).cloned().collect();
+        for rel in gone {
+            if let Some(l) = listeners.remove(&rel) {
+                l.retire();
+            }
+        }
         for m in &machines {
             let man = plan::manifest(&config, &present, m, &has);
             if manifests.get(m) != Some(&man) {
@@ -152,11 +174,10 @@ pub async fn run(
                     let cancel = shutdown.child_token();
                     info!(socket = %path.display(), "serving {}", spec.tty);
                     let ctx = Ctx {
-                        rel: rel.clone(),
                         spec,
                         shared: shared.clone(),
                         etc: opts.etc.clone(),
-                        root: shutdown.clone(),
+                        sessions: cancel.clone(),
                     };
                     tokio::spawn(accept_loop(l, ctx, cancel.clone()));
                     listeners.insert(rel, Listener { path, cancel });
@@ -176,12 +197,12 @@ pub async fn run(
 /// What a tty socket's connections need.
 #[derive(Clone)]
 struct Ctx {
-    /// The socket, relative to the run directory.
-    rel: PathBuf,
     spec: SocketSpec,
     shared: Shared,
     etc: PathBuf,
-    root: CancellationToken,
+    /// Ends this socket's sessions: cancelled when the socket is withdrawn
+    /// (after a grace) or the broker stops.
+    sessions: CancellationToken,
 }
 
 async fn accept_loop(l: UnixListener, ctx: Ctx, cancel: CancellationToken) {
@@ -225,7 +246,7 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
     };
     match ctx
         .shared
-        .acquire(&ctx.spec.tty, &ctx.rel, who, peer.pid, &ctx.root)
+        .acquire(&ctx.spec.tty, who, peer.pid, &ctx.sessions)
     {
         Ok(guard) => {
             session::run(sock, guard, label).await;

@@ -31,9 +31,6 @@ pub struct Counters {
 #[derive(Debug)]
 struct Session {
     id: u64,
-    /// The socket it came through, relative to the run directory: a session
-    /// ends when its socket is withdrawn (the lease moved on).
-    socket: std::path::PathBuf,
     who: String,
     pid: Option<i32>,
     since: SystemTime,
@@ -482,24 +479,6 @@ impl Shared {
         }
     }
 
-    /// Ends sessions that came through sockets no longer served (the lease
-    /// moved on), after [`LEASE_END_GRACE`]: what a job wrote just before it
-    /// ended still reaches the board, as a real port drains on close.
-    pub fn end_sessions_outside(&self, served: &dyn Fn(&std::path::Path) -> bool) {
-        let inner = self.inner.lock().unwrap();
-        for t in inner.ttys.values() {
-            if let Some(s) = &t.session {
-                if !served(&s.socket) {
-                    let cancel = s.cancel.clone();
-                    tokio::spawn(async move {
-                        tokio::time::sleep(LEASE_END_GRACE).await;
-                        cancel.cancel();
-                    });
-                }
-            }
-        }
-    }
-
     /// Records which adapter each tty has now; sessions of a tty whose
     /// adapter went away or changed are cancelled.
     pub fn set_present(&self, present: &BTreeMap<TtyKey, Adapter>) {
@@ -521,7 +500,6 @@ impl Shared {
     pub fn acquire(
         &self,
         key: &TtyKey,
-        socket: &std::path::Path,
         who: String,
         pid: Option<i32>,
         parent: &CancellationToken,
@@ -556,7 +534,6 @@ impl Shared {
         let t = inner.ttys.get_mut(key).expect("checked above");
         t.session = Some(Session {
             id,
-            socket: socket.to_path_buf(),
             who,
             pid,
             since: SystemTime::now(),
@@ -659,7 +636,6 @@ mod tests {
         assert!(shared
             .acquire(
                 &key,
-                std::path::Path::new("s"),
                 "machine m".into(),
                 None,
                 &root
@@ -678,7 +654,6 @@ mod tests {
         let g = shared
             .acquire(
                 &key,
-                std::path::Path::new("s"),
                 "machine m".into(),
                 Some(7),
                 &root,
@@ -687,7 +662,6 @@ mod tests {
         let refusal = shared
             .acquire(
                 &key,
-                std::path::Path::new("s"),
                 "machine n".into(),
                 None,
                 &root,

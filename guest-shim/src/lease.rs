@@ -291,8 +291,10 @@ fn run_inner(
             .join("; ")
     );
     let code = run_command(&args.command, &env);
-    // A tool that wrote and exited may still have bytes on the way: let its
-    // session finish (up to 2 s) before the lease, and the socket, go.
+    // A tool that wrote and exited may still have bytes on the way: give
+    // devshim a moment to start their session, then let it finish (up to
+    // 2 s) before the lease, and the socket, go.
+    std::thread::sleep(Duration::from_millis(250));
     let t0 = Instant::now();
     while t0.elapsed() < Duration::from_secs(2) && board_held(&mut w, &mut r, &granted.board) {
         std::thread::sleep(Duration::from_millis(20));

@@ -238,7 +238,7 @@ mod tests {
             2000,
             std::process::id(),
         );
-        publish(&state, &mine_root, &[a.clone()]).unwrap();
+        publish(&state, &mine_root, std::slice::from_ref(&a)).unwrap();
         let p = read(&state).unwrap();
         assert_eq!(p.ttys.len(), 2, "{p:?}");
         assert_eq!(p.by_link(&live).unwrap().port, 1000);

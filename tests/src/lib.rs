@@ -193,6 +193,8 @@ impl World {
             .arg("--link-root")
             .arg(self.guest(machine))
             .args(["--user", &nix::unistd::getuid().to_string()])
+            .arg("--state-dir")
+            .arg(self.state_dir(machine))
             .env("DEVSHIM_LOG", "debug")
             .die_with_parent()
             .stdout(Stdio::null())
@@ -203,6 +205,11 @@ impl World {
             child,
             name: format!("devshim {machine}"),
         }
+    }
+
+    /// A machine's devshim state directory (its RFC 2217 endpoints).
+    pub fn state_dir(&self, machine: &str) -> PathBuf {
+        self.path(&format!("guest/{machine}/run/devshim"))
     }
 
     /// A machine's guest `/dev`.

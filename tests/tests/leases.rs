@@ -32,6 +32,8 @@ fn lease_cmd(w: &World, machine: &str, args: &[&str]) -> Command {
         .arg(w.run.join("machines").join(machine))
         .arg("--link-root")
         .arg(w.guest(machine))
+        .arg("--state-dir")
+        .arg(w.state_dir(machine))
         .args(args)
         .die_with_parent()
         .process_group(0);
@@ -144,6 +146,7 @@ fn sai_device_exports_the_ttys_and_returns_the_status() {
         .args(["esp-heltec-wb32", "ESPPORT=0", "sh", "-c", &script])
         .env("DEVBROKER_DIR", w.run.join("machines/ci1"))
         .env("DEVBROKER_LINK_ROOT", w.guest("ci1"))
+        .env("DEVBROKER_STATE_DIR", w.state_dir("ci1"))
         .die_with_parent()
         .output()
         .unwrap();
