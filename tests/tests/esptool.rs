@@ -1,0 +1,382 @@
+//! esptool through devshim's RFC 2217 endpoint: a pinned esptool (from PyPI,
+//! in a venv made once per machine) runs `read_mac` with `--baud 460800`
+//! over `rfc2217://127.0.0.1:PORT?ign_set_control` against a small ESP32
+//! ROM-loader responder (`tests/esp_rom_responder.py`) behind the fake
+//! board: reset through DTR/RTS, sync, chip detection, eFuse reads, the stub
+//! upload, the switch to 460800 (which must reach the board's termios) and
+//! the flash ID all go through the broker and devshim.
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use devbroker_tests::*;
+
+/// The esptool the test runs, pinned so the protocol it speaks is known.
+const ESPTOOL_VERSION: &str = "4.8.1";
+const FTDI: &str = "usb-FTDI_FT232R_USB_UART_E5P32A-if00-port0";
+const MAC: &str = "24:0a:c4:12:34:56";
+const S: Duration = Duration::from_secs(1);
+
+/// A board only machine ci1 uses: its socket is there without a lease.
+const DEDICATED: &str = r#"
+[[board]]
+name = "esp1"
+compatible = ["esp32"]
+machines = ["ci1"]
+
+[[board.tty]]
+name = "console"
+match = { by-id = "usb-FTDI_FT232R_USB_UART_E5P32A-if00-port0" }
+"#;
+
+/// An exclusive `flock` on a file, released on drop.
+struct FileLock(#[allow(dead_code)] std::fs::File);
+
+fn lock(path: &Path) -> Result<FileLock, String> {
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    loop {
+        // SAFETY: flock on a valid fd.
+        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
+            return Ok(FileLock(f));
+        }
+        let e = std::io::Error::last_os_error();
+        if e.kind() != std::io::ErrorKind::Interrupted {
+            return Err(format!("locking {}: {e}", path.display()));
+        }
+    }
+}
+
+/// Runs `cmd`; on failure, says why with the last lines of its output.
+fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
+    let out = cmd
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("{what}: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    let tail: Vec<&str> = text.lines().rev().take(5).collect();
+    let tail: Vec<&str> = tail.into_iter().rev().collect();
+    Err(format!(
+        "{what} failed ({}): {}",
+        out.status,
+        tail.join(" | ")
+    ))
+}
+
+/// True when `venv`'s python imports esptool at the pinned version.
+fn venv_works(venv: &Path) -> bool {
+    Command::new(venv.join("bin/python"))
+        .args([
+            "-c",
+            &format!("import esptool, sys; sys.exit(esptool.__version__ != {ESPTOOL_VERSION:?})"),
+        ])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
+}
+
+/// A venv with esptool ESPTOOL_VERSION, made once per machine under the
+/// test cache (`$DEVBROKER_TEST_CACHE` or /var/cache/devbroker-tests, else
+/// the temp dir when that is not writable), under a file lock, built in a
+/// temp dir and renamed into place. Run it as `VENV/bin/python -m esptool`:
+/// the venv's scripts name the temp dir in their `#!` line, its python finds
+/// the venv by its own location.
+fn esptool_venv() -> Result<PathBuf, String> {
+    let mut cache = container::cache_dir();
+    if std::fs::create_dir_all(&cache).is_err()
+        || nix::unistd::access(&cache, nix::unistd::AccessFlags::W_OK).is_err()
+    {
+        cache = std::env::temp_dir().join("devbroker-tests");
+        std::fs::create_dir_all(&cache)
+            .map_err(|e| format!("creating {}: {e}", cache.display()))?;
+    }
+    let venv = cache.join(format!("esptool-venv-{ESPTOOL_VERSION}"));
+    if venv_works(&venv) {
+        return Ok(venv);
+    }
+    let _lock = lock(&cache.join(format!("esptool-venv-{ESPTOOL_VERSION}.lock")))?;
+    if venv_works(&venv) {
+        return Ok(venv);
+    }
+    let tmp = tempfile::Builder::new()
+        .prefix(&format!(".esptool-venv-{ESPTOOL_VERSION}-"))
+        .tempdir_in(&cache)
+        .map_err(|e| format!("temp dir in {}: {e}", cache.display()))?;
+    let build = tmp.path().join("venv");
+    run(
+        Command::new("/usr/bin/python3")
+            .args(["-m", "venv"])
+            .arg(&build),
+        "/usr/bin/python3 -m venv (apt-get install python3-venv)",
+    )?;
+    run(
+        Command::new(build.join("bin/python"))
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--disable-pip-version-check",
+                "--no-input",
+                "--retries",
+                "1",
+                "--timeout",
+                "15",
+                &format!("esptool=={ESPTOOL_VERSION}"),
+            ])
+            .env("PIP_NO_INPUT", "1"),
+        &format!("pip install esptool=={ESPTOOL_VERSION}"),
+    )?;
+    if !venv_works(&build) {
+        return Err(format!(
+            "esptool {ESPTOOL_VERSION} does not import in {}",
+            build.display()
+        ));
+    }
+    // A broken leftover (the check above failed) makes way for the new one.
+    let _ = std::fs::remove_dir_all(&venv);
+    std::fs::rename(&build, &venv).map_err(|e| format!("renaming into {}: {e}", venv.display()))?;
+    if !venv_works(&venv) {
+        return Err(format!(
+            "esptool does not import from {} after the rename",
+            venv.display()
+        ));
+    }
+    Ok(venv)
+}
+
+/// The RFC 2217 port of the tty published at `link`, from `devshim list --json`.
+fn endpoint_port(w: &World, link: &Path) -> u16 {
+    let mut port = 0;
+    wait_for(
+        5 * S,
+        &format!("{} in devshim list", link.display()),
+        || {
+            let out = Command::new(devshim())
+                .args(["list", "--json", "--state-dir"])
+                .arg(w.state_dir("ci1"))
+                .output()
+                .unwrap();
+            if !out.status.success() {
+                return false;
+            }
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+            port = v["ttys"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .find(|e| e["link"] == link.display().to_string())
+                .and_then(|e| e["port"].as_u64())
+                .unwrap_or(0) as u16;
+            port != 0
+        },
+    );
+    port
+}
+
+/// The responder, with the board side of `board` as its fd 3.
+fn responder(w: &World, board: &FakeBoard, log: &Path) -> Proc {
+    use std::os::unix::process::CommandExt;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("esp_rom_responder.py");
+    let fd = board.master_fd();
+    let mut cmd = Command::new("/usr/bin/python3");
+    cmd.arg(&script)
+        .arg(log)
+        .arg(MAC)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(w.path("responder-stderr.log")).unwrap())
+        .die_with_parent();
+    // SAFETY: dup2 and fcntl are async-signal-safe.
+    unsafe {
+        cmd.pre_exec(move || {
+            if fd == 3 {
+                // dup2(3, 3) would leave close-on-exec set.
+                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            } else if libc::dup2(fd, 3) == -1 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    Proc {
+        child: cmd.spawn().unwrap(),
+        name: "esp_rom_responder".into(),
+    }
+}
+
+#[test]
+fn esptool_read_mac_at_460800_through_the_endpoint() {
+    let t0 = Instant::now();
+    let venv = match esptool_venv() {
+        Ok(v) => v,
+        Err(e) => {
+            println!("skipped: esptool can't be installed here: {e}");
+            return;
+        }
+    };
+    println!(
+        "esptool {ESPTOOL_VERSION} venv {} ready in {:?}",
+        venv.display(),
+        t0.elapsed()
+    );
+
+    let w = World::new(DEDICATED);
+    let board = w.plug(FTDI);
+    let _broker = w.broker();
+    let _shim = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let port = endpoint_port(&w, &link);
+
+    let resp_log = w.path("responder.log");
+    let _responder = responder(&w, &board, &resp_log);
+    let said = || std::fs::read_to_string(&resp_log).unwrap_or_default();
+    wait_for(10 * S, "the responder to start", || {
+        said().contains("ready")
+    });
+
+    // The rates the board's termios goes through while esptool runs.
+    let rates = Mutex::new(Vec::<u32>::new());
+    let done = AtomicBool::new(false);
+    let t1 = Instant::now();
+    let (status, stdout, stderr) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !done.load(Ordering::Relaxed) {
+                let r = board.baud();
+                let mut v = rates.lock().unwrap();
+                if v.last() != Some(&r) {
+                    v.push(r);
+                }
+                drop(v);
+                std::thread::sleep(Duration::from_millis(1));
+            }
+        });
+        let mut child = Command::new(venv.join("bin/python"))
+            .args(["-m", "esptool", "--chip", "esp32", "--port"])
+            .arg(format!("rfc2217://127.0.0.1:{port}?ign_set_control"))
+            .args([
+                "--baud",
+                "460800",
+                "--before",
+                "default_reset",
+                "--after",
+                "hard_reset",
+                "read_mac",
+            ])
+            // No esptool.cfg/setup.cfg of the checkout or the user's settings.
+            .current_dir(w.tmp.path())
+            .env("HOME", w.tmp.path())
+            .env("PYTHONUNBUFFERED", "1")
+            .env_remove("ESPTOOL_BEFORE")
+            .env_remove("ESPTOOL_AFTER")
+            .env_remove("ESPTOOL_BAUD")
+            .env_remove("ESPTOOL_PORT")
+            .env_remove("ESPTOOL_CHIP")
+            .env_remove("ESPTOOL_CFGFILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .die_with_parent()
+            .spawn()
+            .unwrap();
+        let mut out = child.stdout.take().unwrap();
+        let mut err = child.stderr.take().unwrap();
+        let out_t = s.spawn(move || {
+            let mut v = String::new();
+            let _ = out.read_to_string(&mut v);
+            v
+        });
+        let err_t = s.spawn(move || {
+            let mut v = String::new();
+            let _ = err.read_to_string(&mut v);
+            v
+        });
+        let status = loop {
+            if let Some(st) = child.try_wait().unwrap() {
+                break Some(st);
+            }
+            if t1.elapsed() > 60 * S {
+                let _ = child.kill();
+                let _ = child.wait();
+                break None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        done.store(true, Ordering::Relaxed);
+        (status, out_t.join().unwrap(), err_t.join().unwrap())
+    });
+    let took = t1.elapsed();
+    let rates = rates.into_inner().unwrap();
+    let report = format!(
+        "esptool stdout:\n{stdout}\nesptool stderr:\n{stderr}\nboard rates seen: {rates:?}\n{}",
+        w.logs()
+    );
+    let status = status.unwrap_or_else(|| panic!("esptool ran over 60 s\n{report}"));
+    assert!(status.success(), "esptool failed: {status}\n{report}");
+    println!("esptool read_mac took {took:?}; board rates {rates:?}");
+
+    // What esptool found: the responder's chip, its MAC (read from the ROM
+    // and again from the stub), and the switch to 460800.
+    assert!(
+        stdout.contains("Chip is ESP32-D0WD (revision v1.0)"),
+        "{report}"
+    );
+    assert!(stdout.contains("Crystal is 40MHz"), "{report}");
+    assert_eq!(
+        stdout.matches(&format!("MAC: {MAC}")).count(),
+        2,
+        "{report}"
+    );
+    assert!(stdout.contains("Stub running..."), "{report}");
+    assert!(
+        stdout.contains("Changing baud rate to 460800\nChanged."),
+        "{report}"
+    );
+    assert!(stdout.contains("Hard resetting via RTS pin..."), "{report}");
+    assert!(!stdout.contains("Chip was NOT reset"), "{report}");
+
+    // What the board side saw: a sync, the stub, the stub's baud rate
+    // command (new rate, old rate), then the flash ID at the new rate.
+    let said = said();
+    let events: Vec<&str> = said
+        .lines()
+        .filter(|l| {
+            !l.starts_with("read_reg") && !l.starts_with("write_reg") && !l.starts_with("mem_")
+        })
+        .collect();
+    assert_eq!(
+        events,
+        [
+            "ready",
+            "sync",
+            "stub",
+            "change_baudrate 460800 115200",
+            "spi_command 0x9f",
+            "spi_command 0x5a"
+        ],
+        "{report}"
+    );
+    // The rate esptool set over RFC 2217 reached the board's port, after
+    // the session started at 115200.
+    let at = |r: u32| rates.iter().position(|&x| x == r);
+    assert!(
+        matches!((at(115200), at(460800)), (Some(a), Some(b)) if a < b),
+        "the board never went from 115200 to 460800: {rates:?}\n{report}"
+    );
+}
