@@ -25,13 +25,8 @@ enum Cmd {
     Run {
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
-        /// Where adapters come from [default: udev when udevd runs
-        /// (/run/udev/control exists), else by-id; by-id when --by-id-dir is given].
-        #[arg(long, value_enum)]
-        source: Option<SourceKind>,
-        /// The directory of by-id links the by-id source watches [default: /dev/serial/by-id].
-        #[arg(long)]
-        by_id_dir: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: SourceArgs,
         #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
@@ -60,13 +55,8 @@ enum Cmd {
         suggest: bool,
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
-        /// Where adapters come from [default: udev when udevd runs
-        /// (/run/udev/control exists), else by-id; by-id when --by-id-dir is given].
-        #[arg(long, value_enum)]
-        source: Option<SourceKind>,
-        /// The directory of by-id links to list [default: /dev/serial/by-id].
-        #[arg(long)]
-        by_id_dir: Option<PathBuf>,
+        #[command(flatten)]
+        adapters: SourceArgs,
     },
     /// Check a config file and print what it says.
     Check {
@@ -146,6 +136,48 @@ enum MachineCmd {
     },
 }
 
+/// How `run` and `boards` find adapters.
+#[derive(clap::Args)]
+struct SourceArgs {
+    /// Where adapters come from [default: udev when udevd runs
+    /// (/run/udev/control exists), else by-id; by-id when --by-id-dir is given].
+    #[arg(long, value_enum)]
+    source: Option<SourceKind>,
+    /// The directory of by-id links for the by-id source [default: /dev/serial/by-id].
+    #[arg(long)]
+    by_id_dir: Option<PathBuf>,
+}
+
+impl SourceArgs {
+    fn kind(&self) -> anyhow::Result<SourceKind> {
+        let kind = self.source.unwrap_or(if self.by_id_dir.is_some() || !udev::udev_running() { SourceKind::ById } else { SourceKind::Udev });
+        if kind == SourceKind::Udev && self.by_id_dir.is_some() {
+            anyhow::bail!("--by-id-dir applies to --source by-id only");
+        }
+        Ok(kind)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.by_id_dir.clone().unwrap_or_else(|| by_id::DEFAULT_DIR.into())
+    }
+
+    /// The source `run` watches.
+    fn source(&self) -> anyhow::Result<Box<dyn Source>> {
+        Ok(match self.kind()? {
+            SourceKind::Udev => Box::new(udev::UdevSource::new()),
+            SourceKind::ById => Box::new(by_id::ByIdSource::new(self.dir())),
+        })
+    }
+
+    /// The adapters present now, for `boards`.
+    fn present(&self) -> anyhow::Result<Vec<devbroker::adapter::Adapter>> {
+        Ok(match self.kind()? {
+            SourceKind::Udev => devbroker::suggest::present_udev().map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
+            SourceKind::ById => devbroker::suggest::present_by_id(&self.dir()),
+        })
+    }
+}
+
 /// Where the broker learns about adapters.
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum SourceKind {
@@ -181,26 +213,8 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Run {
-            config: path,
-            source,
-            by_id_dir,
-            run_dir,
-        } => {
-            let kind = source.unwrap_or(if by_id_dir.is_some() || !udev::udev_running() {
-                SourceKind::ById
-            } else {
-                SourceKind::Udev
-            });
-            if kind == SourceKind::Udev && by_id_dir.is_some() {
-                anyhow::bail!("--by-id-dir applies to --source by-id only");
-            }
-            let src: Box<dyn Source> = match kind {
-                SourceKind::Udev => Box::new(udev::UdevSource::new()),
-                SourceKind::ById => Box::new(by_id::ByIdSource::new(
-                    by_id_dir.unwrap_or_else(|| by_id::DEFAULT_DIR.into()),
-                )),
-            };
+        Cmd::Run { config: path, adapters, run_dir } => {
+            let src = adapters.source()?;
             let cfg = match config::load(&path) {
                 Ok(c) => c,
                 Err(e) => {
@@ -228,11 +242,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status::print(&s, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Boards { suggest, config: path, source, by_id_dir } => {
-            let kind = source.unwrap_or(if by_id_dir.is_some() || !udev::udev_running() { SourceKind::ById } else { SourceKind::Udev });
-            if kind == SourceKind::Udev && by_id_dir.is_some() {
-                anyhow::bail!("--by-id-dir applies to --source by-id only");
-            }
+        Cmd::Boards { suggest, config: path, adapters } => {
             let cfg = if path.exists() {
                 match config::load(&path) {
                     Ok(c) => c,
@@ -245,11 +255,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 eprintln!("devbroker: {} does not exist yet; listing against an empty config", path.display());
                 config::Config::default()
             };
-            let adapters = match kind {
-                SourceKind::Udev => devbroker::suggest::present_udev().map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
-                SourceKind::ById => devbroker::suggest::present_by_id(&by_id_dir.unwrap_or_else(|| by_id::DEFAULT_DIR.into())),
-            };
-            let report = devbroker::suggest::report(&adapters, &cfg);
+            let present = adapters.present()?;
+            let report = devbroker::suggest::report(&present, &cfg);
             print!("{}", report.render(suggest));
             Ok(ExitCode::SUCCESS)
         }

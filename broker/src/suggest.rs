@@ -19,7 +19,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::ffi::OsStr;
 use std::fmt::Write as _;
 use std::io;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use wire::names::{check_link_name, check_name, socket_name, suggest_name, MAX_NAME};
 
@@ -501,44 +501,7 @@ pub fn present_by_id_with(dir: &Path, udev_data: &Path) -> Vec<Adapter> {
 /// is public, and only the device path (which of two clones sharing a by-id
 /// link the link leads to) needs the check below.
 pub fn present_udev() -> io::Result<Vec<Adapter>> {
-    let mut en = ::udev::Enumerator::new()?;
-    en.match_subsystem("tty")?;
-    let mut out = Vec::new();
-    for dev in en.scan_devices()? {
-        let props: Vec<(String, String)> = dev
-            .properties()
-            .map(|p| {
-                (
-                    p.name().to_string_lossy().into_owned(),
-                    p.value().to_string_lossy().into_owned(),
-                )
-            })
-            .collect();
-        let syspath = dev.syspath().to_string_lossy().into_owned();
-        let Some(mut a) = crate::source::udev::adapter_from_properties(
-            &syspath,
-            props.iter().map(|(k, v)| (k, v)),
-        ) else {
-            continue;
-        };
-        let node = props.iter().find(|(k, _)| k == "DEVNAME").map(|(_, v)| {
-            if v.starts_with('/') {
-                PathBuf::from(v)
-            } else {
-                Path::new("/dev").join(v)
-            }
-        });
-        if let Some(node) = node {
-            let leads_there = std::fs::read_link(&a.device)
-                .is_ok_and(|t| t.file_name().is_some() && t.file_name() == node.file_name());
-            if a.device != node && !leads_there {
-                a.device = node;
-            }
-        }
-        out.push(a);
-    }
-    out.sort_by(|x, y| x.id.cmp(&y.id));
-    Ok(out)
+    Ok(crate::source::udev::scan()?.into_values().collect())
 }
 
 #[cfg(test)]

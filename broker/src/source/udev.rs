@@ -214,7 +214,9 @@ fn lossy(s: Option<&OsStr>) -> Option<String> {
 }
 
 /// Lists the USB serial adapters present now.
-fn scan() -> io::Result<BTreeMap<String, Adapter>> {
+/// The USB serial adapters udev knows now, by syspath (one enumeration, no
+/// monitor): what the source starts from, and what `boards` lists.
+pub fn scan() -> io::Result<BTreeMap<String, Adapter>> {
     let mut en = udev::Enumerator::new()?;
     en.match_subsystem("tty")?;
     let mut out = BTreeMap::new();
