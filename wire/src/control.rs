@@ -126,9 +126,10 @@ pub struct GrantedTty {
     pub socket: String,
 }
 
-/// Parses one request line; the error is the text to send back.
+/// Parses one request line, its newline already taken off; the error is the
+/// text to send back. With its newline, a line may be [`MAX_LINE`] bytes.
 pub fn parse_request(line: &[u8]) -> Result<Request, String> {
-    if line.len() > MAX_LINE {
+    if line.len() >= MAX_LINE {
         return Err(format!(
             "request of {} bytes is over the {MAX_LINE}-byte limit",
             line.len()
@@ -215,7 +216,7 @@ mod tests {
             .contains("unknown variant"));
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
         assert!(parse_request(b"not json").is_err());
-        assert!(parse_request(&vec![b' '; MAX_LINE + 1])
+        assert!(parse_request(&vec![b' '; MAX_LINE])
             .unwrap_err()
             .contains("limit"));
         let line = request_line(&Request::Status {});
