@@ -508,6 +508,7 @@ pub fn present_udev() -> io::Result<Vec<Adapter>> {
 mod tests {
     use super::*;
     use crate::config::{parse, UsbId};
+    use std::path::PathBuf;
 
     fn ad(
         id: &str,
