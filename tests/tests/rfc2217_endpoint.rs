@@ -45,38 +45,6 @@ name = "console"
 match = { by-id = "usb-FTDI_FT232R_USB_UART_E2217A-if00-port0" }
 "#;
 
-/// The state directory of `machine`'s devshim in this test.
-fn state_dir(w: &World, machine: &str) -> PathBuf {
-    w.path(&format!("guest/{machine}/run/devshim"))
-}
-
-/// `devshim serve` for `machine`, as `World::shim` starts it, with its own
-/// state directory.
-fn shim(w: &World, machine: &str) -> Proc {
-    let log = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(w.path(&format!("shim-{machine}.log")))
-        .unwrap();
-    let child = Command::new(devshim())
-        .args(["serve", "--dir"])
-        .arg(w.run.join("machines").join(machine))
-        .arg("--link-root")
-        .arg(w.guest(machine))
-        .args(["--user", &nix::unistd::getuid().to_string()])
-        .arg("--state-dir")
-        .arg(state_dir(w, machine))
-        .env("DEVSHIM_LOG", "debug")
-        .die_with_parent()
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .unwrap();
-    Proc {
-        child,
-        name: format!("devshim {machine}"),
-    }
-}
 
 /// `devshim list --state-dir DIR [--json]`: (success, stdout + stderr).
 fn list(state: &Path, json: bool) -> (bool, String) {
@@ -295,10 +263,10 @@ fn refusal_text(port: u16) -> String {
 fn attached(w: &World) -> (FakeBoard, Proc, Proc, PathBuf, u16) {
     let board = w.plug(FTDI);
     let broker = w.broker();
-    let shim = shim(w, "ci1");
+    let shim = w.shim("ci1");
     let link = w.guest_link("ci1", FTDI);
     wait_for(5 * S, "the guest link", || exists(&link));
-    let port = endpoint_port(w, &state_dir(w, "ci1"), &link);
+    let port = endpoint_port(w, &w.state_dir("ci1"), &link);
     (board, broker, shim, link, port)
 }
 
@@ -341,7 +309,7 @@ for kw in ({"parity": serial.PARITY_EVEN}, {"bytesize": serial.SEVENBITS}):
 fn pyserial_through_the_endpoint_reaches_the_board() {
     let w = World::new(DEDICATED);
     let (board, _b, shim, link, port) = attached(&w);
-    let state = state_dir(&w, "ci1");
+    let state = w.state_dir("ci1");
 
     // The state file: one entry with the tty's names, guest path and port.
     let entries = listed(&state);
@@ -529,14 +497,14 @@ fn one_session_per_tty_between_the_endpoint_and_the_pty() {
         b"again\n"
     );
     // The pty was replaced; the endpoint stayed.
-    assert_eq!(endpoint_port(&w, &state_dir(&w, "ci1"), &link), port);
+    assert_eq!(endpoint_port(&w, &w.state_dir("ci1"), &link), port);
 }
 
 #[test]
 fn the_endpoint_follows_the_tty() {
     let w = World::new(DEDICATED);
     let (board, _b, mut shim, link, port) = attached(&w);
-    let state = state_dir(&w, "ci1");
+    let state = w.state_dir("ci1");
     let mut raw = Raw::connect(port);
     assert_eq!(raw.ask(Rfc::SetBaudRate(0)), Rfc::SetBaudRate(115200));
 
@@ -607,8 +575,8 @@ fn lease_exports_the_rfc2217_endpoint() {
     let w = World::new(SHARED);
     let board = w.plug(FTDI);
     let _b = w.broker();
-    let _s = shim(&w, "ci1");
-    let state = state_dir(&w, "ci1");
+    let _s = w.shim("ci1");
+    let state = w.state_dir("ci1");
     let link = w.guest_link("ci1", FTDI);
     // Not leased: no socket, no link, no entry (the file is there, empty).
     wait_for(5 * S, "devshim's state file", || {
