@@ -74,6 +74,10 @@ pub struct Board {
     pub sequences: std::collections::BTreeMap<String, String>,
     /// How its console is captured.
     pub console: crate::capture::ConsoleConfig,
+    /// How long an adapter may be away and come back as the same identity
+    /// (a native-USB board re-enumerating as it resets) before it counts as
+    /// unplugged. Zero: every disappearance is an unplug.
+    pub reenumerate_grace: std::time::Duration,
 }
 
 /// One serial port of a board.
@@ -228,6 +232,8 @@ struct RawBoard {
     #[serde(default)]
     sequences: BTreeMap<String, Spanned<String>>,
     console: Option<RawConsole>,
+    #[serde(rename = "reenumerate-grace")]
+    reenumerate_grace: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize)]
@@ -243,7 +249,11 @@ struct RawConsole {
     log_keep: Option<Spanned<i64>>,
 }
 
-fn validate_console(cx: &mut Ctx, raw: Option<&RawConsole>, ttys: &[Tty]) -> crate::capture::ConsoleConfig {
+fn validate_console(
+    cx: &mut Ctx,
+    raw: Option<&RawConsole>,
+    ttys: &[Tty],
+) -> crate::capture::ConsoleConfig {
     use crate::capture::{ConsoleConfig, Mode, DEFAULT_LOG_KEEP, DEFAULT_LOG_MAX, DEFAULT_RING};
     let mut c = ConsoleConfig {
         tty: ttys.first().map(|t| t.name.clone()).unwrap_or_default(),
@@ -258,7 +268,20 @@ fn validate_console(cx: &mut Ctx, raw: Option<&RawConsole>, ttys: &[Tty]) -> cra
         if ttys.iter().any(|x| &x.name == t.get_ref()) {
             c.tty = t.get_ref().clone();
         } else {
-            cx.err(t.span(), format!("console tty {:?} is not one of the board's ttys", t.get_ref()), Some(format!("write one of: {}", ttys.iter().map(|t| t.name.as_str()).collect::<Vec<_>>().join(", "))));
+            cx.err(
+                t.span(),
+                format!(
+                    "console tty {:?} is not one of the board's ttys",
+                    t.get_ref()
+                ),
+                Some(format!(
+                    "write one of: {}",
+                    ttys.iter()
+                        .map(|t| t.name.as_str())
+                        .collect::<Vec<_>>()
+                        .join(", ")
+                )),
+            );
         }
     }
     if let Some(m) = &raw.mode {
@@ -273,7 +296,11 @@ fn validate_console(cx: &mut Ctx, raw: Option<&RawConsole>, ttys: &[Tty]) -> cra
         if (lo..=hi).contains(v.get_ref()) {
             Some(*v.get_ref())
         } else {
-            cx.err(v.span(), format!("console {what} {} is out of range", v.get_ref()), Some(format!("give {what} between {lo} and {hi}")));
+            cx.err(
+                v.span(),
+                format!("console {what} {} is out of range", v.get_ref()),
+                Some(format!("give {what} between {lo} and {hi}")),
+            );
             None
         }
     };
@@ -290,10 +317,41 @@ fn validate_console(cx: &mut Ctx, raw: Option<&RawConsole>, ttys: &[Tty]) -> cra
         if l.get_ref().starts_with('/') {
             c.log = Some(PathBuf::from(l.get_ref()));
         } else {
-            cx.err(l.span(), format!("console log {:?} is not an absolute path", l.get_ref()), Some("write e.g. log = \"/var/log/devbroker/esp1.log\"".into()));
+            cx.err(
+                l.span(),
+                format!("console log {:?} is not an absolute path", l.get_ref()),
+                Some("write e.g. log = \"/var/log/devbroker/esp1.log\"".into()),
+            );
         }
     }
     c
+}
+
+/// The longest re-enumeration grace: past a minute, a board is unplugged.
+pub const MAX_REENUMERATE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
+fn validate_grace(cx: &mut Ctx, raw: Option<&Spanned<String>>) -> std::time::Duration {
+    let Some(raw) = raw else {
+        return std::time::Duration::ZERO;
+    };
+    match humantime::parse_duration(raw.get_ref().trim()) {
+        Ok(d) if d <= MAX_REENUMERATE_GRACE => d,
+        Ok(_) => {
+            cx.err(raw.span(), format!("reenumerate-grace {:?} is longer than {}s", raw.get_ref(), MAX_REENUMERATE_GRACE.as_secs()), Some("a board that needs longer than a minute to come back is unplugged; give e.g. \"3s\"".into()));
+            std::time::Duration::ZERO
+        }
+        Err(e) => {
+            cx.err(
+                raw.span(),
+                format!(
+                    "reenumerate-grace {:?} is not a duration: {e}",
+                    raw.get_ref()
+                ),
+                Some("write e.g. reenumerate-grace = \"3s\" or \"1500ms\"".into()),
+            );
+            std::time::Duration::ZERO
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -360,7 +418,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             let span = e.span().unwrap_or(0..0);
             let mut msg = e.message().trim().to_string();
             let mut help = if msg.contains("unknown field") {
-                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty, sequences, console; console keys are tty, mode, ring, log, log-max, log-keep; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
+                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty, sequences, console, reenumerate-grace; console keys are tty, mode, ring, log, log-max, log-keep; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
             } else {
                 None
             };
@@ -601,13 +659,21 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         let mut sequences = std::collections::BTreeMap::new();
         for (name, text) in &rb.sequences {
             if let Err(why) = check_name(name) {
-                cx.err(text.span(), format!("sequence name {name:?} is not allowed: {why}"), Some("name sequences like boards, e.g. reset, bootloader".into()));
+                cx.err(
+                    text.span(),
+                    format!("sequence name {name:?} is not allowed: {why}"),
+                    Some("name sequences like boards, e.g. reset, bootloader".into()),
+                );
             }
             match crate::sequence::parse(text.get_ref()) {
                 Ok(_) => {
                     sequences.insert(name.clone(), text.get_ref().clone());
                 }
-                Err(why) => cx.err(text.span(), format!("sequence {name:?}: {why}"), Some("write steps like \"dtr=0 rts=1 sleep=100ms rts=0\"".into())),
+                Err(why) => cx.err(
+                    text.span(),
+                    format!("sequence {name:?}: {why}"),
+                    Some("write steps like \"dtr=0 rts=1 sleep=100ms rts=0\"".into()),
+                ),
             }
         }
         boards.push(Board {
@@ -620,6 +686,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                 .map(Spanned::into_inner)
                 .collect(),
             console: validate_console(cx, rb.console.as_ref(), &ttys),
+            reenumerate_grace: validate_grace(cx, rb.reenumerate_grace.as_ref()),
             ttys,
             sequences,
         });

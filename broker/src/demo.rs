@@ -65,6 +65,7 @@ pub async fn run(
             link_root: guest_dev.clone(),
             user,
             state_dir: root.join("guest/run/devshim"),
+            broker_grace: devshim::serve::DEFAULT_BROKER_GRACE,
         },
         shutdown.clone(),
     ));

@@ -19,6 +19,7 @@ pub mod plan;
 pub mod port;
 pub mod sequence;
 pub mod server;
+pub mod line;
 pub mod session;
 pub mod shutdown;
 pub mod source;

@@ -23,7 +23,7 @@ use crate::adapter::Adapter;
 use crate::config::Config;
 use crate::control::{self, Scope};
 use crate::peer::{check_host_access, Peer};
-use crate::plan::{self, Access, SocketSpec};
+use crate::plan::{self, Access, SocketSpec, TtyKey};
 use crate::session;
 use crate::source::{Source, SourceEvent};
 use crate::state::Shared;
@@ -113,12 +113,15 @@ pub async fn run(
     let mut stream = source.watch().context("can't start the discovery source")?;
     let mut adapters: BTreeMap<String, Adapter> = BTreeMap::new();
     let mut listeners: BTreeMap<PathBuf, Listener> = BTreeMap::new();
+    let mut away = Away::default();
     info!(run_dir = %opts.run_dir.display(), boards = config.boards.len(), machines = machines.len(), "devbroker ready");
     let result = loop {
         tokio::select! {
             _ = shutdown.cancelled() => break Ok(()),
             // Leases moved: re-plan who has which sockets.
             _ = shared.changed.notified() => {}
+            // A re-enumeration grace ran out.
+            _ = away.expiry() => {}
             ev = stream.next() => match ev {
                 Some(Ok(SourceEvent::Added(a))) => {
                     debug!(adapter = %a.id, "added");
@@ -136,7 +139,11 @@ pub async fn run(
         for w in warnings {
             warn!("{w}");
         }
-        shared.set_present(&present);
+        // A tty whose adapter is away within its grace keeps its sockets
+        // and its session; it is planned as if still present.
+        let away_keys = away.update(&config, &present, tokio::time::Instant::now());
+        shared.set_present(&present, &away_keys);
+        let present = away.with_away(&present);
         // Consoles captured `always`: keep their ports open between sessions.
         for (key, device, rate, capture) in shared.drains_needed() {
             match crate::port::open(&device, rate) {
@@ -149,7 +156,11 @@ pub async fn run(
         }
         let has = |m: &str, b: &str| shared.machine_has(m, b);
         let want = plan::sockets(&config, &present, &has);
-        let gone: Vec<PathBuf> = listeners.keys().filter(|rel| !want.contains_key(*rel)).cloned().collect();
+        let gone: Vec<PathBuf> = listeners
+            .keys()
+            .filter(|rel| !want.contains_key(*rel))
+            .cloned()
+            .collect();
         for rel in gone {
             if let Some(l) = listeners.remove(&rel) {
                 l.retire();
@@ -186,12 +197,83 @@ pub async fn run(
             }
         }
     };
+    // Control sockets first: devshim sees the broker leave before its
+    // sessions end, and keeps the tools' ptys for the broker's return.
+    drop(fixed);
+    // Shutdown cancelled every connection at once: let the control
+    // connections close before the tty sockets go.
+    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     drop(listeners);
     for m in &machines {
         let _ = fs::remove_file(opts.run_dir.join("machines").join(m).join(MANIFEST));
     }
-    drop(fixed);
     result
+}
+
+/// Ttys whose adapter went away within their board's re-enumeration grace.
+#[derive(Default)]
+struct Away {
+    /// The adapters present after the last update.
+    last: BTreeMap<TtyKey, Adapter>,
+    /// Away ttys: the adapter they had, and when their grace runs out.
+    ttys: BTreeMap<TtyKey, (Adapter, tokio::time::Instant)>,
+}
+
+impl Away {
+    /// Takes the adapters present now; returns the ttys that are away.
+    fn update(
+        &mut self,
+        config: &Config,
+        present: &BTreeMap<TtyKey, Adapter>,
+        now: tokio::time::Instant,
+    ) -> BTreeSet<TtyKey> {
+        for (key, a) in &self.last {
+            if present.contains_key(key) || self.ttys.contains_key(key) {
+                continue;
+            }
+            let grace = config
+                .boards
+                .iter()
+                .find(|b| b.name == key.board)
+                .map_or(std::time::Duration::ZERO, |b| b.reenumerate_grace);
+            if !grace.is_zero() {
+                info!("{key}: adapter {} went away; keeping its sockets and session for {} in case it re-enumerates", a.id, humantime::format_duration(grace));
+                self.ttys.insert(key.clone(), (a.clone(), now + grace));
+            }
+        }
+        self.ttys.retain(|key, (_, until)| {
+            if present.contains_key(key) {
+                info!("{key}: adapter is back");
+                false
+            } else if *until <= now {
+                info!(
+                    "{key}: adapter did not come back within the re-enumeration grace: unplugged"
+                );
+                false
+            } else {
+                true
+            }
+        });
+        self.last = present.clone();
+        self.ttys.keys().cloned().collect()
+    }
+
+    /// The present adapters plus those of away ttys, for planning sockets.
+    fn with_away(&self, present: &BTreeMap<TtyKey, Adapter>) -> BTreeMap<TtyKey, Adapter> {
+        let mut all = present.clone();
+        for (key, (a, _)) in &self.ttys {
+            all.entry(key.clone()).or_insert_with(|| a.clone());
+        }
+        all
+    }
+
+    /// Resolves when the first grace runs out; never while none runs.
+    async fn expiry(&self) {
+        match self.ttys.values().map(|(_, until)| *until).min() {
+            Some(t) => tokio::time::sleep_until(t).await,
+            None => std::future::pending().await,
+        }
+    }
 }
 
 /// What a tty socket's connections need.

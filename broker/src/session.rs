@@ -5,19 +5,27 @@
 //! strictly in arrival order, so bytes a tool wrote before a baud change are
 //! written — and drained at the old rate — before the change is applied.
 //! Port → socket escapes `0xFF` only when a chunk has one.
+//!
+//! A board with a re-enumeration grace may lose its port mid-session: the
+//! session keeps the client, waits for the adapter to come back, opens the
+//! new port with the client's line settings and carries on.
 
 use std::io;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
+use tokio_serial::SerialStream;
+use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::rfc2217::{control, Command, Direction};
 use wire::telnet::{self, Decoder, Event, Negotiator, OPT_COM_PORT};
 use wire::termios::{self, When};
 
+use crate::line::Line;
 use crate::port;
 use crate::state::SessionGuard;
 
@@ -45,12 +53,41 @@ pub async fn refuse(mut sock: UnixStream, why: &str) {
     let _ = sock.shutdown().await;
 }
 
-/// Runs a session until the client leaves, the adapter goes or it is cancelled.
+/// The client's side of a session, kept across the ports it is relayed to:
+/// a board that re-enumerates within its grace gets a new port, and the
+/// client must not notice. Whatever was read from the client and not yet
+/// handled stays here, so no byte and no command is lost at the switch.
+struct Client {
+    sock_r: OwnedReadHalf,
+    sock_w: OwnedWriteHalf,
+    dec: Decoder,
+    neg: Negotiator,
+    /// Read from the client; `buf[pos..len]` is not handled yet.
+    buf: Vec<u8>,
+    pos: usize,
+    len: usize,
+    /// Data the old port refused, for the new one.
+    retry: Option<Vec<u8>>,
+    /// Replies to the client, from the command side to the data side.
+    ctl_tx: mpsc::Sender<Vec<u8>>,
+    ctl_rx: mpsc::Receiver<Vec<u8>>,
+    /// FLOWCONTROL-SUSPEND: stop reading the port.
+    suspend_tx: watch::Sender<bool>,
+    suspend_rx: watch::Receiver<bool>,
+    /// What the client asked of the line.
+    line: Line,
+    /// Buffer for reads from the port.
+    port_buf: Vec<u8>,
+    esc: Vec<u8>,
+}
+
+/// Runs a session until the client leaves, the adapter goes (for longer
+/// than the board's re-enumeration grace) or it is cancelled.
 pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     let rate = guard.rate;
     // A console captured `always` is already open: take it over as it is.
     let drained = guard.take_drained().await;
-    let port = match drained.map_or_else(|| port::open(&guard.adapter.device, rate), Ok) {
+    let mut port = match drained.map_or_else(|| port::open(&guard.adapter.device, rate), Ok) {
         Ok(p) => p,
         Err(e) => {
             let why = format!(
@@ -62,58 +99,200 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
             return End::Error(e);
         }
     };
-    let fd = port.as_raw_fd();
-    guard.set_fd(fd);
     info!(tty = %label, device = %guard.adapter.device.display(), "session started");
-    let (mut port_r, mut port_w) = tokio::io::split(port);
-    let (mut sock_r, mut sock_w) = sock.into_split();
-    let (ctl_tx, mut ctl_rx) = mpsc::channel::<Vec<u8>>(64);
-    let mut neg = Negotiator::server();
-    let mut hello = neg.opening();
-    if let Some(ms) = port::modem_state(fd) {
+    let (sock_r, sock_w) = sock.into_split();
+    let (ctl_tx, ctl_rx) = mpsc::channel::<Vec<u8>>(64);
+    let (suspend_tx, suspend_rx) = watch::channel(false);
+    let mut client = Client {
+        sock_r,
+        sock_w,
+        dec: Decoder::new(),
+        neg: Negotiator::server(),
+        buf: vec![0u8; CHUNK],
+        pos: 0,
+        len: 0,
+        retry: None,
+        ctl_tx,
+        ctl_rx,
+        suspend_tx,
+        suspend_rx,
+        line: Line::default(),
+        port_buf: vec![0u8; CHUNK],
+        esc: Vec::new(),
+    };
+    let mut hello = client.neg.opening();
+    if let Some(ms) = port::modem_state(port.as_raw_fd()) {
         Command::NotifyModemState(ms).encode(Direction::ServerToClient, &mut hello);
     }
-    let counters = guard.counters.clone();
-    let capture = guard.capture.clone();
-    let (suspend_tx, mut suspend_rx) = tokio::sync::watch::channel(false);
+    let mut link = guard.link.clone();
+    let mut seen = link.borrow_and_update().gen;
+    let end = async {
+        if let Err(e) = client.sock_w.write_all(&hello).await {
+            return (End::Error(e), Some(port));
+        }
+        loop {
+            guard.set_fd(Some(port.as_raw_fd()));
+            let end = relay(&mut port, &mut client, &guard, &label).await;
+            let End::AdapterGone(why) = end else {
+                return (end, Some(port));
+            };
+            if guard.grace.is_zero() {
+                return (End::AdapterGone(why), None);
+            }
+            guard.set_fd(None);
+            drop(port);
+            let grace = humantime::format_duration(guard.grace);
+            info!(tty = %label, "the port failed ({why}); waiting up to {grace} for the adapter to come back");
+            match reopen(&mut link, &mut seen, &guard, &client.line, &label).await {
+                Some(p) => port = p,
+                None => {
+                    return (
+                        End::AdapterGone(format!(
+                            "{why}; the adapter did not come back within {grace}"
+                        )),
+                        None,
+                    )
+                }
+            }
+        }
+    };
+    let (end, port) = tokio::select! {
+        r = end => r,
+        _ = guard.cancel.cancelled() => (End::Cancelled, None),
+    };
+    info!(tty = %label, "session ended: {end:?}");
+    if let (End::ClientLeft, Some(port)) = (&end, port) {
+        guard.return_port(port);
+    }
+    drop(guard);
+    end
+}
+
+/// Waits for the adapter to come back (a newer [`Link`](crate::state::Link)
+/// with an adapter), opens it and applies the client's line settings.
+/// `None` when the grace runs out first. The broker cancels the session
+/// when its own grace timer (started by the remove event) runs out; this
+/// deadline, started by the port failing, only guards against a port that
+/// failed without its adapter ever being removed.
+async fn reopen(
+    link: &mut watch::Receiver<crate::state::Link>,
+    seen: &mut u64,
+    guard: &SessionGuard,
+    line: &Line,
+    label: &str,
+) -> Option<SerialStream> {
+    let deadline = tokio::time::Instant::now() + guard.grace + std::time::Duration::from_secs(1);
+    loop {
+        let adapter = {
+            let l = link.borrow_and_update();
+            (l.gen > *seen).then(|| l.adapter.clone()).flatten()
+        };
+        if let Some(a) = adapter {
+            *seen = link.borrow().gen;
+            // The node may exist a moment before udev gives it its group.
+            loop {
+                match port::open(&a.device, guard.rate) {
+                    Ok(p) => {
+                        if let Err(e) = line.apply(p.as_raw_fd()) {
+                            warn!(tty = %label, "can't apply the line settings again on {}: {e}", a.device.display());
+                        }
+                        info!(tty = %label, device = %a.device.display(), "the adapter is back; session resumed with the client's line settings");
+                        return Some(p);
+                    }
+                    Err(e) if tokio::time::Instant::now() < deadline => {
+                        debug!(tty = %label, "can't open {} yet: {e}", a.device.display());
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        if link.has_changed().unwrap_or(false) {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        warn!(tty = %label, "can't open {} after it came back: {e}", a.device.display());
+                        return None;
+                    }
+                }
+            }
+            continue;
+        }
+        tokio::select! {
+            r = link.changed() => if r.is_err() { return None },
+            _ = tokio::time::sleep_until(deadline) => return None,
+        }
+    }
+}
+
+/// Relays between the client and one port until either ends. Each side
+/// stops only between whole frames (the data side between decoded events,
+/// the port side between socket writes), so after an adapter failure the
+/// stream to the client is intact and the client's unhandled bytes wait in
+/// `client` for the next port.
+async fn relay(
+    port: &mut SerialStream,
+    client: &mut Client,
+    guard: &SessionGuard,
+    label: &str,
+) -> End {
+    let fd = port.as_raw_fd();
+    let (mut port_r, mut port_w) = tokio::io::split(port);
+    let counters = &guard.counters;
+    let capture = guard.capture.as_ref();
+    let stop = CancellationToken::new();
+    let Client {
+        sock_r,
+        sock_w,
+        dec,
+        neg,
+        buf,
+        pos,
+        len,
+        retry,
+        ctl_tx,
+        ctl_rx,
+        suspend_tx,
+        suspend_rx,
+        line,
+        port_buf,
+        esc,
+    } = client;
 
     let up = async {
-        sock_w.write_all(&hello).await?;
-        let mut buf = vec![0u8; CHUNK];
-        let mut esc = Vec::new();
         loop {
             let suspended = *suspend_rx.borrow();
             tokio::select! {
                 biased;
+                _ = stop.cancelled() => return None,
                 msg = ctl_rx.recv() => match msg {
-                    Some(m) => sock_w.write_all(&m).await?,
-                    None => return Ok(End::ClientLeft),
+                    Some(m) => if let Err(e) = sock_w.write_all(&m).await { return Some(End::Error(e)) },
+                    None => return Some(End::ClientLeft),
                 },
                 _ = suspend_rx.changed() => {}
-                r = port_r.read(&mut buf[..CHUNK / 4]), if !suspended => {
+                r = port_r.read(&mut port_buf[..CHUNK / 4]), if !suspended => {
                     let mut n = match r {
-                        Ok(0) => return Ok(End::AdapterGone("end of file".into())),
+                        Ok(0) => return Some(End::AdapterGone("end of file".into())),
                         Ok(n) => n,
-                        Err(e) => return Ok(End::AdapterGone(e.to_string())),
+                        Err(e) => return Some(End::AdapterGone(e.to_string())),
                     };
                     // A tty hands out at most 4 KiB a read: when a read comes
                     // back big, gather what else is there so one socket write
                     // carries it. A short read means the queue was empty: don't
                     // spend a syscall on the latency path.
                     if n >= DRAIN_AFTER {
-                        n += drain_ready(fd, &mut buf[n..]);
+                        n += drain_ready(fd, &mut port_buf[n..]);
                     }
                     counters.from_board.fetch_add(n as u64, Ordering::Relaxed);
-                    let chunk = &buf[..n];
-                    if let Some(c) = &capture {
+                    let chunk = &port_buf[..n];
+                    if let Some(c) = capture {
                         c.record(chunk);
                     }
-                    if telnet::needs_escape(chunk) {
+                    let w = if telnet::needs_escape(chunk) {
                         esc.clear();
-                        telnet::escape_into(chunk, &mut esc);
-                        sock_w.write_all(&esc).await?;
+                        telnet::escape_into(chunk, esc);
+                        sock_w.write_all(esc).await
                     } else {
-                        sock_w.write_all(chunk).await?;
+                        sock_w.write_all(chunk).await
+                    };
+                    if let Err(e) = w {
+                        return Some(End::Error(e));
                     }
                 }
             }
@@ -121,22 +300,46 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     };
 
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
-        let mut dec = Decoder::new();
-        loop {
-            let n = sock_r.read(&mut buf).await?;
-            if n == 0 {
-                return Ok::<End, io::Error>(End::ClientLeft);
+        if let Some(d) = retry.take() {
+            tokio::select! {
+                r = port_w.write_all(&d) => if let Err(e) = r {
+                    *retry = Some(d);
+                    return Some(End::AdapterGone(e.to_string()));
+                },
+                _ = stop.cancelled() => { *retry = Some(d); return None }
             }
-            let mut pos = 0;
-            while pos < n {
-                let (used, ev) = dec.feed(&buf[pos..n]);
-                pos += used;
+            counters
+                .to_board
+                .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        loop {
+            if *pos >= *len {
+                let r = tokio::select! {
+                    biased;
+                    _ = stop.cancelled() => return None,
+                    r = sock_r.read(buf) => r,
+                };
+                match r {
+                    Ok(0) => return Some(End::ClientLeft),
+                    Ok(n) => (*pos, *len) = (0, n),
+                    Err(e) => return Some(End::Error(e)),
+                }
+            }
+            while *pos < *len {
+                if stop.is_cancelled() {
+                    return None;
+                }
+                let (used, ev) = dec.feed(&buf[*pos..*len]);
+                *pos += used;
                 match ev {
                     None => {}
                     Some(Event::Data(d)) => {
-                        if let Err(e) = port_w.write_all(d).await {
-                            return Ok(End::AdapterGone(e.to_string()));
+                        tokio::select! {
+                            r = port_w.write_all(d) => if let Err(e) = r {
+                                *retry = Some(d.to_vec());
+                                return Some(End::AdapterGone(e.to_string()));
+                            },
+                            _ = stop.cancelled() => { *retry = Some(d.to_vec()); return None }
                         }
                         counters
                             .to_board
@@ -146,19 +349,25 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
                         if let Some((rv, ro)) = neg.answer(v, o) {
                             let mut out = Vec::new();
                             telnet::negotiate(rv, ro, &mut out);
-                            let _ = ctl_tx.send(out).await;
+                            tokio::select! {
+                                _ = ctl_tx.send(out) => {}
+                                _ = stop.cancelled() => {}
+                            }
                         }
                     }
                     Some(Event::Subnegotiation(OPT_COM_PORT, payload)) => {
                         match Command::decode(&payload) {
                             Ok((Direction::ClientToServer, cmd)) => {
-                                if let Err(e) = port_w.flush().await {
-                                    return Ok(End::AdapterGone(e.to_string()));
-                                }
-                                if let Some(reply) = apply(fd, cmd, &label, &suspend_tx).await {
-                                    let _ = ctl_tx
-                                        .send(reply.to_bytes(Direction::ServerToClient))
-                                        .await;
+                                line.note(&cmd);
+                                let reply = tokio::select! {
+                                    r = apply(fd, cmd, label, suspend_tx) => r,
+                                    _ = stop.cancelled() => None,
+                                };
+                                if let Some(reply) = reply {
+                                    tokio::select! {
+                                        _ = ctl_tx.send(reply.to_bytes(Direction::ServerToClient)) => {}
+                                        _ = stop.cancelled() => {}
+                                    }
                                 }
                             }
                             Ok((Direction::ServerToClient, cmd)) => {
@@ -179,17 +388,25 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         }
     };
 
-    let end = tokio::select! {
-        r = up => r.unwrap_or_else(End::Error),
-        r = down => r.unwrap_or_else(End::Error),
-        _ = guard.cancel.cancelled() => End::Cancelled,
-    };
-    info!(tty = %label, "session ended: {end:?}");
-    if matches!(end, End::ClientLeft) {
-        guard.return_port(port_r.unsplit(port_w));
+    let (a, b) = tokio::join!(
+        async {
+            let e = up.await;
+            stop.cancel();
+            e
+        },
+        async {
+            let e = down.await;
+            stop.cancel();
+            e
+        }
+    );
+    // The client leaving outranks the port failing: nobody to resume for.
+    match (a, b) {
+        (Some(e @ (End::ClientLeft | End::Error(_))), _)
+        | (_, Some(e @ (End::ClientLeft | End::Error(_)))) => e,
+        (Some(e), _) | (_, Some(e)) => e,
+        (None, None) => End::Cancelled,
     }
-    drop(guard);
-    end
 }
 
 /// Reads what the port has ready now, without waiting, into `buf`.

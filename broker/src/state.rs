@@ -4,7 +4,7 @@
 //! session starting or ending, a status read). The relay's hot path touches
 //! just the atomic counters.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -42,7 +42,16 @@ struct Session {
 /// Asks a drain task for its port.
 type DrainTx = mpsc::Sender<tokio::sync::oneshot::Sender<tokio_serial::SerialStream>>;
 
-#[derive(Debug, Default)]
+/// Which adapter a tty has, as sessions see it: `gen` counts the changes,
+/// so a session whose port failed can tell the adapter it had from one that
+/// came back.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Link {
+    pub gen: u64,
+    pub adapter: Option<Adapter>,
+}
+
+#[derive(Debug)]
 struct TtyState {
     /// The task keeping the port open between sessions (console mode
     /// `always`), by generation.
@@ -50,6 +59,26 @@ struct TtyState {
     adapter: Option<Adapter>,
     session: Option<Session>,
     counters: Arc<Counters>,
+    /// Tells sessions when the adapter goes and comes back.
+    link: tokio::sync::watch::Sender<Link>,
+    /// The board's re-enumeration grace.
+    grace: std::time::Duration,
+    /// The adapter went and the grace has not run out.
+    away: bool,
+}
+
+impl TtyState {
+    fn new(grace: std::time::Duration) -> TtyState {
+        TtyState {
+            drain: None,
+            adapter: None,
+            session: None,
+            counters: Arc::default(),
+            link: tokio::sync::watch::Sender::new(Link::default()),
+            grace,
+            away: false,
+        }
+    }
 }
 
 #[derive(Debug, Default)]
@@ -98,6 +127,11 @@ pub struct SessionGuard {
     pub rate: u32,
     /// Set when this tty is its board's console: what it reads is recorded.
     pub capture: Option<Arc<crate::capture::Capture>>,
+    /// How long the session waits for its adapter to come back when the
+    /// port fails (zero: it ends at once).
+    pub grace: std::time::Duration,
+    /// The tty's adapter as it changes; see [`Link`].
+    pub link: tokio::sync::watch::Receiver<Link>,
 }
 
 impl SessionGuard {
@@ -106,11 +140,19 @@ impl SessionGuard {
     pub async fn take_drained(&self) -> Option<tokio_serial::SerialStream> {
         let tx = {
             let inner = self.shared.inner.lock().unwrap();
-            inner.ttys.get(&self.key)?.drain.as_ref().map(|(_, tx)| tx.clone())?
+            inner
+                .ttys
+                .get(&self.key)?
+                .drain
+                .as_ref()
+                .map(|(_, tx)| tx.clone())?
         };
         let (give, take) = tokio::sync::oneshot::channel();
         tx.send(give).await.ok()?;
-        tokio::time::timeout(std::time::Duration::from_secs(1), take).await.ok()?.ok()
+        tokio::time::timeout(std::time::Duration::from_secs(1), take)
+            .await
+            .ok()?
+            .ok()
     }
 
     /// Hands the port back to a drain task when the console is captured
@@ -123,12 +165,17 @@ impl SessionGuard {
         }
     }
 
-    /// Records the session's open port, so sequences can run on it.
-    pub fn set_fd(&self, fd: std::os::fd::RawFd) {
+    /// Records the session's open port, so sequences can run on it; `None`
+    /// while the adapter is away.
+    pub fn set_fd(&self, fd: Option<std::os::fd::RawFd>) {
         let mut inner = self.shared.inner.lock().unwrap();
-        if let Some(s) = inner.ttys.get_mut(&self.key).and_then(|t| t.session.as_mut()) {
+        if let Some(s) = inner
+            .ttys
+            .get_mut(&self.key)
+            .and_then(|t| t.session.as_mut())
+        {
             if s.id == self.id {
-                s.fd = Some(fd);
+                s.fd = fd;
             }
         }
     }
@@ -139,7 +186,10 @@ impl SessionGuard {
 #[derive(Debug)]
 pub enum SequencePort {
     Shared(std::os::fd::OwnedFd),
-    Open { device: std::path::PathBuf, rate: u32 },
+    Open {
+        device: std::path::PathBuf,
+        rate: u32,
+    },
 }
 
 impl Drop for SessionGuard {
@@ -163,12 +213,15 @@ impl Shared {
                         board: b.name.clone(),
                         tty: t.name.clone(),
                     },
-                    TtyState::default(),
+                    TtyState::new(b.reenumerate_grace),
                 );
             }
         }
         for b in &config.boards {
-            inner.captures.insert(b.name.clone(), Arc::new(crate::capture::Capture::new(b.console.clone())));
+            inner.captures.insert(
+                b.name.clone(),
+                Arc::new(crate::capture::Capture::new(b.console.clone())),
+            );
         }
         inner.config = config;
         Shared {
@@ -378,36 +431,75 @@ impl Shared {
 
     /// A tty's port for a sequence, with its steps resolved: the board's own
     /// sequence of that name, else a built-in.
-    pub fn sequence_port(&self, board: &str, tty: Option<&str>) -> Result<(TtyKey, SequencePort), String> {
+    pub fn sequence_port(
+        &self,
+        board: &str,
+        tty: Option<&str>,
+    ) -> Result<(TtyKey, SequencePort), String> {
         let inner = self.inner.lock().unwrap();
-        let b = inner.config.boards.iter().find(|b| b.name == board).ok_or_else(|| format!("board {board} is not in the config"))?;
+        let b = inner
+            .config
+            .boards
+            .iter()
+            .find(|b| b.name == board)
+            .ok_or_else(|| format!("board {board} is not in the config"))?;
         let t = match tty {
-            Some(t) => b.ttys.iter().find(|x| x.name == t).ok_or_else(|| format!("board {board} has no tty {t}"))?,
+            Some(t) => b
+                .ttys
+                .iter()
+                .find(|x| x.name == t)
+                .ok_or_else(|| format!("board {board} has no tty {t}"))?,
             None => &b.ttys[0],
         };
-        let key = TtyKey { board: board.to_string(), tty: t.name.clone() };
+        let key = TtyKey {
+            board: board.to_string(),
+            tty: t.name.clone(),
+        };
         let st = &inner.ttys[&key];
-        let adapter = st.adapter.as_ref().ok_or_else(|| format!("{key} is not plugged in"))?;
+        let adapter = st
+            .adapter
+            .as_ref()
+            .ok_or_else(|| format!("{key} is not plugged in"))?;
         if let Some(fd) = st.session.as_ref().and_then(|s| s.fd) {
             // SAFETY: the session keeps `fd` open while we hold the lock.
-            let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }.try_clone_to_owned().map_err(|e| format!("{key}: {e}"))?;
+            let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+                .try_clone_to_owned()
+                .map_err(|e| format!("{key}: {e}"))?;
             return Ok((key, SequencePort::Shared(dup)));
         }
-        Ok((key, SequencePort::Open { device: adapter.device.clone(), rate: t.rate }))
+        Ok((
+            key,
+            SequencePort::Open {
+                device: adapter.device.clone(),
+                rate: t.rate,
+            },
+        ))
     }
 
     /// The step text of a board's sequence: its own, else a built-in.
     pub fn sequence_text(&self, board: &str, name: &str) -> Result<String, String> {
         let inner = self.inner.lock().unwrap();
-        let b = inner.config.boards.iter().find(|b| b.name == board).ok_or_else(|| format!("board {board} is not in the config"))?;
+        let b = inner
+            .config
+            .boards
+            .iter()
+            .find(|b| b.name == board)
+            .ok_or_else(|| format!("board {board} is not in the config"))?;
         if let Some(t) = b.sequences.get(name) {
             return Ok(t.clone());
         }
-        crate::sequence::BUILTINS.iter().find(|(n, _)| *n == name).map(|(_, t)| t.to_string()).ok_or_else(|| {
-            let mut names: Vec<&str> = b.sequences.keys().map(String::as_str).collect();
-            names.extend(crate::sequence::BUILTINS.iter().map(|(n, _)| *n));
-            format!("board {board} has no sequence {name:?}; it has {}", names.join(", "))
-        })
+        crate::sequence::BUILTINS
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, t)| t.to_string())
+            .ok_or_else(|| {
+                let mut names: Vec<&str> = b.sequences.keys().map(String::as_str).collect();
+                names.extend(crate::sequence::BUILTINS.iter().map(|(n, _)| *n));
+                format!(
+                    "board {board} has no sequence {name:?}; it has {}",
+                    names.join(", ")
+                )
+            })
     }
 
     /// A board's console capture.
@@ -417,17 +509,34 @@ impl Shared {
 
     /// Console ttys captured `always` that are present with neither a session
     /// nor a drain: the server opens them and calls [`Shared::start_drain`].
-    pub fn drains_needed(&self) -> Vec<(TtyKey, std::path::PathBuf, u32, Arc<crate::capture::Capture>)> {
+    pub fn drains_needed(
+        &self,
+    ) -> Vec<(
+        TtyKey,
+        std::path::PathBuf,
+        u32,
+        Arc<crate::capture::Capture>,
+    )> {
         let inner = self.inner.lock().unwrap();
         let mut out = Vec::new();
         for b in &inner.config.boards {
             if b.console.mode != crate::capture::Mode::Always {
                 continue;
             }
-            let key = TtyKey { board: b.name.clone(), tty: b.console.tty.clone() };
-            let Some(st) = inner.ttys.get(&key) else { continue };
+            let key = TtyKey {
+                board: b.name.clone(),
+                tty: b.console.tty.clone(),
+            };
+            let Some(st) = inner.ttys.get(&key) else {
+                continue;
+            };
             if let (Some(a), None, None) = (&st.adapter, &st.session, &st.drain) {
-                out.push((key.clone(), a.device.clone(), rate_of(&inner.config, &key), inner.captures[&b.name].clone()));
+                out.push((
+                    key.clone(),
+                    a.device.clone(),
+                    rate_of(&inner.config, &key),
+                    inner.captures[&b.name].clone(),
+                ));
             }
         }
         out
@@ -435,9 +544,15 @@ impl Shared {
 
     /// Keeps a port open and records what the board sends until a session
     /// takes the port over or the adapter goes.
-    pub fn start_drain(&self, key: TtyKey, mut port: tokio_serial::SerialStream, capture: Arc<crate::capture::Capture>) {
+    pub fn start_drain(
+        &self,
+        key: TtyKey,
+        mut port: tokio_serial::SerialStream,
+        capture: Arc<crate::capture::Capture>,
+    ) {
         use tokio::io::AsyncReadExt;
-        let (tx, mut rx) = mpsc::channel::<tokio::sync::oneshot::Sender<tokio_serial::SerialStream>>(1);
+        let (tx, mut rx) =
+            mpsc::channel::<tokio::sync::oneshot::Sender<tokio_serial::SerialStream>>(1);
         let gen = {
             let mut inner = self.inner.lock().unwrap();
             inner.next_drain += 1;
@@ -479,17 +594,33 @@ impl Shared {
         }
     }
 
-    /// Records which adapter each tty has now; sessions of a tty whose
-    /// adapter went away or changed are cancelled.
-    pub fn set_present(&self, present: &BTreeMap<TtyKey, Adapter>) {
+    /// Records which adapter each tty has now. A session of a tty whose
+    /// adapter went away or changed is cancelled, unless the board has a
+    /// re-enumeration grace: then the session is told (through its
+    /// [`Link`]) and waits for the adapter while the tty is `away`, and is
+    /// cancelled only once the tty leaves `away` without an adapter.
+    pub fn set_present(&self, present: &BTreeMap<TtyKey, Adapter>, away: &BTreeSet<TtyKey>) {
         let mut inner = self.inner.lock().unwrap();
         for (key, t) in inner.ttys.iter_mut() {
             let now = present.get(key).cloned();
+            let keep = !t.grace.is_zero() && (now.is_some() || away.contains(key));
+            t.away = now.is_none() && away.contains(key);
             if now != t.adapter {
+                if !keep {
+                    if let Some(s) = &t.session {
+                        s.cancel.cancel();
+                    }
+                }
+                t.adapter = now.clone();
+                t.link.send_modify(|l| {
+                    l.gen += 1;
+                    l.adapter = now;
+                });
+            } else if !keep && t.adapter.is_none() {
+                // The grace ran out with no adapter back.
                 if let Some(s) = &t.session {
                     s.cancel.cancel();
                 }
-                t.adapter = now;
             }
         }
         // A board that came back may be what someone waits for.
@@ -511,10 +642,13 @@ impl Shared {
             .ttys
             .get_mut(key)
             .ok_or_else(|| format!("{key} is not in the config"))?;
-        let adapter = t
-            .adapter
-            .clone()
-            .ok_or_else(|| format!("{key} is not plugged in"))?;
+        let adapter = t.adapter.clone().ok_or_else(|| {
+            if t.away {
+                format!("{key} is re-enumerating (its adapter went away moments ago); try again in a few seconds")
+            } else {
+                format!("{key} is not plugged in")
+            }
+        })?;
         if let Some(s) = &t.session {
             return Err(format!(
                 "{key} is in use by {}{} since {}; try again when it is released",
@@ -532,6 +666,7 @@ impl Shared {
             .find(|b| b.name == key.board && b.console.tty == key.tty)
             .map(|b| inner.captures[&b.name].clone());
         let t = inner.ttys.get_mut(key).expect("checked above");
+        let link = t.link.subscribe();
         t.session = Some(Session {
             id,
             who,
@@ -549,6 +684,8 @@ impl Shared {
             adapter,
             rate,
             capture,
+            grace: t.grace,
+            link,
         })
     }
 
@@ -634,12 +771,7 @@ mod tests {
         };
         let root = CancellationToken::new();
         assert!(shared
-            .acquire(
-                &key,
-                "machine m".into(),
-                None,
-                &root
-            )
+            .acquire(&key, "machine m".into(), None, &root)
             .unwrap_err()
             .contains("not plugged in"));
         let a = Adapter {
@@ -650,22 +782,12 @@ mod tests {
             path: None,
             usb: None,
         };
-        shared.set_present(&[(key.clone(), a)].into());
+        shared.set_present(&[(key.clone(), a)].into(), &BTreeSet::new());
         let g = shared
-            .acquire(
-                &key,
-                "machine m".into(),
-                Some(7),
-                &root,
-            )
+            .acquire(&key, "machine m".into(), Some(7), &root)
             .unwrap();
         let refusal = shared
-            .acquire(
-                &key,
-                "machine n".into(),
-                None,
-                &root,
-            )
+            .acquire(&key, "machine n".into(), None, &root)
             .unwrap_err();
         assert!(
             refusal.contains("in use by machine m (pid 7) since"),
@@ -679,7 +801,7 @@ mod tests {
                 .who,
             "machine m"
         );
-        shared.set_present(&BTreeMap::new());
+        shared.set_present(&BTreeMap::new(), &BTreeSet::new());
         assert!(g.cancel.is_cancelled(), "unplug cancels the session");
         drop(g);
         assert!(shared.status(|_| true).boards[0].ttys[0].holder.is_none());

@@ -39,7 +39,7 @@ fn the_example_config_is_valid() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    assert!(String::from_utf8_lossy(&out.stdout).ends_with("ok, 3 boards, 4 ttys, 2 machines\n"));
+    assert!(String::from_utf8_lossy(&out.stdout).ends_with("ok, 4 boards, 5 ttys, 2 machines\n"));
 }
 
 #[test]
@@ -238,4 +238,27 @@ fn machine_entries() {
     assert!(m.contains("uid 0 is not a job user's"), "{m}");
     let m = rejected("[[machine]]\nname = \"ci1\"\nimage = \"x\"\n");
     assert!(m.contains("unknown field `image`"), "{m}");
+}
+
+#[test]
+fn reenumerate_grace() {
+    let m = rejected(&format!(
+        "[[board]]\nname = \"a\"\nreenumerate-grace = \"soon\"\n{TTY}"
+    ));
+    assert!(
+        m.starts_with("FILE:3:21: reenumerate-grace \"soon\" is not a duration"),
+        "{m}"
+    );
+    assert!(
+        m.contains("help: write e.g. reenumerate-grace = \"3s\""),
+        "{m}"
+    );
+    let m = rejected(&format!(
+        "[[board]]\nname = \"a\"\nreenumerate-grace = \"5m\"\n{TTY}"
+    ));
+    assert!(m.contains("is longer than 60s"), "{m}");
+    let (ok, m) = check(&format!(
+        "[[board]]\nname = \"a\"\nreenumerate-grace = \"1500ms\"\n{TTY}"
+    ));
+    assert!(ok, "{m}");
 }

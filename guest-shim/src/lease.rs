@@ -7,6 +7,12 @@
 //! `devshim serve` to publish the board's links, exports their paths and
 //! RFC 2217 endpoints, runs the command with signals forwarded, and returns
 //! its exit status.
+//!
+//! If the broker restarts while the command runs, the connection — and with
+//! it the lease — is gone. devshim then takes the board again as soon as the
+//! broker is back (within the broker grace, as `devshim serve` keeps the
+//! ttys), and says so; if it can't, it says the lease ended and why, and the
+//! command's ttys hang up when `devshim serve`'s grace runs out.
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
@@ -179,6 +185,63 @@ pub fn run(args: &LeaseArgs, dir: &Path, link_root: &Path, state_dir: &Path) -> 
     }
 }
 
+/// How long a lease waits for a broker that went away:
+/// `DEVSHIM_BROKER_GRACE` (e.g. `30s`), else `devshim serve`'s default.
+pub fn broker_grace() -> Duration {
+    std::env::var("DEVSHIM_BROKER_GRACE")
+        .ok()
+        .and_then(|v| humantime::parse_duration(v.trim()).ok())
+        .unwrap_or(crate::serve::DEFAULT_BROKER_GRACE)
+}
+
+/// A control connection that has said hello.
+struct Control {
+    w: UnixStream,
+    r: BufReader<UnixStream>,
+}
+
+impl Control {
+    /// Connects and says hello; a broker that doesn't answer within 2 s is
+    /// as good as gone.
+    fn connect(path: &Path) -> Result<Control, (u8, String)> {
+        let sock = UnixStream::connect(path).map_err(|e| {
+            (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is /run/devbroker bound and devbroker running?)", path.display()))
+        })?;
+        let w = sock
+            .try_clone()
+            .map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
+        let mut c = Control {
+            w,
+            r: BufReader::new(sock),
+        };
+        let _ = c.w.set_read_timeout(Some(Duration::from_secs(2)));
+        c.send(&Request::Hello {
+            version: VERSION,
+            client: format!("devshim-lease {}", env!("CARGO_PKG_VERSION")),
+        })?;
+        if let Reply::Error { message } = c.read()? {
+            return Err((EXIT_USAGE, message));
+        }
+        let _ = c.w.set_read_timeout(None);
+        Ok(c)
+    }
+
+    fn send(&mut self, req: &Request) -> Result<(), (u8, String)> {
+        self.w
+            .write_all(&request_line(req))
+            .map_err(|e| (EXIT_NO_BOARD, e.to_string()))
+    }
+
+    fn read(&mut self) -> Result<Reply, (u8, String)> {
+        let mut line = String::new();
+        match self.r.read_line(&mut line) {
+            Ok(0) | Err(_) => Err((EXIT_NO_BOARD, "the broker closed the connection".into())),
+            Ok(_) => serde_json::from_str(&line)
+                .map_err(|e| (EXIT_NO_BOARD, format!("unreadable reply {line:?}: {e}"))),
+        }
+    }
+}
+
 fn run_inner(
     args: &LeaseArgs,
     dir: &Path,
@@ -186,51 +249,20 @@ fn run_inner(
     state_dir: &Path,
 ) -> Result<u8, (u8, String)> {
     let control = dir.join(CONTROL_SOCKET);
-    let sock = UnixStream::connect(&control).map_err(|e| {
-        (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is /run/devbroker bound and devbroker running?)", control.display()))
-    })?;
-    let mut w = sock
-        .try_clone()
-        .map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-    let mut r = BufReader::new(sock);
-    let mut read = || -> Result<Reply, (u8, String)> {
-        let mut line = String::new();
-        match r.read_line(&mut line) {
-            Ok(0) | Err(_) => Err((EXIT_NO_BOARD, "the broker closed the connection".into())),
-            Ok(_) => serde_json::from_str(&line)
-                .map_err(|e| (EXIT_NO_BOARD, format!("unreadable reply {line:?}: {e}"))),
-        }
-    };
-    let send = |w: &mut UnixStream, req: &Request| {
-        w.write_all(&request_line(req))
-            .map_err(|e| (EXIT_NO_BOARD, e.to_string()))
-    };
-    send(
-        &mut w,
-        &Request::Hello {
-            version: VERSION,
-            client: format!("devshim-lease {}", env!("CARGO_PKG_VERSION")),
-        },
-    )?;
-    if let Reply::Error { message } = read()? {
-        return Err((EXIT_USAGE, message));
-    }
+    let mut c = Control::connect(&control)?;
     let wanted = args
         .board
         .clone()
         .map(|b| format!("board {b}"))
         .or_else(|| args.kind.clone().map(|t| format!("a {t} board")))
         .unwrap_or_default();
-    send(
-        &mut w,
-        &Request::Lease {
-            board: args.board.clone(),
-            kind: args.kind.clone(),
-            wait_ms: args.wait.map(|d| d.as_millis() as u64),
-        },
-    )?;
+    c.send(&Request::Lease {
+        board: args.board.clone(),
+        kind: args.kind.clone(),
+        wait_ms: args.wait.map(|d| d.as_millis() as u64),
+    })?;
     let granted = loop {
-        match read()? {
+        match c.read()? {
             Reply::Granted(g) => break g,
             Reply::Waiting { place, holders } => {
                 eprintln!(
@@ -290,31 +322,130 @@ fn run_inner(
             .collect::<Vec<_>>()
             .join("; ")
     );
+    let keeper = Keeper::start(c, control.clone(), granted.board.clone(), broker_grace());
     let code = run_command(&args.command, &env);
     // A tool that wrote and exited may still have bytes on the way: give
     // devshim a moment to start their session, then let it finish (up to
     // 2 s) before the lease, and the socket, go.
     std::thread::sleep(Duration::from_millis(250));
-    let t0 = Instant::now();
-    while t0.elapsed() < Duration::from_secs(2) && board_held(&mut w, &mut r, &granted.board) {
-        std::thread::sleep(Duration::from_millis(20));
+    if let Ok(mut status) = Control::connect(&control) {
+        let t0 = Instant::now();
+        while t0.elapsed() < Duration::from_secs(2) && board_held(&mut status, &granted.board) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
-    drop(w); // the lease ends with the connection
+    keeper.release(); // the lease ends with the connection
     code
 }
 
-/// Whether a session holds any tty of `board` now, asked on the lease's
-/// own connection.
-fn board_held(w: &mut UnixStream, r: &mut BufReader<UnixStream>, board: &str) -> bool {
-    if w.write_all(&request_line(&Request::Status {})).is_err() {
+/// Holds the lease's connection while the command runs, and takes the
+/// board again if the broker restarts.
+struct Keeper {
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    current: std::sync::Arc<std::sync::Mutex<UnixStream>>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl Keeper {
+    fn start(c: Control, control: PathBuf, board: String, grace: Duration) -> Keeper {
+        use std::io::Read;
+        use std::sync::atomic::Ordering;
+        let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let current = std::sync::Arc::new(std::sync::Mutex::new(c.w));
+        let (d, cur) = (done.clone(), current.clone());
+        let thread = std::thread::spawn(move || {
+            let mut reader = c.r.into_inner();
+            loop {
+                // Nothing more is sent on a granted lease: any end is the broker's.
+                let mut buf = [0u8; 512];
+                while matches!(reader.read(&mut buf), Ok(n) if n > 0) {}
+                if d.load(Ordering::SeqCst) {
+                    return;
+                }
+                let g = humantime::format_duration(grace);
+                eprintln!("devshim: the broker went away; taking {board} again when it is back (waiting up to {g})");
+                match retake(&control, &board, grace) {
+                    Ok(c) => {
+                        eprintln!("devshim: the broker is back; lease on {board} restored");
+                        reader = c.r.into_inner();
+                        *cur.lock().unwrap() = c.w;
+                    }
+                    Err(why) => {
+                        eprintln!("devshim: lease on {board} ended: {why}; its ttys hang up");
+                        return;
+                    }
+                }
+            }
+        });
+        Keeper {
+            done,
+            current,
+            thread,
+        }
+    }
+
+    /// Ends the lease: closes the connection (every clone of it) and stops watching.
+    fn release(self) {
+        self.done.store(true, std::sync::atomic::Ordering::SeqCst);
+        let _ = self
+            .current
+            .lock()
+            .unwrap()
+            .shutdown(std::net::Shutdown::Both);
+        let _ = self.thread.join();
+    }
+}
+
+/// Takes `board` again from a broker that restarted: connects once it
+/// answers and asks for that board, all within `grace`.
+fn retake(control: &Path, board: &str, grace: Duration) -> Result<Control, String> {
+    let deadline = Instant::now() + grace;
+    let g = humantime::format_duration(grace);
+    let mut c = loop {
+        match Control::connect(control) {
+            Ok(c) => break c,
+            Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
+            Err((_, e)) => return Err(format!("the broker did not come back within {g} ({e})")),
+        }
+    };
+    let left = deadline
+        .saturating_duration_since(Instant::now())
+        .max(Duration::from_millis(100));
+    c.send(&Request::Lease {
+        board: Some(board.to_string()),
+        kind: None,
+        wait_ms: Some(left.as_millis() as u64),
+    })
+    .map_err(|(_, e)| e)?;
+    loop {
+        match c.read().map_err(|(_, e)| e)? {
+            Reply::Granted(_) => return Ok(c),
+            Reply::Waiting { .. } => {}
+            Reply::Error { message } if message.contains("in time") => {
+                return Err(format!(
+                    "the broker is back but {board} was not free again within {g}"
+                ))
+            }
+            Reply::Error { message } => {
+                return Err(format!("the broker is back but refused it: {message}"))
+            }
+            other => return Err(format!("unexpected reply {other:?}")),
+        }
+    }
+}
+
+/// Whether a session holds any tty of `board` now.
+fn board_held(c: &mut Control, board: &str) -> bool {
+    if c.send(&Request::Status {}).is_err() {
         return false;
     }
-    let mut line = String::new();
-    match r.read_line(&mut line) {
-        Ok(n) if n > 0 => match serde_json::from_str::<Reply>(&line) {
-            Ok(Reply::Status(s)) => s.boards.iter().filter(|b| b.name == board).flat_map(|b| &b.ttys).any(|t| t.holder.is_some()),
-            _ => false,
-        },
+    match c.read() {
+        Ok(Reply::Status(s)) => s
+            .boards
+            .iter()
+            .filter(|b| b.name == board)
+            .flat_map(|b| &b.ttys)
+            .any(|t| t.holder.is_some()),
         _ => false,
     }
 }

@@ -75,6 +75,10 @@ enum Cmd {
         /// Where the state file of the RFC 2217 ports (ports.json) is kept.
         #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
         state_dir: PathBuf,
+        /// How long tools keep their ptys while the broker is away (restarted
+        /// or upgraded); past it they read EIO.
+        #[arg(long, value_parser = parse_duration, default_value = "10s")]
+        broker_grace: std::time::Duration,
     },
     /// List the attached ttys: guest path and RFC 2217 endpoint.
     List {
@@ -166,7 +170,13 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    if let Cmd::Ctl { board, what, tty, dir } = &cli.cmd {
+    if let Cmd::Ctl {
+        board,
+        what,
+        tty,
+        dir,
+    } = &cli.cmd
+    {
         return match devshim::ctl::request(board, tty.clone(), what) {
             Ok(req) => std::process::ExitCode::from(devshim::ctl::run(dir, &req)),
             Err(e) => {
@@ -226,6 +236,7 @@ fn main() -> std::process::ExitCode {
                 link_root,
                 user,
                 state_dir,
+                broker_grace,
             } => {
                 let user = devshim::users::lookup(std::path::Path::new("/"), &user)
                     .map_err(anyhow::Error::msg)?;
@@ -243,6 +254,7 @@ fn main() -> std::process::ExitCode {
                         link_root,
                         user,
                         state_dir,
+                        broker_grace,
                     },
                     shutdown,
                 )

@@ -2,9 +2,14 @@
 //!
 //! The machine directory is watched with inotify. devshim also holds a
 //! connection to the directory's control socket: while it is up the broker is
-//! alive and the index (`ttys.json`) is trusted; when it closes, every tty is
-//! taken down (tools read `EIO`, links go), and devshim reconnects as soon as
-//! the control socket is back — on its inotify event, or within a second.
+//! alive and the index (`ttys.json`) is trusted. When it closes — the broker
+//! restarts, is upgraded or was killed — the ttys stay as they are for the
+//! broker grace: tools keep their ptys open, and devshim reconnects as soon
+//! as the control socket is back (on its inotify event, or within a second).
+//! Each tty then resumes its session with the settings its tool had set
+//! ([`crate::tty`]). A tty the returned broker doesn't offer again within
+//! the grace, or every tty if the broker stays away, is taken down: tools
+//! read `EIO`, links go.
 //!
 //! Each tty is also served as RFC 2217 on a `127.0.0.1` port of its own
 //! ([`crate::endpoint`]), for as long as its actor runs; the ports are listed
@@ -39,6 +44,20 @@ pub struct Options {
     pub user: User,
     /// Where the state file of the RFC 2217 endpoints is kept.
     pub state_dir: PathBuf,
+    /// How long ttys are kept while the broker is away.
+    pub broker_grace: Duration,
+}
+
+/// The default broker grace: a restart or an upgrade of the broker.
+pub const DEFAULT_BROKER_GRACE: Duration = Duration::from_secs(10);
+
+/// Whether devshim is connected to the broker, as tty actors see it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct BrokerLink {
+    pub up: bool,
+    /// Counts the connections made, so an actor can tell a broker that came
+    /// back from the one that left.
+    pub epoch: u64,
 }
 
 struct Actor {
@@ -182,7 +201,7 @@ pub fn wanted(dir: &Path) -> BTreeMap<String, Entry> {
 }
 
 /// Connects to the control socket and says hello.
-async fn connect_control(path: &Path) -> anyhow::Result<UnixStream> {
+pub(crate) async fn connect_control(path: &Path) -> anyhow::Result<UnixStream> {
     let mut s = UnixStream::connect(path).await?;
     s.write_all(&request_line(&Request::Hello {
         version: VERSION,
@@ -241,6 +260,9 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         .with_context(|| format!("can't watch {}", opts.dir.display()))?;
     let mut events = ino.into_event_stream(vec![0u8; 4096])?;
     let mut control: Option<UnixStream> = None;
+    let (broker_tx, broker_rx) = tokio::sync::watch::channel(BrokerLink::default());
+    // When the broker left, while its grace runs.
+    let mut lost_at: Option<tokio::time::Instant> = None;
     let mut actors: BTreeMap<String, Actor> = BTreeMap::new();
     let control_path = opts.dir.join(CONTROL_SOCKET);
     info!(dir = %opts.dir.display(), links = %opts.link_root.display(), user = %opts.user.name, state = %opts.state_dir.display(), "devshim serving");
@@ -254,22 +276,44 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 Ok(s) => {
                     info!("connected to the broker");
                     control = Some(s);
+                    broker_tx.send_modify(|b| {
+                        b.up = true;
+                        b.epoch += 1;
+                    });
                 }
                 Err(e) => {
                     tracing::debug!("broker not answering at {}: {e}", control_path.display())
                 }
             }
         }
-        let want = if control.is_some() {
-            wanted(&opts.dir)
-        } else {
-            BTreeMap::new()
-        };
+        let now = tokio::time::Instant::now();
+        let protect_until = lost_at.map(|t| t + opts.broker_grace).filter(|t| *t > now);
+        if lost_at.is_some() && protect_until.is_none() {
+            lost_at = None;
+            if control.is_none() {
+                warn!(
+                    "the broker did not come back within {}; taking the ttys down",
+                    humantime::format_duration(opts.broker_grace)
+                );
+            }
+        }
         let running: BTreeMap<String, Entry> = actors
             .iter()
             .map(|(k, a)| (k.clone(), a.entry.clone()))
             .collect();
-        let (stop, start) = plan(&running, &want);
+        let want = if control.is_some() {
+            wanted(&opts.dir)
+        } else if protect_until.is_some() {
+            running.clone()
+        } else {
+            BTreeMap::new()
+        };
+        let (mut stop, start) = plan(&running, &want);
+        if protect_until.is_some() {
+            // A broker just back may not offer a tty again yet: keep it
+            // for the rest of the grace.
+            stop.retain(|k| want.contains_key(k));
+        }
         for k in stop {
             if let Some(a) = actors.remove(&k) {
                 a.stop().await;
@@ -300,10 +344,12 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         for (entry, cancel, endpoint) in starting {
             let spec = TtySpec {
                 socket: opts.dir.join(entry.socket()),
+                control: control_path.clone(),
                 entry: entry.clone(),
                 link_root: opts.link_root.clone(),
                 uid: opts.user.uid,
                 gid: opts.user.gid,
+                broker: broker_rx.clone(),
             };
             let task = tokio::spawn(tty::run(spec, cancel.clone()));
             actors.insert(
@@ -321,10 +367,13 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
             _ = shutdown.cancelled() => break,
             ev = events.next() => if let Some(Err(e)) = ev { warn!("inotify: {e}") },
             _ = wait_closed(&mut control) => {
-                info!("the broker went away; taking the ttys down until it is back");
+                info!("the broker went away; keeping the ttys for {} while it restarts", humantime::format_duration(opts.broker_grace));
                 control = None;
+                lost_at = Some(tokio::time::Instant::now());
+                broker_tx.send_modify(|b| b.up = false);
             }
             _ = tokio::time::sleep(Duration::from_secs(1)), if control.is_none() || unbound => {}
+            _ = tokio::time::sleep_until(protect_until.unwrap_or(now)), if protect_until.is_some() => {}
         }
     }
     for (_, a) in actors {

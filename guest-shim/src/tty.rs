@@ -5,8 +5,15 @@
 //! to the tty's socket (the broker opens the real port, raising DTR and RTS
 //! like an open of the real device); when the last tool closes it, devshim
 //! drains what the tool wrote, drops DTR/RTS if `HUPCL` is set, and leaves.
-//! If the broker ends the session (unplug, broker gone, refused), the pty is
-//! hung up — the tool reads `EIO` — and a fresh pty takes over the links.
+//! If the broker ends the session (unplug, refused), the pty is hung up —
+//! the tool reads `EIO` — and a fresh pty takes over the links.
+//!
+//! If instead the broker itself went away (restarted, upgraded, killed), the
+//! pty stays open: the tool's writes wait in it, and when the broker is back
+//! a new session starts with the line settings the tool has set (read from
+//! the pty, as at any session start), DTR and RTS raised as for an open.
+//! [`crate::serve`] decides how long to wait (the broker grace) and stops
+//! the actor when that runs out.
 
 use std::io;
 use std::path::{Path, PathBuf};
@@ -33,6 +40,10 @@ use crate::pty::{pkt, Pty};
 pub struct TtySpec {
     pub entry: Entry,
     pub socket: PathBuf,
+    /// The machine's control socket, to ask whether the broker is alive.
+    pub control: PathBuf,
+    /// Whether devshim is connected to the broker.
+    pub broker: tokio::sync::watch::Receiver<crate::serve::BrokerLink>,
     pub link_root: PathBuf,
     pub uid: u32,
     pub gid: u32,
@@ -99,6 +110,9 @@ enum End {
     Cancelled,
     /// The broker side ended or refused; the pty must be hung up.
     Hangup(String),
+    /// The broker's socket closed or failed: the session ended, or the
+    /// broker went away; [`broker_left`] tells which.
+    BrokerClosed(String),
 }
 
 /// Runs a tty until `cancel`, then removes its links.
@@ -137,6 +151,17 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
             }
             match session(&spec, &pty, &mut opens, &cancel).await {
                 End::ToolClosed => debug!(tty = %short, "tool closed the pty"),
+                End::BrokerClosed(why) => {
+                    if !broker_left(&spec).await {
+                        break End::Hangup(why);
+                    }
+                    info!(tty = %short, "the broker went away ({why}); keeping {} open until it is back", pty.path.display());
+                    tokio::select! {
+                        _ = cancel.cancelled() => break End::Cancelled,
+                        r = broker_back(&spec, &mut opens) => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
+                    }
+                    info!(tty = %short, "the broker is back; resuming");
+                }
                 other => break other,
             }
         };
@@ -151,12 +176,46 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
             End::Hangup(why) => {
                 info!(tty = %short, "hanging up {}: {why}", pty.path.display());
             }
-            End::ToolClosed => unreachable!(),
+            End::ToolClosed | End::BrokerClosed(_) => unreachable!(),
         }
         // Dropping the pty hangs up the tool; the next loop renames fresh
         // links over the old ones.
         drop(opens);
         drop(pty);
+    }
+}
+
+/// After the broker's socket closed: did the broker go away (rather than end
+/// this session)? It did if devshim's control connection is down, or if the
+/// control socket doesn't answer a hello at once — a broker that is alive
+/// answers in a millisecond, one that was killed refuses the connection.
+async fn broker_left(spec: &TtySpec) -> bool {
+    if !spec.broker.borrow().up {
+        return true;
+    }
+    let probe = crate::serve::connect_control(&spec.control);
+    !matches!(
+        tokio::time::timeout(Duration::from_millis(500), probe).await,
+        Ok(Ok(_))
+    )
+}
+
+/// Waits until devshim is connected to a broker again and this tty's socket
+/// exists (the broker may take a moment to find the adapter, or a lease to
+/// be restored), following the tool's opens and closes meanwhile.
+async fn broker_back(spec: &TtySpec, opens: &mut OpenWatch) -> io::Result<()> {
+    let mut broker = spec.broker.clone();
+    let left = broker.borrow_and_update().epoch;
+    loop {
+        let b = *broker.borrow_and_update();
+        if b.up && b.epoch > left && spec.socket.exists() {
+            return Ok(());
+        }
+        tokio::select! {
+            r = broker.changed() => if r.is_err() { return Err(io::Error::other("devshim is stopping")) },
+            r = opens.next() => { r?; }
+            _ = tokio::time::sleep(Duration::from_millis(50)), if b.up => {}
+        }
     }
 }
 
@@ -188,7 +247,7 @@ async fn session(
     send(Command::SetControl(control::DTR_ON), &mut hello);
     send(Command::SetControl(control::RTS_ON), &mut hello);
     if let Err(e) = wr.write_all(&hello).await {
-        return End::Hangup(format!("broker socket: {e}"));
+        return End::BrokerClosed(format!("broker socket: {e}"));
     }
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
     let closing = AtomicBool::new(false);
@@ -250,7 +309,9 @@ async fn session(
                 }
             }
             if !out.is_empty() {
-                wr.write_all(&out).await?;
+                if let Err(e) = wr.write_all(&out).await {
+                    return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                }
             }
         }
     };
@@ -260,9 +321,14 @@ async fn session(
         let mut dec = Decoder::new();
         let mut accepted = false;
         loop {
-            let n = rd.read(&mut buf).await?;
+            let n = match rd.read(&mut buf).await {
+                Ok(n) => n,
+                Err(e) => return Ok(End::BrokerClosed(format!("broker socket: {e}"))),
+            };
             if n == 0 {
-                return Ok::<End, io::Error>(End::Hangup("the broker ended the session".into()));
+                return Ok::<End, io::Error>(End::BrokerClosed(
+                    "the broker ended the session".into(),
+                ));
             }
             if !accepted {
                 if buf[0] != IAC {

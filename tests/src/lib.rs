@@ -129,10 +129,15 @@ pub struct World {
 
 impl World {
     pub fn new(config: &str) -> World {
-        let tmp = tempfile::Builder::new()
+        let mut tmp = tempfile::Builder::new()
             .prefix("devbroker-test-")
             .tempdir()
             .unwrap();
+        // DEVBROKER_KEEP_TEST_DIRS=1 keeps each world (logs included) to read after a failure.
+        if std::env::var_os("DEVBROKER_KEEP_TEST_DIRS").is_some() {
+            tmp.disable_cleanup(true);
+            eprintln!("keeping {}", tmp.path().display());
+        }
         let by_id = tmp.path().join("host-dev/serial/by-id");
         let run = tmp.path().join("run");
         let cfg = tmp.path().join("devbroker.toml");
@@ -149,8 +154,23 @@ impl World {
         self.tmp.path().join(rel)
     }
 
-    /// Starts the broker and waits until its admin socket answers.
+    /// Starts the broker on the by-id source (the world's by-id directory)
+    /// and waits until its admin socket answers.
     pub fn broker(&self) -> Proc {
+        let by_id = self.by_id.to_str().expect("UTF-8 temp path");
+        self.broker_with(&["--by-id-dir", by_id])
+    }
+
+    /// Starts the broker with the udev source (`--source udev`) and waits
+    /// until its admin socket answers. Under umockdev the broker inherits
+    /// the preload and the testbed, and so follows the emulated devices.
+    pub fn broker_udev(&self) -> Proc {
+        self.broker_with(&["--source", "udev"])
+    }
+
+    /// Starts `devbroker run` on the world's config and run directory with
+    /// `source` flags, logging to `broker.log`.
+    fn broker_with(&self, source: &[&str]) -> Proc {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -159,8 +179,7 @@ impl World {
         let child = Command::new(bin("devbroker"))
             .args(["run", "--config"])
             .arg(&self.config)
-            .arg("--by-id-dir")
-            .arg(&self.by_id)
+            .args(source)
             .arg("--run-dir")
             .arg(&self.run)
             .env("DEVBROKER_LOG", "debug")
@@ -182,6 +201,11 @@ impl World {
 
     /// Starts devshim for `machine`, publishing under `guest/<machine>/dev`.
     pub fn shim(&self, machine: &str) -> Proc {
+        self.shim_with(machine, &[])
+    }
+
+    /// [`World::shim`] with extra `devshim serve` flags.
+    pub fn shim_with(&self, machine: &str, extra: &[&str]) -> Proc {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -195,6 +219,7 @@ impl World {
             .args(["--user", &nix::unistd::getuid().to_string()])
             .arg("--state-dir")
             .arg(self.state_dir(machine))
+            .args(extra)
             .env("DEVSHIM_LOG", "debug")
             .die_with_parent()
             .stdout(Stdio::null())

@@ -5,20 +5,26 @@
 //! it and its tests say "skipped" when it is missing.
 //!
 //! A process must run under `LD_PRELOAD=libumockdev-preload.so.0` for
-//! libudev to see the testbed, and it can hold one testbed. So a test calls
-//! [`enter`] first: in `cargo test`'s process it re-executes the test binary
-//! for that one test (by exact name, with [`CHILD_ENV`] set and the preload
-//! library), waits, and returns `None`; in that child it makes the testbed
-//! and returns it. Tests stay parallel: one process and one testbed each.
+//! libudev to see the testbed, and it can hold one testbed. So a test starts
+//! with [`testbed!`]: in `cargo test`'s process it re-executes the test
+//! binary for that one test (by exact name, with [`CHILD_ENV`] set and the
+//! preload library), waits for it and returns from the test; in that child
+//! it makes the testbed and hands it over. Tests stay parallel: one process
+//! and one testbed each. Processes the test starts inherit the preload and
+//! the testbed (`UMOCKDEV_DIR`), so a broker run from it sees the testbed.
 //!
 //! ```ignore
 //! #[test]
 //! fn finds_it() {
-//!     let Some(tb) = umockdev::enter("finds_it") else { return };
+//!     let tb = umockdev::testbed!();
 //!     tb.add_from_string(&umockdev::testdata("ftdi-ft232r.umockdev")).unwrap();
 //!     // ... libudev now sees the FT232R
 //! }
 //! ```
+//!
+//! An emulated tty is a pty underneath, which has no modem lines, no break
+//! and no parity: [`UMockdev::emulate_serial`] puts a USB serial adapter's
+//! line control in front of it (see [`serial`]).
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Read;
@@ -29,6 +35,9 @@ use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
 use crate::DieWithParent;
+
+pub mod serial;
+pub use serial::{LineEvent, SerialLog, Termios};
 
 /// Set (to the test's name) in the re-executed child.
 pub const CHILD_ENV: &str = "DEVBROKER_UMOCKDEV_CHILD";
@@ -59,6 +68,8 @@ struct Lib {
     g_object_unref: unsafe extern "C" fn(*mut c_void),
     g_free: unsafe extern "C" fn(*mut c_void),
     g_error_free: unsafe extern "C" fn(*mut GError),
+    /// The `dlopen` handle, for symbols only some tests need.
+    handle: usize,
     /// The directory libumockdev was loaded from (the preload library is
     /// installed beside it).
     dir: PathBuf,
@@ -118,6 +129,7 @@ fn load() -> Result<Lib, String> {
             g_object_unref: sym(h, "g_object_unref")?,
             g_free: sym(h, "g_free")?,
             g_error_free: sym(h, "g_error_free")?,
+            handle: h as usize,
             dir,
         })
     }
@@ -137,6 +149,21 @@ unsafe fn sym<F: Copy>(h: *mut c_void, n: &str) -> Result<F, String> {
     }
     // SAFETY: same size; the caller names the right type.
     Ok(unsafe { std::mem::transmute_copy::<*mut c_void, F>(&p) })
+}
+
+impl Lib {
+    /// The message of a GError a call left (and frees it), or `fallback`.
+    fn error_message(&self, err: *mut GError, fallback: &str) -> String {
+        if err.is_null() {
+            return fallback.to_string();
+        }
+        // SAFETY: a GError we own and free.
+        let m = unsafe { CStr::from_ptr((*err).message) }
+            .to_string_lossy()
+            .into_owned();
+        unsafe { (self.g_error_free)(err) };
+        m
+    }
 }
 
 fn lib() -> Result<&'static Lib, String> {
@@ -176,9 +203,35 @@ pub fn testdata(name: &str) -> String {
     std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
+/// The testbed of the test it is written in; in `cargo test`'s process it
+/// runs the test in a child under the preload and returns from the test
+/// (see the module docs). The test's name comes from the compiler, so a
+/// renamed test still re-executes itself.
+#[macro_export]
+macro_rules! umockdev_testbed {
+    () => {{
+        fn here() {}
+        let name = $crate::umockdev::test_name(::std::any::type_name_of_val(&here));
+        match $crate::umockdev::enter(&name) {
+            ::std::option::Option::Some(tb) => tb,
+            ::std::option::Option::None => return,
+        }
+    }};
+}
+pub use crate::umockdev_testbed as testbed;
+
+/// The name libtest knows a test by (`test` or `module::test`), from the
+/// type name of a function declared in its body (`crate::test::here`).
+pub fn test_name(here: &str) -> String {
+    let parts: Vec<&str> = here.split("::").collect();
+    assert!(parts.len() >= 3, "not a function inside a test: {here}");
+    parts[1..parts.len() - 1].join("::")
+}
+
 /// Runs the test `name` in a child under the preload (returns `None`), or,
 /// in that child, makes its testbed (returns it). Prints "skipped: ..." and
-/// returns `None` when umockdev is not installed.
+/// returns `None` when umockdev is not installed. [`testbed!`] calls it with
+/// the test's own name.
 pub fn enter(name: &str) -> Option<UMockdev> {
     match std::env::var(CHILD_ENV) {
         Ok(child) if child == name => Some(UMockdev::new()),
@@ -309,17 +362,9 @@ impl UMockdev {
         if ok {
             return Ok(());
         }
-        let msg = if err.is_null() {
-            "umockdev_testbed_add_from_string failed".to_string()
-        } else {
-            // SAFETY: a GError we own and free.
-            let m = unsafe { CStr::from_ptr((*err).message) }
-                .to_string_lossy()
-                .into_owned();
-            unsafe { (self.lib.g_error_free)(err) };
-            m
-        };
-        Err(msg)
+        Err(self
+            .lib
+            .error_message(err, "umockdev_testbed_add_from_string failed"))
     }
 
     /// Sends a uevent (`add`, `change`, `remove`, ...) for a device, by
@@ -406,6 +451,39 @@ impl UMockdev {
             assert!(dup >= 0, "dup: {}", std::io::Error::last_os_error());
             unsafe { OwnedFd::from_raw_fd(dup) }
         })
+    }
+
+    /// Hangs up an emulated tty as the kernel does when the USB device
+    /// behind it goes: from now on a client that has it open reads end of
+    /// file or `EIO` and its writes fail. umockdev keeps the pty of a removed
+    /// node, so without this a client goes on talking to a device that is
+    /// gone. Call it before [`UMockdev::unplug`] (the kernel hangs the tty
+    /// up before the `remove` uevents).
+    ///
+    /// The board's side is closed: drop every descriptor [`UMockdev::dev_fd`]
+    /// gave first. A process started while the device was present inherited
+    /// the board's side and keeps the pty alive: add the device after
+    /// starting the processes that must see it hang up. Returns `false` when
+    /// `devnode` has no pty.
+    pub fn hang_up(&self, devnode: &str) -> bool {
+        let p = CString::new(devnode).unwrap();
+        // SAFETY: valid testbed and string.
+        let fd = unsafe { (self.lib.get_dev_fd)(self.tb, p.as_ptr()) };
+        if fd < 0 {
+            return false;
+        }
+        // The testbed closes its descriptor when dropped: leave /dev/null
+        // under that number instead of a number a later open may take.
+        let null = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open("/dev/null")
+            .expect("/dev/null");
+        // SAFETY: replaces the testbed's descriptor (closing the pty's
+        // master) with a duplicate of ours, atomically.
+        let r = unsafe { libc::dup3(std::os::fd::AsRawFd::as_raw_fd(&null), fd, libc::O_CLOEXEC) };
+        assert!(r == fd, "dup3: {}", std::io::Error::last_os_error());
+        true
     }
 }
 

@@ -349,7 +349,51 @@ fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
 }
 
 #[test]
-fn broker_sigkill_and_restart_devshim_reconnects() {
+fn broker_sigkill_and_restart_the_tool_keeps_its_pty_and_line() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let mut broker = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let pty = std::fs::read_link(&link).unwrap();
+    let tool = Tool::open(&link).unwrap();
+    let fd = tool.fd.as_raw_fd();
+    let mut t = wire::termios::get(fd).unwrap();
+    wire::termios::set_baud(&mut t, 230400);
+    wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();
+    ping(&tool, &board, &w);
+    assert_eq!(board.baud(), 230400);
+
+    let reader = tool.blocked_read();
+    broker.kill9();
+    // The next broker opens the port at the config's rate; the tool's rate
+    // must come back with the resumed session.
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(exists(&link), "the link stays while the broker is away");
+    tool.write_all(b"written-while-away\n").unwrap();
+
+    let _broker = w.broker();
+    let t0 = std::time::Instant::now();
+    let got = read_exact_timeout(board.master_fd(), 19, 5 * S)
+        .unwrap_or_else(|e| panic!("bytes written while the broker was away: {e}\n{}", w.logs()));
+    eprintln!("resumed {:?} after the broker's restart", t0.elapsed());
+    assert_eq!(got, b"written-while-away\n");
+    assert_eq!(board.baud(), 230400, "the tool's rate is applied again");
+    assert_eq!(
+        std::fs::read_link(&link).unwrap(),
+        pty,
+        "the same guest pty"
+    );
+    write_all_fd(board.master_fd(), b"back\n").unwrap();
+    let n = join_within(reader, 5 * S).expect("the blocked read gets data, not EIO");
+    assert!(n > 0);
+    ping(&tool, &board, &w);
+}
+
+#[test]
+fn broker_restarted_with_sigterm_the_tool_goes_on() {
+    // An upgrade: systemctl restart sends SIGTERM.
     let w = World::new(CONFIG);
     let board = w.plug(FTDI);
     let mut broker = w.broker();
@@ -358,14 +402,42 @@ fn broker_sigkill_and_restart_devshim_reconnects() {
     wait_for(5 * S, "the guest link", || exists(&link));
     let tool = Tool::open(&link).unwrap();
     ping(&tool, &board, &w);
+    let reader = tool.blocked_read();
+    assert!(broker.stop().success());
+    tool.write_all(b"during\n").unwrap();
+    let _broker = w.broker();
+    let got = read_exact_timeout(board.master_fd(), 7, 5 * S)
+        .unwrap_or_else(|e| panic!("bytes written during the restart: {e}\n{}", w.logs()));
+    assert_eq!(got, b"during\n");
+    write_all_fd(board.master_fd(), b"x").unwrap();
+    let n = join_within(reader, 5 * S).expect("the blocked read gets data, not EIO");
+    assert_eq!(n, 1);
+    ping(&tool, &board, &w);
+}
+
+#[test]
+fn broker_away_past_the_grace_hangs_up_then_comes_back() {
+    let w = World::new(CONFIG);
+    let board = w.plug(FTDI);
+    let mut broker = w.broker();
+    let _s = w.shim_with("ci1", &["--broker-grace", "1s"]);
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
 
     let reader = tool.blocked_read();
+    let t0 = std::time::Instant::now();
     broker.kill9();
-    let err = join_within(reader, S).expect_err("EIO when the broker dies");
+    let err = join_within(reader, 4 * S).expect_err("EIO once the broker grace runs out");
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    wait_for(2 * S, "the link to go while the broker is away", || {
-        !exists(&link)
-    });
+    let after = t0.elapsed();
+    assert!(
+        after >= Duration::from_millis(900),
+        "not before the grace: {after:?}"
+    );
+    eprintln!("EIO {after:?} after the broker died (grace 1 s)");
+    wait_for(2 * S, "the link to go", || !exists(&link));
 
     let _broker = w.broker();
     let back = time_until(3 * S, "the link to return", || exists(&link));
@@ -416,7 +488,7 @@ fn broker_stops_cleanly_on_sigterm() {
     let w = World::new(CONFIG);
     let _board = w.plug(FTDI);
     let mut b = w.broker();
-    let mut s = w.shim("ci1");
+    let mut s = w.shim_with("ci1", &["--broker-grace", "1s"]);
     let link = w.guest_link("ci1", FTDI);
     wait_for(5 * S, "the guest link", || exists(&link));
     assert!(b.stop().success());
@@ -427,6 +499,9 @@ fn broker_stops_cleanly_on_sigterm() {
         w.run.join("machines/ci1").is_dir(),
         "machine directories stay for their bind mounts"
     );
-    wait_for(2 * S, "devshim to take the link down", || !exists(&link));
+    // devshim keeps the tty for its broker grace (1 s here), then takes it down.
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(exists(&link), "the link stays within the broker grace");
+    wait_for(3 * S, "devshim to take the link down", || !exists(&link));
     assert!(s.stop().success());
 }

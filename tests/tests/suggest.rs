@@ -242,9 +242,7 @@ fn udev_report(cfg: &str) -> Report {
 
 #[test]
 fn udev_pair_told_apart_by_serial() {
-    let Some(tb) = umockdev::enter("udev_pair_told_apart_by_serial") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(&testdata("ftdi-ft232r-pair.umockdev"))
         .unwrap();
     let rep = udev_report("");
@@ -265,9 +263,7 @@ fn udev_pair_told_apart_by_serial() {
 
 #[test]
 fn udev_pair_without_serial_told_apart_by_path() {
-    let Some(tb) = umockdev::enter("udev_pair_without_serial_told_apart_by_path") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(&testdata("ch340-pair-noserial.umockdev"))
         .unwrap();
     let rep = udev_report("");
@@ -289,9 +285,7 @@ fn udev_pair_without_serial_told_apart_by_path() {
 
 #[test]
 fn udev_clones_sharing_a_serial_need_the_path() {
-    let Some(tb) = umockdev::enter("udev_clones_sharing_a_serial_need_the_path") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     let clones = testdata("ftdi-ft232r-pair.umockdev")
         .replace("FT100001", "A50285BI")
         .replace("FT100002", "A50285BI");

@@ -3,7 +3,8 @@
 //!
 //! Each umockdev test re-executes itself under the preload library with its
 //! own testbed (see `devbroker_tests::umockdev`) and runs the broker's
-//! `UdevSource` in-process there.
+//! `UdevSource` in-process there, or the broker itself (which inherits the
+//! preload and the testbed) for hotplug with sessions open.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -16,6 +17,9 @@ use devbroker::plan::{self, TtyKey};
 use devbroker::source::udev::UdevSource;
 use devbroker::source::{AdapterStream, Source, SourceEvent};
 use devbroker_tests::umockdev::{self, testdata};
+use devbroker_tests::{
+    exists, join_within, read_exact_timeout, wait_for, write_all_fd, Tool, World,
+};
 use futures_util::StreamExt;
 
 const FT232_TTY: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/ttyUSB0/tty/ttyUSB0";
@@ -105,9 +109,7 @@ fn ft232() -> Adapter {
 
 #[test]
 fn ft232_found_at_start_with_its_identities() {
-    let Some(tb) = umockdev::enter("ft232_found_at_start_with_its_identities") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(NOT_ADAPTERS).unwrap();
     tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
         .unwrap();
@@ -135,9 +137,7 @@ fn ft232_found_at_start_with_its_identities() {
 
 #[test]
 fn hotplug_add_and_remove() {
-    let Some(tb) = umockdev::enter("hotplug_add_and_remove") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(NOT_ADAPTERS).unwrap();
     runtime().block_on(async {
         let mut stream = start();
@@ -188,6 +188,152 @@ fn hotplug_add_and_remove() {
     });
 }
 
+/// The broker's config for the FT232R, by USB id and serial number.
+const FT232_CONFIG: &str = r#"
+[[board]]
+name = "esp1"
+machines = ["ci1"]
+
+[[board.tty]]
+name = "console"
+match = { usb = "0403:6001", serial = "A1B2C3" }
+"#;
+
+/// A raw client of a broker socket: speaks the RFC 2217 opening and reads
+/// the relayed bytes.
+struct SocketClient(std::os::unix::net::UnixStream);
+
+impl SocketClient {
+    fn connect(sock: &Path) -> SocketClient {
+        use std::io::Write;
+        let mut s = std::os::unix::net::UnixStream::connect(sock).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(&wire::telnet::Negotiator::client().opening())
+            .unwrap();
+        SocketClient(s)
+    }
+
+    /// Reads until `want` has come by (among the broker's negotiation).
+    fn read_until(&mut self, want: &[u8]) {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !got.windows(want.len()).any(|w| w == want) {
+            let n = self.0.read(&mut buf).unwrap_or_else(|e| {
+                panic!("reading {want:?} from the broker socket: {e}; got {got:?}")
+            });
+            assert!(n > 0, "the broker closed before {want:?}; got {got:?}");
+            got.extend_from_slice(&buf[..n]);
+        }
+    }
+
+    /// Starts a read in a thread that returns at end of stream (`Ok(0)`),
+    /// on an error, or after 5 s (an error).
+    fn read_to_end(&self) -> std::thread::JoinHandle<std::io::Result<usize>> {
+        use std::io::Read;
+        let mut s = self.0.try_clone().unwrap();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 4096];
+            loop {
+                match s.read(&mut buf) {
+                    Ok(0) => return Ok(0),
+                    Ok(_) => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        })
+    }
+}
+
+#[test]
+fn broker_follows_hotplug_and_hangs_up_sessions_on_unplug() {
+    let tb = umockdev::testbed!();
+    tb.add_from_string(NOT_ADAPTERS).unwrap();
+    // One handler for the adapter in both rounds (a replug takes the next
+    // node); it is attached before the devices exist.
+    let by_id = format!("/dev/serial/by-id/{FT232_BY_ID}");
+    let line = tb.emulate_serial("/dev/ttyUSB0", &["/dev/ttyUSB1", &by_id]);
+    let w = World::new(FT232_CONFIG);
+    let _broker = w.broker_udev();
+    let _shim = w.shim("ci1");
+    let sock = w.run.join("machines/ci1/esp1.console.sock");
+    let link = w.guest_link("ci1", FT232_BY_ID);
+    let limit = Duration::from_secs(5);
+    std::thread::sleep(Duration::from_millis(100));
+    assert!(!exists(&sock), "a socket before the adapter is plugged in");
+
+    // Round 0: a tool in the guest holds the pty; round 1: a raw client of
+    // the broker's socket.
+    for (round, tty) in [(0u32, FT232_TTY), (1, FT232_TTY1)] {
+        let node = format!("/dev/ttyUSB{round}");
+        let t0 = Instant::now();
+        tb.add_from_string(&ft232_description(round)).unwrap();
+        wait_for(limit, "the broker's socket for the plugged FT232R", || {
+            exists(&sock)
+        });
+        println!(
+            "umockdev broker: plug {round}: socket after {:?}",
+            t0.elapsed()
+        );
+        let board = tb.dev_fd(&node).expect("the adapter's pty");
+        let board = std::os::fd::AsRawFd::as_raw_fd(&board);
+        let ended = if round == 0 {
+            wait_for(limit, "the guest link", || exists(&link));
+            let tool = Tool::open(&link).unwrap();
+            tool.write_all(b"to board\n").unwrap();
+            // A pty's master reads EIO until the broker has the port open.
+            wait_for(limit, "the broker to open the adapter", || {
+                line.opens().len() == 1
+            });
+            let got = read_exact_timeout(board, 9, limit)
+                .unwrap_or_else(|e| panic!("{e}: {line:?}\n{}", w.logs()));
+            assert_eq!(got, b"to board\n");
+            write_all_fd(board, b"to tool\n").unwrap();
+            let mut buf = [0u8; 8];
+            let n = tool.read_timeout(&mut buf, limit).unwrap();
+            assert_eq!(n.map(|n| &buf[..n]), Some(&b"to tool\n"[..]));
+            let reader = tool.blocked_read();
+            let t0 = Instant::now();
+            tb.unplug(tty, FT232_USB);
+            let err =
+                join_within(reader, limit).expect_err("the tool must read EIO after the unplug");
+            assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+            t0.elapsed()
+        } else {
+            let mut client = SocketClient::connect(&sock);
+            wait_for(limit, "the broker to open the adapter", || {
+                line.opens().len() == 2
+            });
+            // The broker's opening comes once the port is set up (and what
+            // the board sent before is purged, as on a real port).
+            client.read_until(&[wire::telnet::IAC]);
+            write_all_fd(board, b"to client\n").unwrap();
+            client.read_until(b"to client\n");
+            let reader = client.read_to_end();
+            let t0 = Instant::now();
+            tb.unplug(tty, FT232_USB);
+            let r = join_within(reader, limit);
+            assert!(
+                matches!(&r, Ok(0))
+                    || r.as_ref()
+                        .is_err_and(|e| e.kind() == std::io::ErrorKind::ConnectionReset),
+                "the socket client must see the end of the session: {r:?}"
+            );
+            t0.elapsed()
+        };
+        wait_for(limit, "the broker's socket to go", || !exists(&sock));
+        wait_for(limit, "the guest link to go", || !exists(&link));
+        println!("umockdev broker: unplug {round}: session ended after {ended:?}");
+        // Opened once a round, by the by-id link.
+        assert_eq!(
+            line.opens(),
+            vec![by_id.clone(); round as usize + 1],
+            "{line:?}"
+        );
+        assert!(line.failures().is_empty(), "{line:?}");
+    }
+}
+
 /// Starts the source and returns the adapters it reports at start.
 fn adapters_at_start() -> BTreeMap<String, Adapter> {
     runtime().block_on(async {
@@ -208,9 +354,7 @@ fn assigned(cfg: &str, adapters: &BTreeMap<String, Adapter>) -> BTreeMap<String,
 
 #[test]
 fn identical_adapters_told_apart_by_serial() {
-    let Some(tb) = umockdev::enter("identical_adapters_told_apart_by_serial") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(&testdata("ftdi-ft232r-pair.umockdev"))
         .unwrap();
     let adapters = adapters_at_start();
@@ -264,9 +408,7 @@ match = { usb = "0403:6001", serial = "FT100002" }
 
 #[test]
 fn clones_sharing_a_serial_open_their_own_node() {
-    let Some(tb) = umockdev::enter("clones_sharing_a_serial_open_their_own_node") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     // Cheap FT232R clones often share one serial number, and so one by-id
     // name: the link leads to only one of them.
     let clones = testdata("ftdi-ft232r-pair.umockdev")
@@ -308,9 +450,7 @@ match = { serial = "A50285BI", path = "pci-0000:00:14.0-usb-0:4:1.0" }
 
 #[test]
 fn adapters_without_serial_told_apart_by_path() {
-    let Some(tb) = umockdev::enter("adapters_without_serial_told_apart_by_path") else {
-        return;
-    };
+    let tb = umockdev::testbed!();
     tb.add_from_string(&testdata("ch340-pair-noserial.umockdev"))
         .unwrap();
     let adapters = adapters_at_start();

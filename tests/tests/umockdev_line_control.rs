@@ -1,0 +1,282 @@
+//! Line control from a flashing tool to the adapter, under umockdev (tier 2):
+//! pyserial on devshim's `rfc2217://` endpoint drives DTR, RTS, break,
+//! parity, data size and baud, and each one must reach the emulated
+//! FT232R's line (`umockdev::emulate_serial` keeps its modem bits, breaks
+//! and settings) through devshim, the broker's socket and the broker, which
+//! found the adapter through udev and opened it by its by-id link.
+//!
+//! A pty (tier 1) can't show any of these; here a control the broker drops
+//! or answers without applying fails the test.
+
+use std::io::{BufRead, BufReader, Write};
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog};
+use devbroker_tests::*;
+use wire::rfc2217::parity;
+
+const BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
+const NODE: &str = "/dev/ttyUSB0";
+const S: Duration = Duration::from_secs(1);
+
+/// The FT232R of the test data, named by USB id and serial number as
+/// `devbroker boards --suggest` would.
+const CONFIG: &str = r#"
+[[board]]
+name = "esp1"
+machines = ["ci1"]
+
+[[board.tty]]
+name = "console"
+match = { usb = "0403:6001", serial = "A1B2C3" }
+"#;
+
+/// A flashing tool's session: each setter waits for the server's answer
+/// and raises unless the answer is the value asked for.
+const FLASHER: &str = r#"
+import serial, sys
+def step(*msg):
+    print(*msg, flush=True)
+    sys.stdin.readline()
+s = serial.serial_for_url(sys.argv[1], baudrate=115200, timeout=5)
+step("open")
+s.dtr = False
+step("dtr", s.dtr)
+s.rts = False
+step("rts", s.rts)
+s.dtr = True
+step("dtr", s.dtr)
+s.rts = True
+step("rts", s.rts)
+s.send_break(0.25)
+step("break")
+s.parity = serial.PARITY_EVEN
+step("parity", s.parity)
+s.bytesize = serial.SEVENBITS
+step("bytesize", s.bytesize)
+s.baudrate = 460800
+step("baudrate", s.baudrate)
+s.write(b"7E1 at 460800\n")
+s.flush()
+step("wrote")
+s.close()
+step("closed")
+"#;
+
+/// A python3 script driven step by step: it prints a line at each step and
+/// waits for a newline on stdin before going on.
+struct Py {
+    child: Child,
+    out: BufReader<ChildStdout>,
+    stdin: ChildStdin,
+}
+
+impl Py {
+    fn start(script: &str, args: &[&str], log: &std::path::Path) -> Py {
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", script])
+            .args(args)
+            // pyserial needs no emulated devices.
+            .env_remove("LD_PRELOAD")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(log).unwrap())
+            .die_with_parent()
+            .spawn()
+            .expect("python3 with python3-serial");
+        Py {
+            out: BufReader::new(child.stdout.take().unwrap()),
+            stdin: child.stdin.take().unwrap(),
+            child,
+        }
+    }
+
+    /// The script's next line, or `None` when it ended.
+    fn next(&mut self) -> Option<String> {
+        let mut line = String::new();
+        self.out.read_line(&mut line).unwrap();
+        if line.is_empty() {
+            let _ = self.child.wait();
+            return None;
+        }
+        Some(line.trim_end().to_string())
+    }
+
+    /// Lets the script go on to its next step.
+    fn go(&mut self) {
+        writeln!(self.stdin).unwrap();
+    }
+}
+
+/// The RFC 2217 port devshim serves the tty at, from `devshim list --json`.
+fn endpoint_port(w: &World, machine: &str) -> u16 {
+    let mut port = 0;
+    wait_for(5 * S, "the tty in devshim list", || {
+        let out = Command::new(devshim())
+            .args(["list", "--json", "--state-dir"])
+            .arg(w.state_dir(machine))
+            .output()
+            .unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        port = v["ttys"]
+            .as_array()
+            .and_then(|t| t.iter().find(|e| e["by_id"] == BY_ID))
+            .and_then(|e| e["port"].as_u64())
+            .unwrap_or(0) as u16;
+        port != 0
+    });
+    port
+}
+
+#[test]
+fn pyserial_line_controls_reach_the_adapter() {
+    let tb = umockdev::testbed!();
+    let t0 = Instant::now();
+    tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
+        .unwrap();
+    let by_id = format!("/dev/serial/by-id/{BY_ID}");
+    let line = tb.emulate_serial(NODE, &[&by_id]);
+    let w = World::new(CONFIG);
+    let _broker = w.broker_udev();
+    let _shim = w.shim("ci1");
+    let port = endpoint_port(&w, "ci1");
+    let url = format!("rfc2217://127.0.0.1:{port}");
+    println!(
+        "umockdev line control: endpoint up after {:?}",
+        t0.elapsed()
+    );
+
+    let log = w.path("pyserial.log");
+    let mut py = Py::start(FLASHER, &[&url], &log);
+    let why = |line: &SerialLog| {
+        format!(
+            "the emulated line:\n{line:?}\npyserial:\n{}\n{}",
+            std::fs::read_to_string(&log).unwrap_or_default(),
+            w.logs()
+        )
+    };
+    let expect = |py: &mut Py, want: &str, line: &SerialLog| {
+        let got = py.next();
+        assert_eq!(got.as_deref(), Some(want), "{}", why(line));
+    };
+    // Waits up to a second for the line to show `ok`.
+    let settle = |what: &str, line: &SerialLog, ok: &dyn Fn(&SerialLog) -> bool| {
+        let t = Instant::now();
+        while !ok(line) {
+            assert!(t.elapsed() < S, "{what}: {}", why(line));
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+
+    // The broker opened the adapter once, by its by-id link, and DTR and
+    // RTS went up as the kernel raises them on open.
+    expect(&mut py, "open", &line);
+    settle("opened, DTR and RTS up", &line, &|l| {
+        l.opens() == [by_id.clone()] && l.dtr() && l.rts()
+    });
+    assert_eq!(
+        w.status()["boards"][0]["ttys"][0]["holder"]["who"]
+            .as_str()
+            .map(|h| h.starts_with("machine ci1")),
+        Some(true),
+        "{}",
+        w.status()
+    );
+
+    // DTR and RTS, each way: the modem bits follow each setter.
+    for (name, on, dtr, rts) in [
+        ("dtr", false, false, true),
+        ("rts", false, false, false),
+        ("dtr", true, true, false),
+        ("rts", true, true, true),
+    ] {
+        py.go();
+        let label = if on { "True" } else { "False" };
+        expect(&mut py, &format!("{name} {label}"), &line);
+        settle(&format!("{name} {label}"), &line, &|l| {
+            l.dtr() == dtr && l.rts() == rts
+        });
+    }
+    let modem: Vec<_> = line
+        .events()
+        .into_iter()
+        .filter_map(|(_, e)| match e {
+            LineEvent::Modem(bits) => Some(bits & (libc::TIOCM_DTR | libc::TIOCM_RTS)),
+            _ => None,
+        })
+        .collect();
+    let (d, r) = (libc::TIOCM_DTR, libc::TIOCM_RTS);
+    assert!(
+        modem.ends_with(&[r, 0, d, d | r]),
+        "modem changes {modem:?}: {}",
+        why(&line)
+    );
+
+    // A 0.25 s break: on, then off about 0.25 s later.
+    py.go();
+    expect(&mut py, "break", &line);
+    settle("break on and off", &line, &|l| l.breaks().len() >= 2);
+    let breaks = line.breaks();
+    assert_eq!(
+        breaks.iter().map(|(_, e)| e.clone()).collect::<Vec<_>>(),
+        [LineEvent::BreakOn, LineEvent::BreakOff],
+        "{}",
+        why(&line)
+    );
+    let held = breaks[1].0 - breaks[0].0;
+    assert!(
+        held >= Duration::from_millis(200) && held < 2 * S,
+        "the break lasted {held:?}: {}",
+        why(&line)
+    );
+
+    // Parity, data size and baud: pyserial accepts each answer only when the
+    // broker reports the value asked for, and the adapter has it.
+    py.go();
+    expect(&mut py, "parity E", &line);
+    settle("even parity", &line, &|l| {
+        l.termios().map(|t| t.settings().parity) == Some(parity::EVEN)
+    });
+    py.go();
+    expect(&mut py, "bytesize 7", &line);
+    settle("7 data bits", &line, &|l| {
+        l.termios().map(|t| t.settings().data_size) == Some(7)
+    });
+    py.go();
+    expect(&mut py, "baudrate 460800", &line);
+    settle("460800 baud", &line, &|l| {
+        l.termios().map(|t| t.settings().baud) == Some(460800)
+    });
+    let set = line.termios().unwrap().settings();
+    assert_eq!(
+        (set.baud, set.data_size, set.parity),
+        (460800, 7, parity::EVEN),
+        "{}",
+        why(&line)
+    );
+    // HUPCL stays set: the kernel drops DTR and RTS when the broker closes.
+    let cflag = line.termios().unwrap().cflag;
+    assert_ne!(cflag & libc::HUPCL, 0, "{}", why(&line));
+    // The backing pty has the rate too (it forces 8 bits, no parity).
+    let board = tb.dev_fd(NODE).expect("the adapter's pty");
+    use std::os::fd::AsRawFd;
+    let pty = wire::termios::get(board.as_raw_fd()).unwrap();
+    assert_eq!(pty.c_ospeed, 460800);
+
+    // Data still flows, at the new settings.
+    py.go();
+    expect(&mut py, "wrote", &line);
+    let got = read_exact_timeout(board.as_raw_fd(), 14, 5 * S)
+        .unwrap_or_else(|e| panic!("the adapter: {e}: {}", why(&line)));
+    assert_eq!(got, b"7E1 at 460800\n");
+
+    py.go();
+    expect(&mut py, "closed", &line);
+    wait_for(5 * S, "the broker to release esp1.console", || {
+        w.status()["boards"][0]["ttys"][0]["holder"].is_null()
+    });
+    let failures = line.failures();
+    assert!(failures.is_empty(), "{}", why(&line));
+    println!("umockdev line control: whole test {:?}", t0.elapsed());
+}
