@@ -126,13 +126,14 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     }
     let mut link = guard.link.clone();
     let mut seen = link.borrow_and_update().gen;
+    let mut opened = guard.adapter.id.clone();
     let end = async {
         if let Err(e) = client.sock_w.write_all(&hello).await {
             return (End::Error(e), Some(port));
         }
         loop {
             guard.set_fd(Some(port.as_raw_fd()));
-            let end = relay(&mut port, &mut client, &guard, &label).await;
+            let end = relay(&mut port, &mut client, &guard, &label, &mut link, &opened).await;
             let End::AdapterGone(why) = end else {
                 return (end, Some(port));
             };
@@ -144,7 +145,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
             let grace = humantime::format_duration(guard.grace);
             info!(tty = %label, "the port failed ({why}); waiting up to {grace} for the adapter to come back");
             match reopen(&mut link, &mut seen, &guard, &client.line, &label).await {
-                Some(p) => port = p,
+                Some((p, id)) => (port, opened) = (p, id),
                 None => {
                     return (
                         End::AdapterGone(format!(
@@ -180,7 +181,7 @@ async fn reopen(
     guard: &SessionGuard,
     line: &Line,
     label: &str,
-) -> Option<SerialStream> {
+) -> Option<(SerialStream, String)> {
     let deadline = tokio::time::Instant::now() + guard.grace + std::time::Duration::from_secs(1);
     loop {
         let adapter = {
@@ -197,7 +198,7 @@ async fn reopen(
                             warn!(tty = %label, "can't apply the line settings again on {}: {e}", a.device.display());
                         }
                         info!(tty = %label, device = %a.device.display(), "the adapter is back; session resumed with the client's line settings");
-                        return Some(p);
+                        return Some((p, a.id));
                     }
                     Err(e) if tokio::time::Instant::now() < deadline => {
                         debug!(tty = %label, "can't open {} yet: {e}", a.device.display());
@@ -231,6 +232,8 @@ async fn relay(
     client: &mut Client,
     guard: &SessionGuard,
     label: &str,
+    link: &mut watch::Receiver<crate::state::Link>,
+    opened: &str,
 ) -> End {
     let fd = port.as_raw_fd();
     let (mut port_r, mut port_w) = tokio::io::split(port);
@@ -255,6 +258,7 @@ async fn relay(
         esc,
     } = client;
 
+    let mut link_open = true;
     let up = async {
         loop {
             let suspended = *suspend_rx.borrow();
@@ -266,6 +270,15 @@ async fn relay(
                     None => return Some(End::ClientLeft),
                 },
                 _ = suspend_rx.changed() => {}
+                // The adapter was removed (or replaced) while its port still
+                // works: a port the kernel did not hang up is stale all the same.
+                r = link.changed(), if link_open => {
+                    if r.is_err() {
+                        link_open = false;
+                    } else if link.borrow_and_update().adapter.as_ref().is_none_or(|a| a.id != opened) {
+                        return Some(End::AdapterGone("the adapter was removed".into()));
+                    }
+                }
                 r = port_r.read(&mut port_buf[..CHUNK / 4]), if !suspended => {
                     let mut n = match r {
                         Ok(0) => return Some(End::AdapterGone("end of file".into())),
