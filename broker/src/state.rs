@@ -95,6 +95,17 @@ struct Inner {
     next_drain: u64,
 }
 
+impl Inner {
+    /// A board of the config, or an error naming it.
+    fn board(&self, name: &str) -> Result<&crate::config::Board, String> {
+        self.config
+            .boards
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| format!("board {name} is not in the config"))
+    }
+}
+
 /// The broker's shared state.
 #[derive(Debug, Clone, Default)]
 pub struct Shared {
@@ -437,12 +448,7 @@ impl Shared {
         tty: Option<&str>,
     ) -> Result<(TtyKey, SequencePort), String> {
         let inner = self.inner.lock().unwrap();
-        let b = inner
-            .config
-            .boards
-            .iter()
-            .find(|b| b.name == board)
-            .ok_or_else(|| format!("board {board} is not in the config"))?;
+        let b = inner.board(board)?;
         let t = match tty {
             Some(t) => b
                 .ttys
@@ -479,12 +485,7 @@ impl Shared {
     /// The step text of a board's sequence: its own, else a built-in.
     pub fn sequence_text(&self, board: &str, name: &str) -> Result<String, String> {
         let inner = self.inner.lock().unwrap();
-        let b = inner
-            .config
-            .boards
-            .iter()
-            .find(|b| b.name == board)
-            .ok_or_else(|| format!("board {board} is not in the config"))?;
+        let b = inner.board(board)?;
         if let Some(t) = b.sequences.get(name) {
             return Ok(t.clone());
         }

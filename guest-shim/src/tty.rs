@@ -158,7 +158,7 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
                     info!(tty = %short, "the broker went away ({why}); keeping {} open until it is back", pty.path.display());
                     tokio::select! {
                         _ = cancel.cancelled() => break End::Cancelled,
-                        r = broker_back(&spec, &mut opens) => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
+                        r = broker_back(&spec, &pty, &mut opens) => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
                     }
                     info!(tty = %short, "the broker is back; resuming");
                 }
@@ -202,8 +202,10 @@ async fn broker_left(spec: &TtySpec) -> bool {
 
 /// Waits until devshim is connected to a broker again and this tty's socket
 /// exists (the broker may take a moment to find the adapter, or a lease to
-/// be restored), following the tool's opens and closes meanwhile.
-async fn broker_back(spec: &TtySpec, opens: &mut OpenWatch) -> io::Result<()> {
+/// be restored), following the tool's opens and closes meanwhile: when the
+/// last tool closes, what the board sent that it left unread is dropped, as
+/// at any close, not served to the next tool.
+async fn broker_back(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch) -> io::Result<()> {
     let mut broker = spec.broker.clone();
     let left = broker.borrow_and_update().epoch;
     loop {
@@ -213,7 +215,11 @@ async fn broker_back(spec: &TtySpec, opens: &mut OpenWatch) -> io::Result<()> {
         }
         tokio::select! {
             r = broker.changed() => if r.is_err() { return Err(io::Error::other("devshim is stopping")) },
-            r = opens.next() => { r?; }
+            r = opens.next() => if r? == 0 {
+                if let Err(e) = pty.discard_input() {
+                    debug!("can't discard the pty's input: {e}");
+                }
+            },
             _ = tokio::time::sleep(Duration::from_millis(50)), if b.up => {}
         }
     }

@@ -1,7 +1,7 @@
 //! QEMU's machine protocol (QMP), for what a person does at a USB port:
 //! plugging an adapter in and pulling it out while the guest runs.
 
-use std::io::{self, Read, Write};
+use std::io::Write;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -101,23 +101,13 @@ impl Qmp {
                 }
                 return serde_json::from_str(&text).with_context(|| format!("QMP sent {text:?}"));
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !crate::shell::read_more(
+                &mut self.stream,
+                &mut self.buf,
+                deadline,
+                "the QMP connection",
+            )? {
                 bail!("QEMU did not answer on QMP in time");
-            }
-            self.stream.set_read_timeout(Some(left))?;
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => bail!("QMP connection closed (QEMU exited?)"),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(e).context("reading QMP"),
             }
         }
     }

@@ -128,27 +128,44 @@ impl Shell {
                     return Ok(Some(Output { status, text }));
                 }
             }
-            let left = deadline.saturating_duration_since(Instant::now());
-            if left.is_zero() {
+            if !read_more(
+                &mut self.stream,
+                &mut self.buf,
+                deadline,
+                "the guest shell's channel",
+            )? {
                 return Ok(None);
-            }
-            self.stream
-                .set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
-            let mut chunk = [0u8; 4096];
-            match self.stream.read(&mut chunk) {
-                Ok(0) => bail!("the guest shell's channel closed (QEMU exited?)"),
-                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
-                Err(e)
-                    if matches!(
-                        e.kind(),
-                        io::ErrorKind::WouldBlock
-                            | io::ErrorKind::TimedOut
-                            | io::ErrorKind::Interrupted
-                    ) => {}
-                Err(e) => return Err(e).context("reading from the guest shell"),
             }
         }
     }
+}
+
+/// Reads what `stream` has into `buf`, waiting until `deadline` at most.
+/// `Ok(false)` when the deadline passed; an error when the stream closed
+/// (`what` names it: QEMU exited).
+pub(crate) fn read_more(
+    stream: &mut std::os::unix::net::UnixStream,
+    buf: &mut Vec<u8>,
+    deadline: Instant,
+    what: &str,
+) -> Result<bool> {
+    let left = deadline.saturating_duration_since(Instant::now());
+    if left.is_zero() {
+        return Ok(false);
+    }
+    stream.set_read_timeout(Some(left.max(Duration::from_millis(1))))?;
+    let mut chunk = [0u8; 4096];
+    match stream.read(&mut chunk) {
+        Ok(0) => bail!("{what} closed (QEMU exited?)"),
+        Ok(n) => buf.extend_from_slice(&chunk[..n]),
+        Err(e)
+            if matches!(
+                e.kind(),
+                io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut | io::ErrorKind::Interrupted
+            ) => {}
+        Err(e) => return Err(e).with_context(|| format!("reading from {what}")),
+    }
+    Ok(true)
 }
 
 fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
