@@ -258,27 +258,34 @@ async fn relay(
         esc,
     } = client;
 
-    let mut link_open = true;
     let up = async {
+        // Futures that live for the whole relay: made once, not per read,
+        // so the latency path registers no waiters.
+        let stopped = stop.cancelled();
+        // The adapter was removed (or replaced) while its port still works:
+        // a port the kernel did not hang up is stale all the same.
+        let removed = async {
+            loop {
+                if link.changed().await.is_err() {
+                    return std::future::pending().await;
+                }
+                if link.borrow_and_update().adapter.as_ref().is_none_or(|a| a.id != opened) {
+                    return;
+                }
+            }
+        };
+        tokio::pin!(stopped, removed);
         loop {
             let suspended = *suspend_rx.borrow();
             tokio::select! {
                 biased;
-                _ = stop.cancelled() => return None,
+                _ = &mut stopped => return None,
+                _ = &mut removed => return Some(End::AdapterGone("the adapter was removed".into())),
                 msg = ctl_rx.recv() => match msg {
                     Some(m) => if let Err(e) = sock_w.write_all(&m).await { return Some(End::Error(e)) },
                     None => return Some(End::ClientLeft),
                 },
                 _ = suspend_rx.changed() => {}
-                // The adapter was removed (or replaced) while its port still
-                // works: a port the kernel did not hang up is stale all the same.
-                r = link.changed(), if link_open => {
-                    if r.is_err() {
-                        link_open = false;
-                    } else if link.borrow_and_update().adapter.as_ref().is_none_or(|a| a.id != opened) {
-                        return Some(End::AdapterGone("the adapter was removed".into()));
-                    }
-                }
                 r = port_r.read(&mut port_buf[..CHUNK / 4]), if !suspended => {
                     let mut n = match r {
                         Ok(0) => return Some(End::AdapterGone("end of file".into())),
@@ -313,13 +320,15 @@ async fn relay(
     };
 
     let down = async {
+        let stopped = stop.cancelled();
+        tokio::pin!(stopped);
         if let Some(d) = retry.take() {
             tokio::select! {
                 r = port_w.write_all(&d) => if let Err(e) = r {
                     *retry = Some(d);
                     return Some(End::AdapterGone(e.to_string()));
                 },
-                _ = stop.cancelled() => { *retry = Some(d); return None }
+                _ = &mut stopped => { *retry = Some(d); return None }
             }
             counters
                 .to_board
@@ -329,7 +338,7 @@ async fn relay(
             if *pos >= *len {
                 let r = tokio::select! {
                     biased;
-                    _ = stop.cancelled() => return None,
+                    _ = &mut stopped => return None,
                     r = sock_r.read(buf) => r,
                 };
                 match r {
@@ -352,7 +361,7 @@ async fn relay(
                                 *retry = Some(d.to_vec());
                                 return Some(End::AdapterGone(e.to_string()));
                             },
-                            _ = stop.cancelled() => { *retry = Some(d.to_vec()); return None }
+                            _ = &mut stopped => { *retry = Some(d.to_vec()); return None }
                         }
                         counters
                             .to_board
@@ -364,7 +373,7 @@ async fn relay(
                             telnet::negotiate(rv, ro, &mut out);
                             tokio::select! {
                                 _ = ctl_tx.send(out) => {}
-                                _ = stop.cancelled() => {}
+                                _ = &mut stopped => {}
                             }
                         }
                     }
@@ -374,12 +383,12 @@ async fn relay(
                                 line.note(&cmd);
                                 let reply = tokio::select! {
                                     r = apply(fd, cmd, label, suspend_tx) => r,
-                                    _ = stop.cancelled() => None,
+                                    _ = &mut stopped => None,
                                 };
                                 if let Some(reply) = reply {
                                     tokio::select! {
                                         _ = ctl_tx.send(reply.to_bytes(Direction::ServerToClient)) => {}
-                                        _ = stop.cancelled() => {}
+                                        _ = &mut stopped => {}
                                     }
                                 }
                             }
