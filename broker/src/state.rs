@@ -56,10 +56,10 @@ struct TtyState {
     /// The task keeping the port open between sessions (console mode
     /// `always`), by generation.
     drain: Option<(u64, DrainTx)>,
-    adapter: Option<Adapter>,
     session: Option<Session>,
     counters: Arc<Counters>,
-    /// Tells sessions when the adapter goes and comes back.
+    /// The tty's adapter; sessions watch it to learn when it goes and
+    /// comes back.
     link: tokio::sync::watch::Sender<Link>,
     /// The board's re-enumeration grace.
     grace: std::time::Duration,
@@ -71,13 +71,28 @@ impl TtyState {
     fn new(grace: std::time::Duration) -> TtyState {
         TtyState {
             drain: None,
-            adapter: None,
             session: None,
             counters: Arc::default(),
             link: tokio::sync::watch::Sender::new(Link::default()),
             grace,
             away: false,
         }
+    }
+
+    /// The adapter the tty has now.
+    fn adapter(&self) -> Option<Adapter> {
+        self.link.borrow().adapter.clone()
+    }
+
+    /// The by-id name a client sees: the adapter's, else the one the config
+    /// matches on.
+    fn by_id(&self, tty: &crate::config::Tty) -> Option<String> {
+        self.link
+            .borrow()
+            .adapter
+            .as_ref()
+            .and_then(|a| a.by_id.clone())
+            .or_else(|| tty.matcher.by_id.clone())
     }
 }
 
@@ -103,6 +118,14 @@ impl Inner {
             .iter()
             .find(|b| b.name == name)
             .ok_or_else(|| format!("board {name} is not in the config"))
+    }
+
+    /// A configured tty's state.
+    fn tty(&self, board: &str, tty: &str) -> &TtyState {
+        &self.ttys[&TtyKey {
+            board: board.to_string(),
+            tty: tty.to_string(),
+        }]
     }
 }
 
@@ -264,19 +287,15 @@ impl Shared {
     }
 
     fn present_boards(inner: &Inner) -> Vec<String> {
-        let tty_present = |b: &str, t: &str| {
-            inner.ttys[&TtyKey {
-                board: b.into(),
-                tty: t.into(),
-            }]
-                .adapter
-                .is_some()
-        };
         inner
             .config
             .boards
             .iter()
-            .filter(|b| b.ttys.iter().all(|t| tty_present(&b.name, &t.name)))
+            .filter(|b| {
+                b.ttys
+                    .iter()
+                    .all(|t| inner.tty(&b.name, &t.name).link.borrow().adapter.is_some())
+            })
             .map(|b| b.name.clone())
             .collect()
     }
@@ -292,18 +311,10 @@ impl Shared {
             .ttys
             .iter()
             .map(|t| {
-                let st = &inner.ttys[&TtyKey {
-                    board: b.name.clone(),
-                    tty: t.name.clone(),
-                }];
                 let sock = wire::names::socket_name(&b.name, &t.name);
                 GrantedTty {
                     tty: t.name.clone(),
-                    by_id: st
-                        .adapter
-                        .as_ref()
-                        .and_then(|a| a.by_id.clone())
-                        .or_else(|| t.matcher.by_id.clone()),
+                    by_id: inner.tty(&b.name, &t.name).by_id(t),
                     socket: match client {
                         Client::Machine(_) => sock,
                         Client::HostUser { .. } => format!("host/{sock}"),
@@ -463,8 +474,7 @@ impl Shared {
         };
         let st = &inner.ttys[&key];
         let adapter = st
-            .adapter
-            .as_ref()
+            .adapter()
             .ok_or_else(|| format!("{key} is not plugged in"))?;
         if let Some(fd) = st.session.as_ref().and_then(|s| s.fd) {
             // SAFETY: the session keeps `fd` open while we hold the lock.
@@ -476,7 +486,7 @@ impl Shared {
         Ok((
             key,
             SequencePort::Open {
-                device: adapter.device.clone(),
+                device: adapter.device,
                 rate: t.rate,
             },
         ))
@@ -531,7 +541,7 @@ impl Shared {
             let Some(st) = inner.ttys.get(&key) else {
                 continue;
             };
-            if let (Some(a), None, None) = (&st.adapter, &st.session, &st.drain) {
+            if let (Some(a), None, None) = (st.adapter(), &st.session, &st.drain) {
                 out.push((
                     key.clone(),
                     a.device.clone(),
@@ -606,18 +616,18 @@ impl Shared {
             let now = present.get(key).cloned();
             let keep = !t.grace.is_zero() && (now.is_some() || away.contains(key));
             t.away = now.is_none() && away.contains(key);
-            if now != t.adapter {
+            let had = t.adapter();
+            if now != had {
                 if !keep {
                     if let Some(s) = &t.session {
                         s.cancel.cancel();
                     }
                 }
-                t.adapter = now.clone();
                 t.link.send_modify(|l| {
                     l.gen += 1;
                     l.adapter = now;
                 });
-            } else if !keep && t.adapter.is_none() {
+            } else if !keep && had.is_none() {
                 // The grace ran out with no adapter back.
                 if let Some(s) = &t.session {
                     s.cancel.cancel();
@@ -643,7 +653,7 @@ impl Shared {
             .ttys
             .get_mut(key)
             .ok_or_else(|| format!("{key} is not in the config"))?;
-        let adapter = t.adapter.clone().ok_or_else(|| {
+        let adapter = t.adapter().ok_or_else(|| {
             if t.away {
                 format!("{key} is re-enumerating (its adapter went away moments ago); try again in a few seconds")
             } else {
@@ -704,19 +714,13 @@ impl Shared {
                 .ttys
                 .iter()
                 .map(|t| {
-                    let st = &inner.ttys[&TtyKey {
-                        board: b.name.clone(),
-                        tty: t.name.clone(),
-                    }];
+                    let st = inner.tty(&b.name, &t.name);
+                    let adapter = st.adapter();
                     TtyStatus {
                         name: t.name.clone(),
-                        present: st.adapter.is_some(),
-                        by_id: st
-                            .adapter
-                            .as_ref()
-                            .and_then(|a| a.by_id.clone())
-                            .or_else(|| t.matcher.by_id.clone()),
-                        device: st.adapter.as_ref().map(|a| a.device.display().to_string()),
+                        present: adapter.is_some(),
+                        by_id: st.by_id(t),
+                        device: adapter.map(|a| a.device.display().to_string()),
                         holder: st.session.as_ref().map(|s| Holder {
                             who: s.who.clone(),
                             pid: s.pid,
