@@ -50,13 +50,19 @@ pub struct UdevIdentity {
 impl UdevIdentity {
     /// Parses the properties we identify adapters by.
     pub fn parse(text: &str) -> UdevIdentity {
+        UdevIdentity::from_properties(
+            text.lines()
+                .filter_map(|l| l.strip_prefix("E:").unwrap_or(l).split_once('=')),
+        )
+    }
+
+    /// Picks the properties we identify adapters by from `(KEY, VALUE)` pairs.
+    pub fn from_properties<'a>(
+        props: impl IntoIterator<Item = (&'a str, &'a str)>,
+    ) -> UdevIdentity {
         let mut id = UdevIdentity::default();
         let (mut vendor, mut model) = (None, None);
-        for line in text.lines() {
-            let line = line.strip_prefix("E:").unwrap_or(line);
-            let Some((k, v)) = line.split_once('=') else {
-                continue;
-            };
+        for (k, v) in props {
             match k {
                 "ID_SERIAL_SHORT" if !v.is_empty() => id.serial = Some(v.to_string()),
                 "ID_PATH" if !v.is_empty() => id.path = Some(v.to_string()),

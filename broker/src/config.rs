@@ -458,6 +458,44 @@ fn check_named(cx: &mut Ctx, what: &str, name: &Spanned<String>) {
     }
 }
 
+/// Notes `name` in `seen`; when it was there already, reports
+/// `message(position of the first)` with `help` and returns false.
+fn first_use(
+    cx: &mut Ctx,
+    seen: &mut BTreeMap<String, Range<usize>>,
+    name: &Spanned<String>,
+    message: impl FnOnce(String) -> String,
+    help: &str,
+) -> bool {
+    match seen.get(name.get_ref()) {
+        Some(first) => {
+            let first = cx.pos(first);
+            cx.err(name.span(), message(first), Some(help.into()));
+            false
+        }
+        None => {
+            seen.insert(name.get_ref().clone(), name.span());
+            true
+        }
+    }
+}
+
+/// [`first_use`] for a machine name.
+fn machine_once(
+    cx: &mut Ctx,
+    seen: &mut BTreeMap<String, Range<usize>>,
+    name: &Spanned<String>,
+) -> bool {
+    let n = name.get_ref();
+    first_use(
+        cx,
+        seen,
+        name,
+        |first| format!("machine {n:?} is listed twice (first at {first})"),
+        "list each machine once",
+    )
+}
+
 fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
     let mut out: Vec<Machine> = Vec::new();
     let mut seen: BTreeMap<String, Range<usize>> = BTreeMap::new();
@@ -469,18 +507,9 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
                 cx.err(m.name.span(), why, None);
             }
         }
-        if let Some(first) = seen.get(&name).cloned() {
-            cx.err(
-                m.name.span(),
-                format!(
-                    "machine {name:?} is listed twice (first at {})",
-                    cx.pos(&first)
-                ),
-                Some("list each machine once".into()),
-            );
+        if !machine_once(cx, &mut seen, &m.name) {
             continue;
         }
-        seen.insert(name.clone(), m.name.span());
         let tree = match &m.tree {
             Some(t) if !t.get_ref().starts_with('/') => {
                 cx.err(
@@ -528,18 +557,13 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
     for rb in raw.board {
         check_named(cx, "board", &rb.name);
         let bname = rb.name.get_ref().clone();
-        if let Some(first) = board_names.get(&bname).cloned() {
-            cx.err(
-                rb.name.span(),
-                format!(
-                    "board name {bname:?} is used twice (first at {})",
-                    cx.pos(&first)
-                ),
-                Some("give each board its own name".into()),
-            );
-        } else {
-            board_names.insert(bname.clone(), rb.name.span());
-        }
+        first_use(
+            cx,
+            &mut board_names,
+            &rb.name,
+            |first| format!("board name {bname:?} is used twice (first at {first})"),
+            "give each board its own name",
+        );
         for c in &rb.compatible {
             let ok = !c.get_ref().is_empty()
                 && c.get_ref()
@@ -559,17 +583,7 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         let mut seen = BTreeMap::new();
         for m in &rb.machines {
             check_named(cx, "machine", m);
-            if let Some(first) = seen.insert(m.get_ref().clone(), m.span()) {
-                cx.err(
-                    m.span(),
-                    format!(
-                        "machine {:?} is listed twice (first at {})",
-                        m.get_ref(),
-                        cx.pos(&first)
-                    ),
-                    Some("list each machine once".into()),
-                );
-            }
+            machine_once(cx, &mut seen, m);
         }
         for g in &rb.host_groups {
             let name = g.get_ref();
@@ -602,17 +616,13 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
         for rt in rb.tty {
             check_named(cx, "tty", &rt.name);
             let tname = rt.name.get_ref().clone();
-            if let Some(first) = tty_names.get(&tname).cloned() {
-                cx.err(
-                    rt.name.span(),
-                    format!(
-                        "board {bname:?} has two ttys named {tname:?} (first at {})",
-                        cx.pos(&first)
-                    ),
-                    Some("give each tty of a board its own name".into()),
-                );
-            } else {
-                tty_names.insert(tname.clone(), rt.name.span());
+            if first_use(
+                cx,
+                &mut tty_names,
+                &rt.name,
+                |first| format!("board {bname:?} has two ttys named {tname:?} (first at {first})"),
+                "give each tty of a board its own name",
+            ) {
                 let sock = socket_name(&bname, &tname);
                 if let Some((other, first)) = sockets.get(&sock).cloned() {
                     cx.err(
@@ -736,7 +746,7 @@ fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
     ] {
         if let Some(v) = val {
             let s = v.get_ref();
-            if s.is_empty() || s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+            if !is_match_value(s) {
                 cx.err(
                     v.span(),
                     format!("{key} {s:?} is empty or has white space"),
@@ -765,6 +775,12 @@ fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {
         );
     }
     out
+}
+
+/// Whether `s` can be a `serial` or `path` value: not empty, no white space
+/// or control characters.
+pub fn is_match_value(s: &str) -> bool {
+    !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control())
 }
 
 /// Whether some adapter could satisfy both matches. Two matches are apart

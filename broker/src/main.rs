@@ -150,7 +150,13 @@ struct SourceArgs {
 
 impl SourceArgs {
     fn kind(&self) -> anyhow::Result<SourceKind> {
-        let kind = self.source.unwrap_or(if self.by_id_dir.is_some() || !udev::udev_running() { SourceKind::ById } else { SourceKind::Udev });
+        let kind = self
+            .source
+            .unwrap_or(if self.by_id_dir.is_some() || !udev::udev_running() {
+                SourceKind::ById
+            } else {
+                SourceKind::Udev
+            });
         if kind == SourceKind::Udev && self.by_id_dir.is_some() {
             anyhow::bail!("--by-id-dir applies to --source by-id only");
         }
@@ -158,7 +164,9 @@ impl SourceArgs {
     }
 
     fn dir(&self) -> PathBuf {
-        self.by_id_dir.clone().unwrap_or_else(|| by_id::DEFAULT_DIR.into())
+        self.by_id_dir
+            .clone()
+            .unwrap_or_else(|| by_id::DEFAULT_DIR.into())
     }
 
     /// The source `run` watches.
@@ -172,7 +180,8 @@ impl SourceArgs {
     /// The adapters present now, for `boards`.
     fn present(&self) -> anyhow::Result<Vec<devbroker::adapter::Adapter>> {
         Ok(match self.kind()? {
-            SourceKind::Udev => devbroker::suggest::present_udev().map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
+            SourceKind::Udev => devbroker::suggest::present_udev()
+                .map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
             SourceKind::ById => devbroker::suggest::present_by_id(&self.dir()),
         })
     }
@@ -198,10 +207,17 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("devbroker: {e:#}");
-            ExitCode::FAILURE
-        }
+        // A config's problems, each with its place and help, as `check` prints them.
+        Err(e) => match e.downcast_ref::<config::ConfigErrors>() {
+            Some(problems) => {
+                eprintln!("{problems}");
+                ExitCode::from(2)
+            }
+            None => {
+                eprintln!("devbroker: {e:#}");
+                ExitCode::FAILURE
+            }
+        },
     }
 }
 
@@ -213,15 +229,13 @@ fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
-        Cmd::Run { config: path, adapters, run_dir } => {
+        Cmd::Run {
+            config: path,
+            adapters,
+            run_dir,
+        } => {
             let src = adapters.source()?;
-            let cfg = match config::load(&path) {
-                Ok(c) => c,
-                Err(e) => {
-                    eprintln!("{e}");
-                    return Ok(ExitCode::from(2));
-                }
-            };
+            let cfg = config::load(&path)?;
             runtime()?.block_on(async {
                 let stop = shutdown::on_signals()?;
                 server::run(
@@ -242,17 +256,18 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             status::print(&s, json)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Boards { suggest, config: path, adapters } => {
+        Cmd::Boards {
+            suggest,
+            config: path,
+            adapters,
+        } => {
             let cfg = if path.exists() {
-                match config::load(&path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return Ok(ExitCode::from(2));
-                    }
-                }
+                config::load(&path)?
             } else {
-                eprintln!("devbroker: {} does not exist yet; listing against an empty config", path.display());
+                eprintln!(
+                    "devbroker: {} does not exist yet; listing against an empty config",
+                    path.display()
+                );
                 config::Config::default()
             };
             let present = adapters.present()?;
@@ -260,25 +275,24 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             print!("{}", report.render(suggest));
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Check { config: path } => match config::load(&path) {
-            Ok(c) => {
-                let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
-                println!(
-                    "{}: ok, {} boards, {} ttys, {} machines",
-                    path.display(),
-                    c.boards.len(),
-                    ttys,
-                    c.machines.len()
-                );
-                Ok(ExitCode::SUCCESS)
-            }
-            Err(e) => {
-                eprintln!("{e}");
-                Ok(ExitCode::from(2))
-            }
-        },
+        Cmd::Check { config: path } => {
+            let c = config::load(&path)?;
+            let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
+            println!(
+                "{}: ok, {} boards, {} ttys, {} machines",
+                path.display(),
+                c.boards.len(),
+                ttys,
+                c.machines.len()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Machine { cmd } => machine_cmd(cmd),
-        Cmd::Log { board, follow, run_dir } => {
+        Cmd::Log {
+            board,
+            follow,
+            run_dir,
+        } => {
             status::log(&run_dir.join(server::ADMIN_SOCKET), &board, follow)?;
             Ok(ExitCode::SUCCESS)
         }
@@ -312,13 +326,7 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
             config: cfg_path,
         } => {
             let cfg = if cfg_path.exists() {
-                match config::load(&cfg_path) {
-                    Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("{e}");
-                        return Ok(ExitCode::from(2));
-                    }
-                }
+                config::load(&cfg_path)?
             } else {
                 config::Config::default()
             };
@@ -337,12 +345,7 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
                 Some(p) => p,
                 None => std::env::current_exe()?.with_file_name("devshim"),
             };
-            let names: Vec<String> = cfg
-                .machines
-                .iter()
-                .map(|m| m.name.clone())
-                .chain(cfg.boards.iter().flat_map(|b| b.machines.clone()))
-                .collect();
+            let names: Vec<String> = devbroker::plan::machines(&cfg).into_iter().collect();
             let others = machine::known_machines(
                 &machines_dir,
                 &[

@@ -9,40 +9,43 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use wire::control::{request_line, Reply, Request, Status, VERSION};
 
-/// Sends `hello` and one request on a control socket and returns the reply.
-pub fn ask(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
+/// Connects to a control socket and sends `hello`: the writing half and the
+/// buffered reading half.
+fn connect(socket: &Path) -> anyhow::Result<(UnixStream, BufReader<UnixStream>)> {
     let sock = UnixStream::connect(socket).with_context(|| {
         format!(
             "can't reach the broker at {}: is `devbroker run` running with this --run-dir?",
             socket.display()
         )
     })?;
-    sock.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut w = sock.try_clone()?;
-    let mut r = BufReader::new(sock);
+    w.write_all(&request_line(&Request::Hello {
+        version: VERSION,
+        client: "devbroker-cli".into(),
+    }))?;
+    Ok((w, BufReader::new(sock)))
+}
+
+/// Reads one reply; the broker's refusal is an error.
+fn read_reply(r: &mut BufReader<UnixStream>) -> anyhow::Result<Reply> {
     let mut line = String::new();
-    for req in [
-        &Request::Hello {
-            version: VERSION,
-            client: "devbroker-cli".into(),
-        },
-        req,
-    ] {
-        w.write_all(&request_line(req))?;
-        line.clear();
-        r.read_line(&mut line)
-            .context("the broker did not answer")?;
-        let reply: Reply =
-            serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
-        if let Reply::Error { message } = &reply {
-            bail!("the broker refused: {message}");
-        }
-        if matches!(req, Request::Hello { .. }) {
-            continue;
-        }
-        return Ok(reply);
+    r.read_line(&mut line)
+        .context("the broker did not answer")?;
+    let reply: Reply =
+        serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
+    if let Reply::Error { message } = &reply {
+        bail!("the broker refused: {message}");
     }
-    unreachable!("the loop returns on the second request")
+    Ok(reply)
+}
+
+/// Sends `hello` and one request on a control socket and returns the reply.
+pub fn ask(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
+    let (mut w, mut r) = connect(socket)?;
+    r.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+    read_reply(&mut r)?;
+    w.write_all(&request_line(req))?;
+    read_reply(&mut r)
 }
 
 /// Fetches the status.
@@ -115,14 +118,12 @@ pub fn print(s: &Status, json: bool) -> anyhow::Result<()> {
 /// `devbroker log BOARD [--follow]`: prints what the board's console sent
 /// (the ring), then, following, each new chunk until interrupted.
 pub fn log(socket: &Path, board: &str, follow: bool) -> anyhow::Result<()> {
-    let sock = UnixStream::connect(socket)
-        .with_context(|| format!("can't reach the broker at {}: is `devbroker run` running with this --run-dir?", socket.display()))?;
-    let mut w = sock.try_clone()?;
-    let mut r = BufReader::new(sock);
+    let (mut w, mut r) = connect(socket)?;
+    w.write_all(&request_line(&Request::Log {
+        board: board.into(),
+        follow,
+    }))?;
     let mut out = std::io::stdout().lock();
-    for req in [&Request::Hello { version: VERSION, client: "devbroker-cli".into() }, &Request::Log { board: board.into(), follow }] {
-        w.write_all(&request_line(req))?;
-    }
     let mut line = String::new();
     let mut first = true;
     loop {
@@ -130,7 +131,9 @@ pub fn log(socket: &Path, board: &str, follow: bool) -> anyhow::Result<()> {
         if r.read_line(&mut line)? == 0 {
             return Ok(());
         }
-        match serde_json::from_str::<Reply>(&line).with_context(|| format!("unreadable reply: {line}"))? {
+        match serde_json::from_str::<Reply>(&line)
+            .with_context(|| format!("unreadable reply: {line}"))?
+        {
             Reply::Error { message } => bail!("{message}"),
             Reply::Log { text, .. } => {
                 out.write_all(text.as_bytes())?;

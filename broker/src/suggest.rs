@@ -24,7 +24,7 @@ use std::path::Path;
 use wire::names::{check_link_name, check_name, socket_name, suggest_name, MAX_NAME};
 
 use crate::adapter::Adapter;
-use crate::config::{could_match_same, Config, Match, DEFAULT_RATE};
+use crate::config::{could_match_same, is_match_value, Config, Match, DEFAULT_RATE};
 use crate::plan::{self, TtyKey};
 
 /// The tty a suggested board gets.
@@ -104,15 +104,16 @@ pub fn report(adapters: &[Adapter], config: &Config) -> Report {
             .collect();
         let mut rep = AdapterReport {
             adapter: a.clone(),
-            matches: matches.clone(),
-            serves: serves.clone(),
+            matches,
+            serves,
             suggestion: None,
             note: None,
         };
-        if !matches.is_empty() {
-            let shadowed: Vec<String> = matches
+        if !rep.matches.is_empty() {
+            let shadowed: Vec<String> = rep
+                .matches
                 .iter()
-                .filter(|k| !serves.contains(k))
+                .filter(|k| !rep.serves.contains(k))
                 .map(|k| {
                     format!(
                         "{k} matches it too, but uses {}",
@@ -161,9 +162,7 @@ pub fn report(adapters: &[Adapter], config: &Config) -> Report {
 
 /// A config value `config::parse` accepts for `serial` and `path`.
 fn usable(v: &Option<String>) -> Option<String> {
-    v.as_ref()
-        .filter(|s| !s.is_empty() && !s.chars().any(|c| c.is_whitespace() || c.is_control()))
-        .cloned()
+    v.clone().filter(|s| is_match_value(s))
 }
 
 /// The matches worth trying for `a`, best first.
@@ -484,7 +483,7 @@ pub fn append_to(text: &str, report: &Report) -> String {
 /// sees them (identities from udev's records in `/run/udev/data` when there
 /// are any).
 pub fn present_by_id(dir: &Path) -> Vec<Adapter> {
-    present_by_id_with(dir, Path::new("/run/udev/data"))
+    present_by_id_with(dir, Path::new(crate::source::by_id::UDEV_DATA))
 }
 
 /// [`present_by_id`] with udev's records read from `udev_data`.
@@ -496,10 +495,6 @@ pub fn present_by_id_with(dir: &Path, udev_data: &Path) -> Vec<Adapter> {
 
 /// The USB serial adapters udev knows now (enumerated once; no monitor), as
 /// `devbroker run --source udev` sees them.
-///
-/// This repeats `source::udev`'s private listing: `adapter_from_properties`
-/// is public, and only the device path (which of two clones sharing a by-id
-/// link the link leads to) needs the check below.
 pub fn present_udev() -> io::Result<Vec<Adapter>> {
     Ok(crate::source::udev::scan()?.into_values().collect())
 }

@@ -2,7 +2,8 @@
 
 use std::process::Command;
 
-fn check(text: &str) -> (bool, String) {
+/// `devbroker check` on `text`: its exit code and output.
+fn run_check(text: &str) -> (Option<i32>, String) {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("devbroker.toml");
     std::fs::write(&path, text).unwrap();
@@ -14,14 +15,21 @@ fn check(text: &str) -> (bool, String) {
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     (
-        out.status.success(),
+        out.status.code(),
         text.replace(&path.display().to_string(), "FILE"),
     )
 }
 
+fn check(text: &str) -> (bool, String) {
+    let (code, msg) = run_check(text);
+    (code == Some(0), msg)
+}
+
+/// The output of a rejected config; a rejection exits 2.
 fn rejected(text: &str) -> String {
-    let (ok, msg) = check(text);
-    assert!(!ok, "accepted:\n{text}");
+    let (code, msg) = run_check(text);
+    assert_ne!(code, Some(0), "accepted:\n{text}");
+    assert_eq!(code, Some(2), "{msg}");
     msg
 }
 
@@ -139,8 +147,15 @@ fn duplicate_names() {
         m.contains("FILE:7:8: board \"a\" has two ttys named \"c\" (first at 4:8)"),
         "{m}"
     );
-    let m = rejected("[[board]]\nname = \"a\"\nmachines = [\"m\", \"m\"]\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n");
-    assert!(m.contains("machine \"m\" is listed twice"), "{m}");
+    let m = rejected("[[board]]\nname = \"a\"\nmachines = [\"m\", \"m\", \"m\"]\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n");
+    assert!(
+        m.contains("FILE:3:18: machine \"m\" is listed twice (first at 3:13)"),
+        "{m}"
+    );
+    assert!(
+        m.contains("FILE:3:23: machine \"m\" is listed twice (first at 3:13)"),
+        "{m}"
+    );
     // "a.b" + "c" and "a" + "b.c" would share a socket file.
     let m = rejected("[[board]]\nname = \"a.b\"\n[[board.tty]]\nname = \"c\"\nmatch = { by-id = \"x\" }\n[[board]]\nname = \"a\"\n[[board.tty]]\nname = \"b.c\"\nmatch = { by-id = \"y\" }\n");
     assert!(
@@ -188,20 +203,20 @@ fn bad_values() {
     );
     let m = rejected("[[board]\nname = \"a\"\n");
     assert!(m.starts_with("FILE:1:"), "{m}");
-    let (ok, m) = check_missing();
+    let (code, m) = check_missing();
     assert!(
-        !ok && m.contains("can't read the config") && m.contains("pass --config"),
+        code == Some(2) && m.contains("can't read the config") && m.contains("pass --config"),
         "{m}"
     );
 }
 
-fn check_missing() -> (bool, String) {
+fn check_missing() -> (Option<i32>, String) {
     let out = Command::new(env!("CARGO_BIN_EXE_devbroker"))
         .args(["check", "--config", "/nonexistent/devbroker.toml"])
         .output()
         .unwrap();
     (
-        out.status.success(),
+        out.status.code(),
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }

@@ -78,15 +78,10 @@ pub fn append(text: &str, line: &str) -> String {
 
 /// Removes exactly `line` from a file's text.
 pub fn remove_line(text: &str, line: &str) -> String {
-    let mut s: String = text
-        .lines()
+    text.lines()
         .filter(|l| *l != line)
         .map(|l| format!("{l}\n"))
-        .collect();
-    if text.is_empty() {
-        s.clear();
-    }
-    s
+        .collect()
 }
 
 #[cfg(test)]

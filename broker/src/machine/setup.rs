@@ -480,7 +480,6 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
     let backups = Record::backup_dir(&opts.state_dir, &opts.name);
     fs::create_dir_all(&backups).with_context(|| format!("can't create {}", backups.display()))?;
     for step in &todo {
-        save(&record, &opts.state_dir)?;
         let parent_owner = if step.path.starts_with(&opts.tree) {
             (shift, shift)
         } else {

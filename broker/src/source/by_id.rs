@@ -17,11 +17,13 @@ use futures_util::StreamExt;
 use inotify::{Inotify, WatchDescriptor, WatchMask, Watches};
 use tokio::sync::mpsc;
 
-use super::{AdapterStream, Source, SourceEvent};
+use super::{diff, AdapterStream, Source, SourceEvent};
 use crate::adapter::{Adapter, UdevIdentity};
 
 /// Default directory of the by-id source.
 pub const DEFAULT_DIR: &str = "/dev/serial/by-id";
+/// Where udev keeps its device records (`cMAJ:MIN`).
+pub const UDEV_DATA: &str = "/run/udev/data";
 
 /// Watches a directory of by-id links.
 pub struct ByIdSource {
@@ -34,7 +36,7 @@ impl ByIdSource {
     pub fn new(dir: impl Into<PathBuf>) -> ByIdSource {
         ByIdSource {
             dir: dir.into(),
-            udev_data: PathBuf::from("/run/udev/data"),
+            udev_data: PathBuf::from(UDEV_DATA),
         }
     }
 }
@@ -170,61 +172,4 @@ pub fn scan(dir: &Path, udev_data: &Path) -> BTreeMap<String, Adapter> {
         );
     }
     out
-}
-
-/// The events that turn `old` into `new`. A changed adapter (its link now
-/// points elsewhere) is a removal and an addition.
-pub fn diff(old: &BTreeMap<String, Adapter>, new: &BTreeMap<String, Adapter>) -> Vec<SourceEvent> {
-    let mut evs = Vec::new();
-    for (id, a) in old {
-        if new.get(id) != Some(a) {
-            evs.push(SourceEvent::Removed(id.clone()));
-        }
-    }
-    for (id, a) in new {
-        if old.get(id) != Some(a) {
-            evs.push(SourceEvent::Added(a.clone()));
-        }
-    }
-    evs
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn ad(id: &str, dev: &str) -> Adapter {
-        Adapter {
-            id: id.into(),
-            device: dev.into(),
-            by_id: None,
-            serial: None,
-            path: None,
-            usb: None,
-        }
-    }
-
-    #[test]
-    fn diff_reports_changes_only() {
-        let old: BTreeMap<_, _> = [
-            ("a".to_string(), ad("a", "1")),
-            ("b".to_string(), ad("b", "2")),
-        ]
-        .into();
-        let new: BTreeMap<_, _> = [
-            ("b".to_string(), ad("b", "3")),
-            ("c".to_string(), ad("c", "4")),
-        ]
-        .into();
-        assert_eq!(
-            diff(&old, &new),
-            vec![
-                SourceEvent::Removed("a".into()),
-                SourceEvent::Removed("b".into()),
-                SourceEvent::Added(ad("b", "3")),
-                SourceEvent::Added(ad("c", "4"))
-            ]
-        );
-        assert!(diff(&new, &new).is_empty());
-    }
 }

@@ -5,6 +5,7 @@
 //! of the broker sees only this stream, so a new source (udev) slots in
 //! without touching it.
 
+use std::collections::BTreeMap;
 use std::pin::Pin;
 
 use futures_util::Stream;
@@ -44,5 +45,63 @@ impl<T> Stream for ChannelStream<T> {
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<T>> {
         self.0.poll_recv(cx)
+    }
+}
+
+/// The events that turn `old` into `new`, both keyed by [`Adapter::id`]. A
+/// changed adapter (a link that now points elsewhere, another identity) is a
+/// removal and an addition.
+pub fn diff(old: &BTreeMap<String, Adapter>, new: &BTreeMap<String, Adapter>) -> Vec<SourceEvent> {
+    let mut evs = Vec::new();
+    for (id, a) in old {
+        if new.get(id) != Some(a) {
+            evs.push(SourceEvent::Removed(id.clone()));
+        }
+    }
+    for (id, a) in new {
+        if old.get(id) != Some(a) {
+            evs.push(SourceEvent::Added(a.clone()));
+        }
+    }
+    evs
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ad(id: &str, dev: &str) -> Adapter {
+        Adapter {
+            id: id.into(),
+            device: dev.into(),
+            by_id: None,
+            serial: None,
+            path: None,
+            usb: None,
+        }
+    }
+
+    #[test]
+    fn diff_reports_changes_only() {
+        let old: BTreeMap<_, _> = [
+            ("a".to_string(), ad("a", "1")),
+            ("b".to_string(), ad("b", "2")),
+        ]
+        .into();
+        let new: BTreeMap<_, _> = [
+            ("b".to_string(), ad("b", "3")),
+            ("c".to_string(), ad("c", "4")),
+        ]
+        .into();
+        assert_eq!(
+            diff(&old, &new),
+            vec![
+                SourceEvent::Removed("a".into()),
+                SourceEvent::Removed("b".into()),
+                SourceEvent::Added(ad("b", "3")),
+                SourceEvent::Added(ad("c", "4"))
+            ]
+        );
+        assert!(diff(&new, &new).is_empty());
     }
 }

@@ -154,7 +154,7 @@ async fn run(
         if lost {
             match scan() {
                 Ok(now) => {
-                    out.extend(super::by_id::diff(&known, &now));
+                    out.extend(super::diff(&known, &now));
                     known = now;
                 }
                 Err(e) => {
@@ -213,7 +213,6 @@ fn lossy(s: Option<&OsStr>) -> Option<String> {
     s.map(|s| s.to_string_lossy().into_owned())
 }
 
-/// Lists the USB serial adapters present now.
 /// The USB serial adapters udev knows now, by syspath (one enumeration, no
 /// monitor): what the source starts from, and what `boards` lists.
 pub fn scan() -> io::Result<BTreeMap<String, Adapter>> {
@@ -287,23 +286,17 @@ where
     K: AsRef<str>,
     V: AsRef<str>,
 {
+    let props: Vec<(K, V)> = props.into_iter().collect();
+    let pairs = || props.iter().map(|(k, v)| (k.as_ref(), v.as_ref()));
     let mut devname = None;
-    let mut devlinks = String::new();
+    let mut devlinks = "";
     let mut usb_bus = false;
-    let mut record = String::new();
-    for (k, v) in props {
-        let (k, v) = (k.as_ref(), v.as_ref());
+    for (k, v) in pairs() {
         match k {
             "DEVNAME" if !v.is_empty() => devname = Some(devname_path(v)),
-            "DEVLINKS" => devlinks = v.to_string(),
+            "DEVLINKS" => devlinks = v,
             "ID_BUS" => usb_bus = v == "usb",
             _ => {}
-        }
-        if !v.contains('\n') {
-            record.push_str(k);
-            record.push('=');
-            record.push_str(v);
-            record.push('\n');
         }
     }
     let devname = devname?;
@@ -316,7 +309,7 @@ where
     if !usb_bus && by_id_link.is_none() {
         return None;
     }
-    let ident = UdevIdentity::parse(&record);
+    let ident = UdevIdentity::from_properties(pairs());
     let device = match by_id_link {
         Some(link) if ident.serial.is_some() => link.to_path_buf(),
         _ => devname,
