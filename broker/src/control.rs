@@ -84,9 +84,8 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
         Scope::Machine(m) => Some(Client::Machine(m.clone())),
         Scope::Host => match Peer::of(&sock) {
             Ok(p) => {
-                let name = std::fs::read_to_string("/etc/passwd")
-                    .ok()
-                    .and_then(|t| devshim::users::user_name(&t, p.uid))
+                let name = p
+                    .user_name(std::path::Path::new("/etc"))
                     .unwrap_or_else(|| p.uid.to_string());
                 Some(Client::HostUser {
                     uid: p.uid,

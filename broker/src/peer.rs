@@ -36,12 +36,15 @@ impl Peer {
         })
     }
 
+    /// The peer's user name, from `ETC/passwd`.
+    pub fn user_name(&self, etc: &Path) -> Option<String> {
+        let passwd = std::fs::read_to_string(etc.join("passwd")).ok()?;
+        devshim::users::user_name(&passwd, self.uid)
+    }
+
     /// `host user NAME (uid N)`.
     pub fn describe(&self, etc: &Path) -> String {
-        let name = std::fs::read_to_string(etc.join("passwd"))
-            .ok()
-            .and_then(|p| devshim::users::user_name(&p, self.uid));
-        match name {
+        match self.user_name(etc) {
             Some(n) => format!("host user {n} (uid {})", self.uid),
             None => format!("host uid {}", self.uid),
         }

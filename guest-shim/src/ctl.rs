@@ -2,12 +2,12 @@
 //! run by the broker on the host next to the port (exact timing, real DTR,
 //! RTS and break), for a board this machine holds.
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::Path;
 
-use wire::control::{request_line, Reply, Request, VERSION};
+use wire::control::{Reply, Request};
 use wire::manifest::CONTROL_SOCKET;
+
+use crate::lease::Control;
 
 /// Builds the request: one word without `=` names a sequence; otherwise the
 /// words are steps (`dtr=0 rts=1 break=250ms baud=N sleep=100ms`).
@@ -21,35 +21,28 @@ pub fn request(board: &str, tty: Option<String>, words: &[String]) -> Result<Req
 
 /// Sends the request and prints what ran; returns the exit status.
 pub fn run(dir: &Path, req: &Request) -> u8 {
-    let result = (|| -> Result<Vec<wire::control::StepTiming>, String> {
-        let control = dir.join(CONTROL_SOCKET);
-        let sock = UnixStream::connect(&control).map_err(|e| format!("can't reach the broker at {}: {e}", control.display()))?;
-        let mut w = sock.try_clone().map_err(|e| e.to_string())?;
-        let mut r = BufReader::new(sock);
-        let mut last = None;
-        for q in [&Request::Hello { version: VERSION, client: "devshim-ctl".into() }, req] {
-            w.write_all(&request_line(q)).map_err(|e| e.to_string())?;
-            let mut line = String::new();
-            r.read_line(&mut line).map_err(|e| e.to_string())?;
-            let reply: Reply = serde_json::from_str(&line).map_err(|e| format!("unreadable reply {line:?}: {e}"))?;
-            if let Reply::Error { message } = reply {
-                return Err(message);
-            }
-            last = Some(reply);
-        }
-        match last {
-            Some(Reply::Ran { steps, .. }) => Ok(steps),
-            other => Err(format!("unexpected reply {other:?}")),
+    let result = (|| -> Result<Vec<wire::control::StepTiming>, (u8, String)> {
+        let mut c = Control::connect(&dir.join(CONTROL_SOCKET), "devshim-ctl")?;
+        c.send(req)?;
+        match c.read()? {
+            Reply::Ran { steps, .. } => Ok(steps),
+            Reply::Error { message } => Err((1, message)),
+            other => Err((1, format!("unexpected reply {other:?}"))),
         }
     })();
     match result {
         Ok(steps) => {
             for s in steps {
-                println!("{:>9.3} ms  {:<14} (+{:.0} us)", s.nominal_us as f64 / 1000.0, s.step, s.late_us);
+                println!(
+                    "{:>9.3} ms  {:<14} (+{:.0} us)",
+                    s.nominal_us as f64 / 1000.0,
+                    s.step,
+                    s.late_us
+                );
             }
             0
         }
-        Err(e) => {
+        Err((_, e)) => {
             eprintln!("devshim: {e}");
             1
         }

@@ -59,7 +59,7 @@ pub async fn run(
             },
         }
     }
-    // Dropping the set aborts the relays, closing their sockets.
+    // Abort the relays, closing their sockets, and wait until they are gone.
     conns.shutdown().await;
     info!(tty = %label, "RFC 2217 endpoint closed");
 }

@@ -19,15 +19,18 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use wire::control::{request_line, GrantedTty, Reply, Request, VERSION};
+use wire::control::{request_line, Reply, Request, VERSION};
 use wire::manifest::CONTROL_SOCKET;
 
-use crate::ports;
+use crate::{links, ports};
 
 /// Exit status when no board could be had (as sysexits' EX_TEMPFAIL).
 pub const EXIT_NO_BOARD: u8 = 75;
 /// Exit status for bad usage or a refused request.
 pub const EXIT_USAGE: u8 = 2;
+
+/// `ENV=IDX` words: export ENV as the path of tty IDX.
+pub type Aliases = Vec<(String, usize)>;
 
 /// A parsed lease command line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -36,8 +39,7 @@ pub struct LeaseArgs {
     pub board: Option<String>,
     pub kind: Option<String>,
     pub wait: Option<Duration>,
-    /// `ENV=IDX`: export ENV as the path of tty IDX.
-    pub aliases: Vec<(String, usize)>,
+    pub aliases: Aliases,
     pub command: Vec<String>,
 }
 
@@ -51,20 +53,19 @@ fn alias(arg: &str) -> Option<(String, usize)> {
     Some((k.to_string(), v.parse().ok().filter(|_| ok)?))
 }
 
+/// The leading `ENV=IDX` words of `args`, and what follows them.
+fn leading_aliases(args: &[String]) -> (Aliases, &[String]) {
+    let aliases: Vec<_> = args.iter().map_while(|a| alias(a)).collect();
+    let rest = &args[aliases.len()..];
+    (aliases, rest)
+}
+
 /// Parses Sai's `sai-device TYPE [ENV=IDX ...] CMD...`.
 pub fn parse_sai_device(args: &[String]) -> Result<LeaseArgs, String> {
     let usage = "usage: sai-device TYPE [ENV=IDX ...] COMMAND [ARGS...]";
     let (kind, rest) = args.split_first().ok_or(usage)?;
-    let mut aliases = Vec::new();
-    let mut i = 0;
-    while i < rest.len() {
-        match alias(&rest[i]) {
-            Some(a) => aliases.push(a),
-            None => break,
-        }
-        i += 1;
-    }
-    if i == rest.len() {
+    let (aliases, command) = leading_aliases(rest);
+    if command.is_empty() {
         return Err(format!("no command given; {usage}"));
     }
     Ok(LeaseArgs {
@@ -72,39 +73,20 @@ pub fn parse_sai_device(args: &[String]) -> Result<LeaseArgs, String> {
         kind: Some(kind.clone()),
         wait: None,
         aliases,
-        command: rest[i..].to_vec(),
+        command: command.to_vec(),
     })
 }
 
 /// Splits `[ENV=IDX ...] [--] CMD...` (what follows `devshim lease`'s flags).
-pub fn split_aliases(rest: &[String]) -> Result<(Vec<(String, usize)>, Vec<String>), String> {
-    let mut aliases = Vec::new();
-    let mut i = 0;
-    while i < rest.len() {
-        if rest[i] == "--" {
-            i += 1;
-            break;
-        }
-        match alias(&rest[i]) {
-            Some(a) => aliases.push(a),
-            None => break,
-        }
-        i += 1;
+pub fn split_aliases(rest: &[String]) -> Result<(Aliases, Vec<String>), String> {
+    let (aliases, mut command) = leading_aliases(rest);
+    if command.first().is_some_and(|a| a == "--") {
+        command = &command[1..];
     }
-    if i >= rest.len() {
+    if command.is_empty() {
         return Err("no command given: devshim lease [--board NAME | TYPE] [ENV=IDX ...] -- COMMAND [ARGS...]".into());
     }
-    Ok((aliases, rest[i..].to_vec()))
-}
-
-/// The guest path of a granted tty.
-pub fn guest_path(link_root: &Path, board: &str, t: &GrantedTty) -> PathBuf {
-    match &t.by_id {
-        Some(b) => link_root.join("serial/by-id").join(b),
-        None => link_root
-            .join("devbroker")
-            .join(format!("{board}.{}", t.tty)),
-    }
+    Ok((aliases, command.to_vec()))
 }
 
 /// The environment a command gets: `SAI_DEVICE_TTY<n>`,
@@ -194,16 +176,20 @@ pub fn broker_grace() -> Duration {
         .unwrap_or(crate::serve::DEFAULT_BROKER_GRACE)
 }
 
-/// A control connection that has said hello.
-struct Control {
+/// The name a lease's control connections give in their hello.
+const CLIENT: &str = concat!("devshim-lease ", env!("CARGO_PKG_VERSION"));
+
+/// A control connection that has said hello; errors carry the exit status
+/// a lease leaves with.
+pub(crate) struct Control {
     w: UnixStream,
     r: BufReader<UnixStream>,
 }
 
 impl Control {
-    /// Connects and says hello; a broker that doesn't answer within 2 s is
-    /// as good as gone.
-    fn connect(path: &Path) -> Result<Control, (u8, String)> {
+    /// Connects and says hello as `client`; a broker that doesn't answer
+    /// within 2 s is as good as gone.
+    pub(crate) fn connect(path: &Path, client: &str) -> Result<Control, (u8, String)> {
         let sock = UnixStream::connect(path).map_err(|e| {
             (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is /run/devbroker bound and devbroker running?)", path.display()))
         })?;
@@ -217,7 +203,7 @@ impl Control {
         let _ = c.w.set_read_timeout(Some(Duration::from_secs(2)));
         c.send(&Request::Hello {
             version: VERSION,
-            client: format!("devshim-lease {}", env!("CARGO_PKG_VERSION")),
+            client: client.into(),
         })?;
         if let Reply::Error { message } = c.read()? {
             return Err((EXIT_USAGE, message));
@@ -226,13 +212,13 @@ impl Control {
         Ok(c)
     }
 
-    fn send(&mut self, req: &Request) -> Result<(), (u8, String)> {
+    pub(crate) fn send(&mut self, req: &Request) -> Result<(), (u8, String)> {
         self.w
             .write_all(&request_line(req))
             .map_err(|e| (EXIT_NO_BOARD, e.to_string()))
     }
 
-    fn read(&mut self) -> Result<Reply, (u8, String)> {
+    pub(crate) fn read(&mut self) -> Result<Reply, (u8, String)> {
         let mut line = String::new();
         match self.r.read_line(&mut line) {
             Ok(0) | Err(_) => Err((EXIT_NO_BOARD, "the broker closed the connection".into())),
@@ -249,7 +235,7 @@ fn run_inner(
     state_dir: &Path,
 ) -> Result<u8, (u8, String)> {
     let control = dir.join(CONTROL_SOCKET);
-    let mut c = Control::connect(&control)?;
+    let mut c = Control::connect(&control, CLIENT)?;
     let wanted = args
         .board
         .clone()
@@ -287,7 +273,10 @@ fn run_inner(
     let paths: Vec<PathBuf> = granted
         .ttys
         .iter()
-        .map(|t| guest_path(link_root, &granted.board, t))
+        .map(|t| {
+            let short_name = format!("{}.{}", granted.board, t.tty);
+            links::guest_path(link_root, t.by_id.as_deref(), &short_name)
+        })
         .collect();
     // devshim serve publishes the links once the broker adds the sockets.
     let t0 = Instant::now();
@@ -328,7 +317,7 @@ fn run_inner(
     // devshim a moment to start their session, then let it finish (up to
     // 2 s) before the lease, and the socket, go.
     std::thread::sleep(Duration::from_millis(250));
-    if let Ok(mut status) = Control::connect(&control) {
+    if let Ok(mut status) = Control::connect(&control, CLIENT) {
         let t0 = Instant::now();
         while t0.elapsed() < Duration::from_secs(2) && board_held(&mut status, &granted.board) {
             std::thread::sleep(Duration::from_millis(20));
@@ -402,7 +391,7 @@ fn retake(control: &Path, board: &str, grace: Duration) -> Result<Control, Strin
     let deadline = Instant::now() + grace;
     let g = humantime::format_duration(grace);
     let mut c = loop {
-        match Control::connect(control) {
+        match Control::connect(control, CLIENT) {
             Ok(c) => break c,
             Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(100)),
             Err((_, e)) => return Err(format!("the broker did not come back within {g} ({e})")),
@@ -539,5 +528,18 @@ mod tests {
             .contains("has 2 ttys"));
         let (al, cmd) = split_aliases(&s(&["A=0", "--", "sh", "-c", "x"])).unwrap();
         assert_eq!((al.len(), cmd.len()), (1, 3));
+    }
+
+    #[test]
+    fn lease_command_line() {
+        // One `--` ends the aliases; what follows is the command as it is.
+        let (al, cmd) = split_aliases(&s(&["--", "A=0", "--", "x"])).unwrap();
+        assert!(al.is_empty());
+        assert_eq!(cmd, s(&["A=0", "--", "x"]));
+        let (al, cmd) = split_aliases(&s(&["A=0", "B=1", "make", "V=1"])).unwrap();
+        assert_eq!(al, vec![("A".to_string(), 0), ("B".to_string(), 1)]);
+        assert_eq!(cmd, s(&["make", "V=1"]));
+        assert!(split_aliases(&s(&["A=0", "--"])).is_err());
+        assert!(split_aliases(&[]).is_err());
     }
 }

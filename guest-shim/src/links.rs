@@ -51,6 +51,12 @@ pub fn paths(root: &Path, by_id: Option<&str>, short_name: &str) -> Vec<PathBuf>
     v
 }
 
+/// The path a tty is known by in the guest: its by-id link, else
+/// `devbroker/<board>.<tty>`.
+pub fn guest_path(root: &Path, by_id: Option<&str>, short_name: &str) -> PathBuf {
+    paths(root, by_id, short_name).swap_remove(0)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -70,6 +76,23 @@ mod tests {
         withdraw(&link, Path::new("/dev/pts/2"));
         assert!(link.symlink_metadata().is_err());
         fs::remove_dir_all(d).unwrap();
+    }
+
+    #[test]
+    fn guest_path_is_the_first_link() {
+        let root = Path::new("/dev");
+        assert_eq!(
+            guest_path(root, Some("usb-x"), "b.t"),
+            Path::new("/dev/serial/by-id/usb-x")
+        );
+        assert_eq!(
+            guest_path(root, None, "b.t"),
+            Path::new("/dev/devbroker/b.t")
+        );
+        assert_eq!(
+            paths(root, Some("usb-x"), "b.t")[0],
+            guest_path(root, Some("usb-x"), "b.t")
+        );
     }
 
     fn tempfile_dir() -> PathBuf {

@@ -1,11 +1,18 @@
 //! devshim command line. The work is in the library; this parses flags,
 //! sets up logging and signals, and runs it.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 use tokio::signal::unix::{signal, SignalKind};
 use tokio_util::sync::CancellationToken;
+
+/// The machine directory, as `machine setup` binds it.
+const DEFAULT_DIR: &str = "/run/devbroker";
+/// Where links are made.
+const DEFAULT_LINK_ROOT: &str = "/dev";
 
 #[derive(Parser)]
 #[command(
@@ -31,7 +38,7 @@ enum Cmd {
         /// The tty [default: the board's first].
         #[arg(long)]
         tty: Option<String>,
-        #[arg(long, default_value = "/run/devbroker")]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
     },
     /// Wait for a board, run COMMAND with its ttys exported, give the board back.
@@ -48,11 +55,11 @@ enum Cmd {
         #[arg(long)]
         board: Option<String>,
         /// Give up after this long (e.g. "10m"); by default wait as long as it takes.
-        #[arg(long, value_parser = parse_duration)]
-        wait: Option<std::time::Duration>,
-        #[arg(long, default_value = "/run/devbroker")]
+        #[arg(long, value_parser = humantime::parse_duration)]
+        wait: Option<Duration>,
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
-        #[arg(long, default_value = "/dev")]
+        #[arg(long, default_value = DEFAULT_LINK_ROOT)]
         link_root: PathBuf,
         /// Where `devshim serve` keeps the state file of the RFC 2217 ports.
         #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
@@ -64,10 +71,10 @@ enum Cmd {
     /// Publish a pty for every tty socket in DIR, for as long as it runs.
     Serve {
         /// The machine directory the broker fills (bind-mounted from the host).
-        #[arg(long, default_value = "/run/devbroker")]
+        #[arg(long, default_value = DEFAULT_DIR)]
         dir: PathBuf,
         /// Where `serial/by-id/` and `devbroker/` links are made.
-        #[arg(long, default_value = "/dev")]
+        #[arg(long, default_value = DEFAULT_LINK_ROOT)]
         link_root: PathBuf,
         /// The user who runs jobs and owns the ptys (name or uid, from /etc/passwd).
         #[arg(long, default_value = "sai")]
@@ -77,8 +84,8 @@ enum Cmd {
         state_dir: PathBuf,
         /// How long tools keep their ptys while the broker is away (restarted
         /// or upgraded); past it they read EIO.
-        #[arg(long, value_parser = parse_duration, default_value = "10s")]
-        broker_grace: std::time::Duration,
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "10s")]
+        broker_grace: Duration,
     },
     /// List the attached ttys: guest path and RFC 2217 endpoint.
     List {
@@ -91,7 +98,7 @@ enum Cmd {
 }
 
 /// `devshim list`.
-fn list(state_dir: &std::path::Path, json: bool) -> std::process::ExitCode {
+fn list(state_dir: &Path, json: bool) -> ExitCode {
     let ports = match devshim::ports::read(state_dir) {
         Ok(p) => p,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
@@ -100,67 +107,134 @@ fn list(state_dir: &std::path::Path, json: bool) -> std::process::ExitCode {
                 devshim::ports::path(state_dir).display(),
                 state_dir.display()
             );
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
         Err(e) => {
             eprintln!("devshim: {e}");
-            return std::process::ExitCode::FAILURE;
+            return ExitCode::FAILURE;
         }
     };
     let out = if json {
-        String::from_utf8(ports.to_bytes()).expect("JSON is UTF-8")
+        ports.to_bytes()
     } else {
-        ports.table()
+        ports.table().into_bytes()
     };
     use std::io::Write;
-    match std::io::stdout().write_all(out.as_bytes()) {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(_) => std::process::ExitCode::FAILURE,
+    match std::io::stdout().write_all(&out) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(_) => ExitCode::FAILURE,
     }
 }
 
-fn parse_duration(s: &str) -> Result<std::time::Duration, String> {
-    let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration like 30s, 10m or 1h"))?;
-    Ok(std::time::Duration::from_secs(match unit {
-        "" | "s" => n,
-        "m" => n * 60,
-        "h" => n * 3600,
-        "ms" => return Ok(std::time::Duration::from_millis(n)),
-        _ => return Err(format!("{s:?} is not a duration like 30s, 10m or 1h")),
-    }))
+/// `sai-device TYPE [ENV=IDX ...] COMMAND...`: Sai's command line has no
+/// room for flags, so the environment may move the paths.
+fn sai_device(args: &[String]) -> ExitCode {
+    let args = match devshim::lease::parse_sai_device(args) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("sai-device: {e}");
+            return ExitCode::from(devshim::lease::EXIT_USAGE);
+        }
+    };
+    let dir = std::env::var_os("DEVBROKER_DIR").unwrap_or_else(|| DEFAULT_DIR.into());
+    let links = std::env::var_os("DEVBROKER_LINK_ROOT").unwrap_or_else(|| DEFAULT_LINK_ROOT.into());
+    let state = std::env::var_os("DEVBROKER_STATE_DIR")
+        .unwrap_or_else(|| devshim::ports::DEFAULT_DIR.into());
+    ExitCode::from(devshim::lease::run(
+        &args,
+        Path::new(&dir),
+        Path::new(&links),
+        Path::new(&state),
+    ))
 }
 
-fn main() -> std::process::ExitCode {
+/// `devshim lease`.
+fn lease(
+    board: Option<String>,
+    wait: Option<Duration>,
+    dir: &Path,
+    link_root: &Path,
+    state_dir: &Path,
+    mut rest: Vec<String>,
+) -> ExitCode {
+    // Without --board, the first word is the type.
+    let kind = if board.is_none() && !rest.is_empty() && rest[0] != "--" {
+        Some(rest.remove(0))
+    } else {
+        None
+    };
+    let (aliases, command) = match devshim::lease::split_aliases(&rest) {
+        Ok(x) => x,
+        Err(e) => {
+            eprintln!("devshim: {e}");
+            return ExitCode::from(devshim::lease::EXIT_USAGE);
+        }
+    };
+    if board.is_none() && kind.is_none() {
+        eprintln!("devshim: name a board (--board NAME) or a type");
+        return ExitCode::from(devshim::lease::EXIT_USAGE);
+    }
+    let args = devshim::lease::LeaseArgs {
+        board,
+        kind,
+        wait,
+        aliases,
+        command,
+    };
+    ExitCode::from(devshim::lease::run(&args, dir, link_root, state_dir))
+}
+
+/// `devshim serve`, until SIGINT or SIGTERM.
+fn serve(
+    dir: PathBuf,
+    link_root: PathBuf,
+    user: &str,
+    state_dir: PathBuf,
+    broker_grace: Duration,
+) -> ExitCode {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("tokio runtime");
+    let result = rt.block_on(async {
+        let user = devshim::users::lookup(Path::new("/"), user).map_err(anyhow::Error::msg)?;
+        let shutdown = CancellationToken::new();
+        let mut int = signal(SignalKind::interrupt())?;
+        let mut term = signal(SignalKind::terminate())?;
+        let s = shutdown.clone();
+        tokio::spawn(async move {
+            tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
+            s.cancel();
+        });
+        devshim::serve::serve(
+            devshim::serve::Options {
+                dir,
+                link_root,
+                user,
+                state_dir,
+                broker_grace,
+            },
+            shutdown,
+        )
+        .await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("devshim: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn main() -> ExitCode {
     let argv: Vec<String> = std::env::args().collect();
     if argv
         .first()
-        .and_then(|a| std::path::Path::new(a).file_name())
+        .and_then(|a| Path::new(a).file_name())
         .is_some_and(|n| n == "sai-device")
     {
-        return match devshim::lease::parse_sai_device(&argv[1..]) {
-            Ok(args) => {
-                // Sai's command line has no room for flags: the environment may move the paths.
-                let dir =
-                    std::env::var_os("DEVBROKER_DIR").unwrap_or_else(|| "/run/devbroker".into());
-                let links =
-                    std::env::var_os("DEVBROKER_LINK_ROOT").unwrap_or_else(|| "/dev".into());
-                let state = std::env::var_os("DEVBROKER_STATE_DIR")
-                    .unwrap_or_else(|| devshim::ports::DEFAULT_DIR.into());
-                std::process::ExitCode::from(devshim::lease::run(
-                    &args,
-                    std::path::Path::new(&dir),
-                    std::path::Path::new(&links),
-                    std::path::Path::new(&state),
-                ))
-            }
-            Err(e) => {
-                eprintln!("sai-device: {e}");
-                std::process::ExitCode::from(devshim::lease::EXIT_USAGE)
-            }
-        };
+        return sai_device(&argv[1..]);
     }
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -169,104 +243,62 @@ fn main() -> std::process::ExitCode {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    if let Cmd::Ctl {
-        board,
-        what,
-        tty,
-        dir,
-    } = &cli.cmd
-    {
-        return match devshim::ctl::request(board, tty.clone(), what) {
-            Ok(req) => std::process::ExitCode::from(devshim::ctl::run(dir, &req)),
+    match Cli::parse().cmd {
+        Cmd::Ctl {
+            board,
+            what,
+            tty,
+            dir,
+        } => match devshim::ctl::request(&board, tty, &what) {
+            Ok(req) => ExitCode::from(devshim::ctl::run(&dir, &req)),
             Err(e) => {
                 eprintln!("devshim: {e}");
-                std::process::ExitCode::from(2)
+                ExitCode::from(2)
             }
-        };
+        },
+        Cmd::List { state_dir, json } => list(&state_dir, json),
+        Cmd::Lease {
+            board,
+            wait,
+            dir,
+            link_root,
+            state_dir,
+            rest,
+        } => lease(board, wait, &dir, &link_root, &state_dir, rest),
+        Cmd::Serve {
+            dir,
+            link_root,
+            user,
+            state_dir,
+            broker_grace,
+        } => serve(dir, link_root, &user, state_dir, broker_grace),
     }
-    if let Cmd::List { state_dir, json } = &cli.cmd {
-        return list(state_dir, *json);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn wait(arg: &str) -> Option<Duration> {
+        match Cli::try_parse_from(["devshim", "lease", "--wait", arg, "t", "--", "true"]) {
+            Ok(Cli {
+                cmd: Cmd::Lease { wait, .. },
+            }) => wait,
+            Ok(_) => unreachable!(),
+            Err(_) => None,
+        }
     }
-    if let Cmd::Lease {
-        board,
-        wait,
-        dir,
-        link_root,
-        state_dir,
-        rest,
-    } = &cli.cmd
-    {
-        // Without --board, the first word is the type.
-        let mut rest = rest.clone();
-        let kind = if board.is_none() && !rest.is_empty() && rest[0] != "--" {
-            Some(rest.remove(0))
-        } else {
-            None
+
+    #[test]
+    fn durations() {
+        assert_eq!(wait("30s"), Some(Duration::from_secs(30)));
+        assert_eq!(wait("10m"), Some(Duration::from_secs(600)));
+        assert_eq!(wait("1h"), Some(Duration::from_secs(3600)));
+        assert_eq!(wait("250ms"), Some(Duration::from_millis(250)));
+        assert_eq!(wait("soon"), None);
+        let Cmd::Serve { broker_grace, .. } = Cli::parse_from(["devshim", "serve"]).cmd else {
+            unreachable!()
         };
-        let (aliases, command) = match devshim::lease::split_aliases(&rest) {
-            Ok(x) => x,
-            Err(e) => {
-                eprintln!("devshim: {e}");
-                return std::process::ExitCode::from(devshim::lease::EXIT_USAGE);
-            }
-        };
-        if board.is_none() && kind.is_none() {
-            eprintln!("devshim: name a board (--board NAME) or a type");
-            return std::process::ExitCode::from(devshim::lease::EXIT_USAGE);
-        }
-        let args = devshim::lease::LeaseArgs {
-            board: board.clone(),
-            kind,
-            wait: *wait,
-            aliases,
-            command,
-        };
-        return std::process::ExitCode::from(devshim::lease::run(&args, dir, link_root, state_dir));
-    }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .expect("tokio runtime");
-    let result = rt.block_on(async {
-        match cli.cmd {
-            Cmd::Lease { .. } | Cmd::List { .. } | Cmd::Ctl { .. } => unreachable!("handled above"),
-            Cmd::Serve {
-                dir,
-                link_root,
-                user,
-                state_dir,
-                broker_grace,
-            } => {
-                let user = devshim::users::lookup(std::path::Path::new("/"), &user)
-                    .map_err(anyhow::Error::msg)?;
-                let shutdown = CancellationToken::new();
-                let mut int = signal(SignalKind::interrupt())?;
-                let mut term = signal(SignalKind::terminate())?;
-                let s = shutdown.clone();
-                tokio::spawn(async move {
-                    tokio::select! { _ = int.recv() => {}, _ = term.recv() => {} }
-                    s.cancel();
-                });
-                devshim::serve::serve(
-                    devshim::serve::Options {
-                        dir,
-                        link_root,
-                        user,
-                        state_dir,
-                        broker_grace,
-                    },
-                    shutdown,
-                )
-                .await
-            }
-        }
-    });
-    match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("devshim: {e:#}");
-            std::process::ExitCode::FAILURE
-        }
+        assert_eq!(broker_grace, Duration::from_secs(10));
     }
 }

@@ -57,11 +57,7 @@ impl Pty {
         t.c_cflag |= libc::HUPCL;
         t.c_lflag |= libc::EXTPROC;
         termios::set(mfd, &t, When::Now)?;
-        let one: libc::c_int = 1;
-        // SAFETY: TIOCPKT reads one int.
-        if unsafe { libc::ioctl(mfd, libc::TIOCPKT, &one) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
+        packet_mode(mfd, true)?;
         nix::fcntl::fcntl(
             mfd,
             nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR),
@@ -106,21 +102,14 @@ impl Pty {
     /// the flush is not reported back as a tool's `tcflush`.
     pub fn discard_input(&self) -> io::Result<()> {
         let mfd = self.master_fd();
-        let packet = |on: libc::c_int| -> io::Result<()> {
-            // SAFETY: TIOCPKT reads one int.
-            if unsafe { libc::ioctl(mfd, libc::TIOCPKT, &on) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
-            Ok(())
-        };
-        packet(0)?;
+        packet_mode(mfd, false)?;
         // SAFETY: tcflush on the slave descriptor this pty owns.
         let flushed = if unsafe { libc::tcflush(self.slave.as_raw_fd(), libc::TCIFLUSH) } < 0 {
             Err(io::Error::last_os_error())
         } else {
             Ok(())
         };
-        packet(1)?;
+        packet_mode(mfd, true)?;
         flushed
     }
 
@@ -176,6 +165,16 @@ impl Pty {
         }
         Ok(())
     }
+}
+
+/// Turns packet mode on or off on a pty master.
+fn packet_mode(master: RawFd, on: bool) -> io::Result<()> {
+    let on = libc::c_int::from(on);
+    // SAFETY: TIOCPKT reads one int.
+    if unsafe { libc::ioctl(master, libc::TIOCPKT, &on) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
 }
 
 /// Mode bits for a path, for tests and checks.

@@ -103,18 +103,13 @@ fn start_endpoint(
     }
 }
 
-/// The guest path a tty is published at (its by-id link, else `devbroker/<board>.<tty>`).
-pub fn guest_link(link_root: &Path, entry: &Entry) -> PathBuf {
-    links::paths(link_root, entry.by_id.as_deref(), &entry.short_name()).remove(0)
-}
-
 /// A tty's line in the state file.
 fn port_entry(opts: &Options, entry: &Entry, port: u16) -> PortEntry {
     PortEntry {
         board: entry.board.clone(),
         tty: entry.tty.clone(),
         by_id: entry.by_id.clone(),
-        link: guest_link(&opts.link_root, entry),
+        link: links::guest_path(&opts.link_root, entry.by_id.as_deref(), &entry.short_name()),
         port,
         pid: std::process::id(),
     }
