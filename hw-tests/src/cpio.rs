@@ -61,11 +61,6 @@ impl Archive {
             .insert(Archive::key(path), Entry::CharDev { major, minor });
     }
 
-    /// True when `path` was added.
-    pub fn contains(&self, path: &str) -> bool {
-        self.entries.contains_key(&Archive::key(path))
-    }
-
     /// Every entry with its parents first: the kernel creates each path as it
     /// reads it, so a directory must come before what is in it.
     fn complete(&self) -> BTreeMap<String, Entry> {

@@ -31,26 +31,18 @@ done < /etc/hw-tests/modules
 say "drivers loaded"
 
 # wait_path PATH [MS]: until PATH exists (a link, even dangling, counts);
-# fails saying what it waited for after MS milliseconds (default 10000).
-wait_path() {
-    n=$(( ${2:-10000} / 10 ))
-    while [ ! -e "$1" ] && [ ! -L "$1" ]; do
+# wait_gone PATH [MS]: until it no longer does. Each fails saying what it
+# waited for after MS milliseconds (default 10000).
+wait_path() { wait_until present "$1" "${2:-10000}"; }
+wait_gone() { wait_until gone "$1" "${2:-10000}"; }
+wait_until() {
+    n=$(( $3 / 10 ))
+    while :; do
+        if [ -e "$2" ] || [ -L "$2" ]; then now=present; else now=gone; fi
+        [ "$now" = "$1" ] && return 0
         n=$((n - 1))
         if [ "$n" -le 0 ]; then
-            echo "timed out after ${2:-10000} ms waiting for $1 to appear"
-            return 1
-        fi
-        usleep 10000
-    done
-}
-
-# wait_gone PATH [MS]: until PATH no longer exists.
-wait_gone() {
-    n=$(( ${2:-10000} / 10 ))
-    while [ -e "$1" ] || [ -L "$1" ]; do
-        n=$((n - 1))
-        if [ "$n" -le 0 ]; then
-            echo "timed out after ${2:-10000} ms waiting for $1 to go"
+            echo "timed out after $3 ms waiting for $2 to be $1"
             return 1
         fi
         usleep 10000

@@ -11,6 +11,8 @@
 //! Tier 5 (`tests/real_board.rs`) runs the same kinds of checks on the host
 //! against a real adapter, named by `DEVBROKER_HW_BY_ID` (see [`real`]).
 
+use std::time::{Duration, Instant};
+
 pub mod cache;
 pub mod cpio;
 pub mod initramfs;
@@ -24,3 +26,26 @@ pub mod rig;
 pub mod shell;
 pub mod trace;
 pub mod vm;
+
+/// Polls `get` every 10 ms until it returns `want`, for up to `limit`;
+/// returns how long that took. Unlike the suite's `wait_for`, which panics,
+/// a timeout is an error naming the last value seen, so the caller can
+/// append its logs.
+pub fn wait_value<T: PartialEq + std::fmt::Debug>(
+    limit: Duration,
+    what: &str,
+    want: T,
+    mut get: impl FnMut() -> anyhow::Result<T>,
+) -> anyhow::Result<Duration> {
+    let t0 = Instant::now();
+    loop {
+        let now = get()?;
+        if now == want {
+            return Ok(t0.elapsed());
+        }
+        if t0.elapsed() > limit {
+            anyhow::bail!("{what}: expected {want:?}, still {now:?} after {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}

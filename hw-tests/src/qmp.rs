@@ -23,19 +23,8 @@ const REPLY_LIMIT: Duration = Duration::from_secs(20);
 impl Qmp {
     /// Connects (retrying while QEMU starts) and leaves capabilities negotiation.
     pub fn connect(path: &Path, limit: Duration) -> Result<Qmp> {
-        let t0 = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if t0.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    return Err(e)
-                        .with_context(|| format!("connecting to QMP at {}", path.display()))
-                }
-            }
-        };
         let mut q = Qmp {
-            stream,
+            stream: crate::shell::connect(path, limit, "QMP's socket")?,
             buf: Vec::new(),
             events: Vec::new(),
         };

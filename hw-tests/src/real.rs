@@ -12,15 +12,16 @@
 //! opened with `TIOCEXCL`, and a port opened twice is not hung up until both
 //! are closed, so that descriptor is closed before the session ends.
 
-use std::fs;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::{Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
-use devbroker_tests::{bin, wait_for, DieWithParent, Proc, World};
+use devbroker_tests::{Proc, Tool, World};
+
+use crate::wait_value;
 
 /// Names the adapter to test: its link's name in `/dev/serial/by-id`.
 pub const BY_ID_VAR: &str = "DEVBROKER_HW_BY_ID";
@@ -96,20 +97,24 @@ impl RealRig {
                 device.display()
             );
         }
-        let world = World::new(&config(by_id));
-        let broker = start_broker(&world)?;
+        let mut world = World::new(&config(by_id));
+        // The broker as the host runs it: on the udev source when udevd
+        // runs, else on the host's by-id directory (not the world's).
+        let broker = if Path::new("/run/udev/control").exists() {
+            world.broker_udev()
+        } else {
+            world.by_id = BY_ID_DIR.into();
+            world.broker()
+        };
         let shim = world.shim(MACHINE);
         let link = world.guest_link(MACHINE, by_id);
-        let t0 = Instant::now();
-        while !link.exists() {
-            if t0.elapsed() > Duration::from_secs(10) {
-                bail!(
-                    "devshim's link {} did not appear within 10 s\n{}",
-                    link.display(),
-                    world.logs()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        if let Err(e) = wait_value(
+            Duration::from_secs(10),
+            &format!("devshim's link {} exists", link.display()),
+            true,
+            || Ok(link.exists()),
+        ) {
+            bail!("{e:#}\n{}", world.logs());
         }
         Ok(RealRig {
             world,
@@ -129,11 +134,17 @@ impl RealRig {
         self.world.guest_link(MACHINE, &self.by_id)
     }
 
-    /// Waits until a session holds the port (the broker has opened it).
-    pub fn wait_session(&self) {
-        wait_for(Duration::from_secs(10), "a session on the adapter", || {
-            self.world.status()["boards"][0]["ttys"][0]["holder"].is_object()
-        });
+    /// Opens devshim's pty as a tool does and waits until the session holds
+    /// the port (the broker has opened it).
+    pub fn open_session(&self) -> Result<Tool> {
+        let tool = Tool::open(&self.link()).context("opening devshim's pty")?;
+        wait_value(
+            Duration::from_secs(10),
+            "a session holds the adapter",
+            true,
+            || Ok(self.world.status()["boards"][0]["ttys"][0]["holder"].is_object()),
+        )?;
+        Ok(tool)
     }
 
     /// `devshim ctl BOARD STEPS...` on the machine's control socket; returns what it printed.
@@ -151,41 +162,6 @@ impl RealRig {
         }
         Ok(text)
     }
-}
-
-/// The broker as the host runs it: on the udev source when udevd runs, else
-/// on the by-id directory.
-fn start_broker(world: &World) -> Result<Proc> {
-    let log = fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(world.path("broker.log"))?;
-    let mut cmd = Command::new(bin("devbroker"));
-    cmd.args(["run", "--config"])
-        .arg(&world.config)
-        .arg("--run-dir")
-        .arg(&world.run);
-    if Path::new("/run/udev/control").exists() {
-        cmd.args(["--source", "udev"]);
-    } else {
-        cmd.args(["--by-id-dir", BY_ID_DIR]);
-    }
-    let child = cmd
-        .env("DEVBROKER_LOG", "debug")
-        .die_with_parent()
-        .stdout(Stdio::null())
-        .stderr(log)
-        .spawn()
-        .context("starting devbroker")?;
-    let broker = Proc {
-        child,
-        name: "devbroker".into(),
-    };
-    let sock = world.run.join("broker.sock");
-    wait_for(Duration::from_secs(10), "the broker's admin socket", || {
-        std::os::unix::net::UnixStream::connect(&sock).is_ok()
-    });
-    Ok(broker)
 }
 
 /// The adapter's device opened beside the broker, to look at its settings
@@ -229,25 +205,5 @@ impl Port {
             return Err(std::io::Error::last_os_error()).context("TIOCMGET on the adapter");
         }
         Ok((bits & libc::TIOCM_DTR != 0, bits & libc::TIOCM_RTS != 0))
-    }
-}
-
-/// Polls `get` until it returns `want`, for up to `limit`.
-pub fn wait_value<T: PartialEq + std::fmt::Debug>(
-    limit: Duration,
-    what: &str,
-    want: T,
-    mut get: impl FnMut() -> Result<T>,
-) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let now = get()?;
-        if now == want {
-            return Ok(());
-        }
-        if t0.elapsed() > limit {
-            bail!("{what}: expected {want:?}, still {now:?} after {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
     }
 }

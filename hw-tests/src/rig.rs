@@ -275,17 +275,9 @@ NO_COLOR=1 DEVSHIM_LOG=debug devshim serve --dir {MACHINE_DIR} --link-root {LINK
     /// Waits until the fake board's line is at `baud` (QEMU applies the
     /// guest's setting to its host tty); returns how long it took.
     pub fn wait_baud(&self, baud: u32, limit: Duration, what: &str) -> Result<Duration> {
-        let t0 = Instant::now();
-        while self.board.baud() != baud {
-            if t0.elapsed() > limit {
-                bail!(
-                    "{what}: the board's line is at {} baud, not {baud}, after {limit:?}",
-                    self.board.baud()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        Ok(t0.elapsed())
+        crate::wait_value(limit, &format!("{what}: the board's baud"), baud, || {
+            Ok(self.board.baud())
+        })
     }
 
     /// The SET_MODEM_CTRL requests the emulated FT232 has received so far.

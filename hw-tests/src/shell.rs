@@ -32,20 +32,8 @@ pub struct Shell {
 impl Shell {
     /// Connects to QEMU's socket for the guest's ttyS1 (retrying while QEMU starts).
     pub fn connect(path: &Path, limit: Duration) -> Result<Shell> {
-        let t0 = Instant::now();
-        let stream = loop {
-            match UnixStream::connect(path) {
-                Ok(s) => break s,
-                Err(_) if t0.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!("connecting to the guest shell's socket {}", path.display())
-                    })
-                }
-            }
-        };
         Ok(Shell {
-            stream,
+            stream: connect(path, limit, "the guest shell's socket")?,
             buf: Vec::new(),
             next_id: 1,
         })
@@ -140,11 +128,26 @@ impl Shell {
     }
 }
 
+/// Connects to QEMU's unix socket `path` (`what` names it), retrying while
+/// QEMU starts, for up to `limit`.
+pub(crate) fn connect(path: &Path, limit: Duration, what: &str) -> Result<UnixStream> {
+    let t0 = Instant::now();
+    loop {
+        match UnixStream::connect(path) {
+            Ok(s) => return Ok(s),
+            Err(_) if t0.elapsed() < limit => std::thread::sleep(Duration::from_millis(20)),
+            Err(e) => {
+                return Err(e).with_context(|| format!("connecting to {what} {}", path.display()))
+            }
+        }
+    }
+}
+
 /// Reads what `stream` has into `buf`, waiting until `deadline` at most.
 /// `Ok(false)` when the deadline passed; an error when the stream closed
 /// (`what` names it: QEMU exited).
 pub(crate) fn read_more(
-    stream: &mut std::os::unix::net::UnixStream,
+    stream: &mut UnixStream,
     buf: &mut Vec<u8>,
     deadline: Instant,
     what: &str,

@@ -13,6 +13,7 @@ use devbroker_hw_tests::rig::{
     self, guest_link, scenario, socket, Adapter, Rig, BOARD, MACHINE_DIR, RATE, SERIAL,
 };
 use devbroker_hw_tests::trace::{levels, ModemCtrl};
+use devbroker_hw_tests::wait_value;
 use devbroker_tests::{read_exact_timeout, write_all_fd};
 
 /// `seq FROM TO` as busybox prints it: data both ends can make without
@@ -163,20 +164,16 @@ fn dtr_and_rts_from_devshim_ctl_reach_the_adapter() {
 /// Waits until the SET_MODEM_CTRL requests after the first `seen` leave the
 /// lines at `want`.
 fn wait_levels(rig: &Rig, seen: usize, want: ModemCtrl, what: &str) -> Result<()> {
-    let t0 = Instant::now();
-    loop {
-        let all = rig.modem_ctrl();
-        let now = levels(ModemCtrl::default(), &all[seen.min(all.len())..]);
-        if now == want {
-            return Ok(());
-        }
-        ensure!(
-            t0.elapsed() < Duration::from_secs(10),
-            "{what}: the adapter's lines should be {want:?}; the requests since were {:?}",
-            &all[seen.min(all.len())..]
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_value(
+        Duration::from_secs(10),
+        &format!("{what}: the adapter's lines"),
+        want,
+        || {
+            let all = rig.modem_ctrl();
+            Ok(levels(ModemCtrl::default(), &all[seen.min(all.len())..]))
+        },
+    )?;
+    Ok(())
 }
 
 #[test]

@@ -8,7 +8,8 @@
 use std::time::Duration;
 
 use anyhow::{ensure, Context, Result};
-use devbroker_hw_tests::real::{self, wait_value, Port, RealRig, RATE};
+use devbroker_hw_tests::real::{self, Port, RealRig, RATE};
+use devbroker_hw_tests::wait_value;
 use devbroker_tests::{random_bytes, read_exact_timeout, Tool};
 
 /// Runs `body` on the adapter, if one is named; a failure carries the
@@ -35,8 +36,7 @@ fn set_baud(tool: &Tool, baud: u32) -> Result<()> {
 #[test]
 fn real_adapter_opens_at_the_config_rate_and_follows_baud_changes() {
     on_adapter("open and baud", |rig| {
-        let tool = Tool::open(&rig.link()).context("opening devshim's pty")?;
-        rig.wait_session();
+        let tool = rig.open_session()?;
         let port = Port::open(&rig.device())?;
         wait_value(
             Duration::from_secs(5),
@@ -62,8 +62,7 @@ fn real_adapter_opens_at_the_config_rate_and_follows_baud_changes() {
 #[test]
 fn real_adapter_takes_dtr_and_rts_from_devshim_ctl() {
     on_adapter("DTR/RTS via devshim ctl", |rig| {
-        let tool = Tool::open(&rig.link()).context("opening devshim's pty")?;
-        rig.wait_session();
+        let tool = rig.open_session()?;
         let port = Port::open(&rig.device())?;
         let lines = "the adapter's (DTR, RTS)";
         wait_value(
@@ -72,14 +71,13 @@ fn real_adapter_takes_dtr_and_rts_from_devshim_ctl() {
             (true, true),
             || port.modem_lines(),
         )?;
-        for (steps, on) in [
-            ("dtr=0 rts=0", false),
-            ("dtr=1 rts=1", true),
-            ("dtr=0 rts=1", false),
-            ("dtr=1 rts=0", true),
+        for (steps, want) in [
+            ("dtr=0 rts=0", (false, false)),
+            ("dtr=1 rts=1", (true, true)),
+            ("dtr=0 rts=1", (false, true)),
+            ("dtr=1 rts=0", (true, false)),
         ] {
             let printed = rig.ctl(steps)?;
-            let want = (on, steps.contains("rts=1"));
             wait_value(
                 Duration::from_secs(5),
                 &format!("{lines} after `devshim ctl {steps}` ({printed:?})"),
@@ -106,8 +104,7 @@ fn real_adapter_carries_bytes_both_ways_when_looped() {
     }
     on_adapter("bytes both ways (loopback)", |rig| {
         use std::os::fd::AsRawFd;
-        let tool = Tool::open(&rig.link()).context("opening devshim's pty")?;
-        rig.wait_session();
+        let tool = rig.open_session()?;
         // 4 KiB is about 0.4 s each way at 115200 baud.
         let data = random_bytes(4096, 5);
         tool.write_all(&data)?;
