@@ -233,7 +233,13 @@ pub fn debian_mirror() -> String {
     FALLBACK_MIRROR.to_string()
 }
 
-/// Path of a bookworm tree built once per machine (cached outside the checkout, e.g. under /var/cache/devbroker-tests/), under a file lock (flock) so parallel tests build it once; keyed by a hash of its package list so changing the list builds a new one. debootstrap --variant=minbase --include=systemd,systemd-sysv,dbus,python3-serial,picocom bookworm DIR <mirror>, where the mirror is read from /etc/apt/sources.list.d/*.sources (URIs: line) or /etc/apt/sources.list, falling back to http://deb.debian.org/debian. Build into a temp dir next to the final one and rename when complete, so a killed build never leaves a half tree. Returns an error (not panic) with a clear message if debootstrap is missing.
+/// The base tree: `debootstrap --variant=minbase` of [`SUITE`] with
+/// [`PACKAGES`] from [`debian_mirror`], built once per machine in
+/// [`cache_dir`] under a file lock (parallel tests build it once) and named
+/// by a hash of its package list (changing the list builds a new one). It
+/// is built in a temp dir next to its final place and renamed when
+/// complete, so a killed build never leaves a half tree. An error, not a
+/// panic, says so when debootstrap is missing.
 ///
 /// After debootstrap, [`fixup`] removes what it copied from the build host
 /// (hostname, machine id). The tree is shared by every test of every process: never write into it
@@ -249,9 +255,7 @@ pub fn base_tree() -> Result<PathBuf> {
         return Ok(fin);
     }
     fs::create_dir_all(&cache).with_context(|| format!("creating {}", cache.display()))?;
-    // Held until the end of this function; closing the fd releases it. Each
-    // open() is its own open file description, so threads of one test
-    // process exclude each other too.
+    // Held until the end of this function.
     let _lock = FileLock::exclusive(&cache.join(format!("{name}.lock")))?;
     if is_complete(&fin) {
         return Ok(fin); // built by whoever held the lock before us
@@ -337,12 +341,14 @@ fn is_complete(tree: &Path) -> bool {
 }
 
 /// An exclusive `flock` on a file, released on drop.
-struct FileLock {
+pub struct FileLock {
     _file: fs::File,
 }
 
 impl FileLock {
-    fn exclusive(path: &Path) -> Result<FileLock> {
+    /// Creates `path` if needed and waits for the lock. Each call opens its
+    /// own file description, so threads of one process exclude each other too.
+    pub fn exclusive(path: &Path) -> Result<FileLock> {
         let f = fs::OpenOptions::new()
             .create(true)
             .truncate(false)
@@ -438,7 +444,11 @@ fn remove_tree(dir: &Path) {
     }
 }
 
-/// A per-test writable view of the base tree: an overlayfs mount (lower = base tree, upper/work in a temp dir) at `self.path()`. Unmounted and removed on Drop (lazy unmount if busy). Tests write into it (like an admin's /var/lib/machines/NAME) without touching the cached base.
+/// A per-test writable view of the base tree: an overlayfs mount (lower:
+/// the base tree; upper and work in a temp dir) at [`TreeCopy::path`].
+/// Tests write into it (as into an admin's `/var/lib/machines/NAME`)
+/// without touching the cached base. Unmounted (lazily if busy) and removed
+/// on drop.
 ///
 /// The upper and work directories are on a tmpfs mounted in the temp dir,
 /// and the overlay uses `metacopy=on` where the kernel has it, so the chown
@@ -922,12 +932,15 @@ fn children_named(parent: i32, comm: &str) -> Vec<i32> {
     v
 }
 
-/// A booted container: systemd-nspawn -M NAME --register=no --keep-unit -b --volatile=overlay [-D DIR] [-U] [--pipe], started in its own cgroups (create /sys/fs/cgroup/systemd/ct-<unique> and /sys/fs/cgroup/unified/ct-<unique>, write the child's pid into cgroup.procs of both before exec, via pre_exec), so two containers don't kill each other's units. Waits until `systemctl is-system-running --wait` inside returns (running or degraded is fine), with a timeout (60 s) and a clear error including the nspawn output (capture nspawn's stdout/stderr to a log file in a temp dir).
-///
-/// As run: `--console=read-only` instead of `--pipe` (boot messages in the
-/// log), and no `--volatile=overlay` with `-U` (module doc). The nspawn
-/// child gets SIGTERM when the test process dies, so a killed test halts
-/// its containers; Drop stops them on panics.
+/// A booted container: `systemd-nspawn -M NAME --register=no --keep-unit -b
+/// --console=read-only --volatile=overlay [-D DIR] [-U]` (no
+/// `--volatile=overlay` with `-U`, see the module doc), started in cgroups
+/// of its own (entered between fork and exec) so that two containers don't
+/// stop each other's units. [`Container::boot`] returns once `systemctl
+/// is-system-running --wait` inside says `running` or `degraded`, or fails
+/// after [`BOOT_TIMEOUT`] with nspawn's output (kept in a log file: the boot
+/// messages). The nspawn child gets SIGTERM when the test process dies, so
+/// a killed test halts its containers; Drop stops them on panics.
 pub struct Container {
     name: String,
     nspawn: Option<Child>,
@@ -1147,7 +1160,8 @@ impl Container {
         c
     }
 
-    /// Runs a command inside as root: nsenter -t LEADER -a systemd-run --wait -P -q [--uid=USER] -- CMD... ; returns (exit status, stdout, stderr). Provide both `exec(&[&str])` and `exec_as(user, &[&str])`.
+    /// Runs a command inside as root (`nsenter -t LEADER -a systemd-run
+    /// --wait -P -q -G -- ARGV...`) and returns its status and output.
     ///
     /// As a transient service (`-G`: collected even when it fails, so a
     /// failing command does not leave the system `degraded`), with a clean

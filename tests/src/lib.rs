@@ -5,7 +5,7 @@
 //! parallel and leave nothing behind.
 
 use std::fs;
-use std::io::{self, Read, Write};
+use std::io::{self, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -266,6 +266,78 @@ impl World {
         serde_json::from_slice(&out.stdout).unwrap()
     }
 
+    /// The first tty of `board` in [`World::status`].
+    fn first_tty(&self, board: &str) -> serde_json::Value {
+        let st = self.status();
+        let b = st["boards"]
+            .as_array()
+            .and_then(|bs| bs.iter().find(|b| b["name"] == board))
+            .unwrap_or_else(|| panic!("no board {board} in the status: {st}"));
+        b["ttys"][0].clone()
+    }
+
+    /// Who holds the first tty of `board` (`machine ci1`, ...), if anyone.
+    pub fn holder(&self, board: &str) -> Option<String> {
+        self.first_tty(board)["holder"]["who"]
+            .as_str()
+            .map(str::to_owned)
+    }
+
+    /// Whether the broker has an adapter for the first tty of `board` now
+    /// (not while it is away within a re-enumeration grace).
+    pub fn present(&self, board: &str) -> bool {
+        self.first_tty(board)["present"] == true
+    }
+
+    /// The ttys `devshim list --json` shows for `machine`, with their RFC
+    /// 2217 ports; `None` while devshim has written no state file.
+    pub fn endpoints(&self, machine: &str) -> Option<Vec<serde_json::Value>> {
+        let state = self.state_dir(machine);
+        if !state.join("ports.json").exists() {
+            return None;
+        }
+        let out = Command::new(devshim())
+            .args(["list", "--json", "--state-dir"])
+            .arg(&state)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "devshim list: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "devshim list --json: {e}: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+        });
+        assert_eq!(v["version"], 1, "{v}");
+        let ttys = v["ttys"].as_array().cloned();
+        Some(ttys.unwrap_or_else(|| panic!("devshim list --json: no ttys: {v}")))
+    }
+
+    /// Waits for devshim's RFC 2217 endpoint of the tty published at `link`
+    /// in `machine`; returns its port.
+    pub fn endpoint_port(&self, machine: &str, link: &Path) -> u16 {
+        let mut port = 0;
+        wait_for(
+            Duration::from_secs(5),
+            &format!("{} in devshim list", link.display()),
+            || {
+                port = self
+                    .endpoints(machine)
+                    .unwrap_or_default()
+                    .iter()
+                    .find(|e| e["link"] == link.display().to_string())
+                    .and_then(|e| e["port"].as_u64())
+                    .unwrap_or(0) as u16;
+                port != 0
+            },
+        );
+        port
+    }
+
     /// The logs, for failure messages.
     pub fn logs(&self) -> String {
         let mut s = String::new();
@@ -379,15 +451,6 @@ pub fn write_all_fd(fd: i32, data: &[u8]) -> io::Result<()> {
     f.write_all(data)
 }
 
-/// Reads the fd until EOF or error; used to drain.
-pub fn read_some(fd: i32) -> io::Result<Vec<u8>> {
-    let mut f = std::mem::ManuallyDrop::new(unsafe { fs::File::from_raw_fd(fd) });
-    let mut v = vec![0u8; 4096];
-    let n = f.read(&mut v)?;
-    v.truncate(n);
-    Ok(v)
-}
-
 /// Connects to a unix socket as another user (uid, gid, supplementary
 /// groups) and returns what the broker sent first, up to 512 bytes. With
 /// `lease`, the same process first takes that board's lease on the host's
@@ -459,10 +522,15 @@ pub fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 
 impl Tool {
     /// Starts a blocking `read` in a thread, as a tool waiting for output
-    /// does; the handle yields its result.
+    /// does, and returns once the thread is blocked in it (or the read has
+    /// already returned); the handle yields its result.
     pub fn blocked_read(&self) -> std::thread::JoinHandle<io::Result<usize>> {
         let fd = self.fd.try_clone().unwrap();
+        let raw = fd.as_raw_fd();
+        let (tx, rx) = std::sync::mpsc::channel();
         let h = std::thread::spawn(move || {
+            // SAFETY: no arguments.
+            tx.send(unsafe { libc::gettid() }).unwrap();
             let mut buf = [0u8; 256];
             // SAFETY: reading into a valid buffer.
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
@@ -472,9 +540,29 @@ impl Tool {
                 Ok(n as usize)
             }
         });
-        // Give the thread time to block in read.
-        std::thread::sleep(Duration::from_millis(50));
+        let tid = rx.recv().unwrap();
+        // While a thread sleeps in a system call, the kernel shows its number
+        // and arguments: `read` on this descriptor.
+        let syscall = format!("/proc/self/task/{tid}/syscall");
+        let blocked = format!("{} {raw:#x} ", libc::SYS_read);
+        wait_for(Duration::from_secs(5), "the tool's read to block", || {
+            h.is_finished() || fs::read_to_string(&syscall).is_ok_and(|s| s.starts_with(&blocked))
+        });
         h
+    }
+
+    /// Runs `cause` while a read of the tool is blocked, and expects that
+    /// read to fail with `EIO` within `limit`; returns how long after
+    /// `cause` began it failed.
+    pub fn eio_after(&self, limit: Duration, what: &str, cause: impl FnOnce()) -> Duration {
+        let reader = self.blocked_read();
+        let t0 = Instant::now();
+        cause();
+        let err = join_within(reader, limit)
+            .expect_err(&format!("the tool's read must fail with EIO: {what}"));
+        let after = t0.elapsed();
+        assert_eq!(err.raw_os_error(), Some(libc::EIO), "{what}: {err}");
+        after
     }
 }
 

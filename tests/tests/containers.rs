@@ -2,25 +2,21 @@
 //! jobs inside use fake boards plugged on the host. Needs root,
 //! systemd-container and debootstrap (.ci/run installs them).
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use devbroker_tests::container::{BootOptions, Container, TreeCopy};
+use devbroker_tests::container::{self, BootOptions, Container, TreeCopy};
 use devbroker_tests::*;
 
 const FTDI: &str = "usb-FTDI_FT232R_USB_UART_C0NTA1-if00-port0";
 
-/// Why these tests can't run here, if they can't.
-fn unavailable() -> Option<&'static str> {
-    if !nix::unistd::geteuid().is_root() {
-        return Some("skipped: booting containers needs root (run the suite as root, as CI does)");
+/// True, after saying why, when these tests can't run here.
+fn unavailable() -> bool {
+    let why = container::skip_reason();
+    if let Some(why) = &why {
+        println!("skipped: {why}");
     }
-    if !Path::new("/usr/bin/systemd-nspawn").exists()
-        || !Path::new("/usr/sbin/debootstrap").exists()
-    {
-        return Some("skipped: systemd-nspawn or debootstrap missing (apt-get install systemd-container debootstrap)");
-    }
-    None
+    why.is_some()
 }
 
 /// A machine name no other test (or run) uses.
@@ -53,7 +49,8 @@ def pattern(n, seed):
 /// broker's world.
 struct Machine {
     name: String,
-    tree: TreeCopy,
+    /// Mounted while the machine lives.
+    _tree: TreeCopy,
     link: PathBuf,
     nspawn_file: PathBuf,
 }
@@ -92,7 +89,7 @@ impl Machine {
         );
         Machine {
             name: name.to_string(),
-            tree,
+            _tree: tree,
             link,
             nspawn_file,
         }
@@ -113,7 +110,6 @@ impl Drop for Machine {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.link);
         let _ = std::fs::remove_file(&self.nspawn_file);
-        let _ = &self.tree;
     }
 }
 
@@ -175,11 +171,7 @@ s.close()
     let link = format!("/dev/serial/by-id/{FTDI}");
     let mfd = board.master_fd();
     std::thread::scope(|sc| {
-        let board_side = sc.spawn(move || {
-            // The board starts talking once the job has the port open.
-            let got = read_exact_timeout(mfd, N, Duration::from_secs(60));
-            got
-        });
+        let board_side = sc.spawn(move || read_exact_timeout(mfd, N, Duration::from_secs(60)));
         let writer = sc.spawn(move || {
             // The broker opens the port when the job opens its pty, dropping
             // what the board sent before (as a real port): wait for it.
@@ -206,8 +198,7 @@ s.close()
 }
 
 fn job_on_a_booted_container(private_users: bool) {
-    if let Some(why) = unavailable() {
-        eprintln!("{why}");
+    if unavailable() {
         return;
     }
     let name = unique(if private_users { "dbu" } else { "dbp" });
@@ -272,8 +263,7 @@ fn the_same_with_private_users() {
 
 #[test]
 fn a_machine_not_allowed_gets_no_socket_and_no_link() {
-    if let Some(why) = unavailable() {
-        eprintln!("{why}");
+    if unavailable() {
         return;
     }
     let a = unique("dba");

@@ -7,7 +7,6 @@
 //! the flash ID all go through the broker and devshim.
 
 use std::io::Read;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -33,28 +32,6 @@ machines = ["ci1"]
 name = "console"
 match = { by-id = "usb-FTDI_FT232R_USB_UART_E5P32A-if00-port0" }
 "#;
-
-/// An exclusive `flock` on a file, released on drop.
-struct FileLock(#[allow(dead_code)] std::fs::File);
-
-fn lock(path: &Path) -> Result<FileLock, String> {
-    let f = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
-    loop {
-        // SAFETY: flock on a valid fd.
-        if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } == 0 {
-            return Ok(FileLock(f));
-        }
-        let e = std::io::Error::last_os_error();
-        if e.kind() != std::io::ErrorKind::Interrupted {
-            return Err(format!("locking {}: {e}", path.display()));
-        }
-    }
-}
 
 /// Runs `cmd`; on failure, says why with the last lines of its output.
 fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
@@ -108,7 +85,9 @@ fn esptool_venv() -> Result<PathBuf, String> {
     if venv_works(&venv) {
         return Ok(venv);
     }
-    let _lock = lock(&cache.join(format!("esptool-venv-{ESPTOOL_VERSION}.lock")))?;
+    let _lock =
+        container::FileLock::exclusive(&cache.join(format!("esptool-venv-{ESPTOOL_VERSION}.lock")))
+            .map_err(|e| format!("{e:#}"))?;
     if venv_works(&venv) {
         return Ok(venv);
     }
@@ -156,35 +135,6 @@ fn esptool_venv() -> Result<PathBuf, String> {
         ));
     }
     Ok(venv)
-}
-
-/// The RFC 2217 port of the tty published at `link`, from `devshim list --json`.
-fn endpoint_port(w: &World, link: &Path) -> u16 {
-    let mut port = 0;
-    wait_for(
-        5 * S,
-        &format!("{} in devshim list", link.display()),
-        || {
-            let out = Command::new(devshim())
-                .args(["list", "--json", "--state-dir"])
-                .arg(w.state_dir("ci1"))
-                .output()
-                .unwrap();
-            if !out.status.success() {
-                return false;
-            }
-            let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-            port = v["ttys"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .find(|e| e["link"] == link.display().to_string())
-                .and_then(|e| e["port"].as_u64())
-                .unwrap_or(0) as u16;
-            port != 0
-        },
-    );
-    port
 }
 
 /// The responder, with the board side of `board` as its fd 3.
@@ -242,7 +192,7 @@ fn esptool_read_mac_at_460800_through_the_endpoint() {
     let _shim = w.shim("ci1");
     let link = w.guest_link("ci1", FTDI);
     wait_for(5 * S, "the guest link", || exists(&link));
-    let port = endpoint_port(&w, &link);
+    let port = w.endpoint_port("ci1", &link);
 
     let resp_log = w.path("responder.log");
     let _responder = responder(&w, &board, &resp_log);

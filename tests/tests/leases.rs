@@ -262,34 +262,48 @@ fn the_control_plane_survives_bad_requests() {
 }
 
 /// Runs a lease whose job writes `one`, waits for `flag`, writes `two`.
-fn job_across_a_restart(
-    w: &World,
-    flag: &std::path::Path,
-    extra_env: &[(&str, &str)],
-) -> std::process::Child {
+fn job_across_a_restart(w: &World, flag: &std::path::Path) -> std::process::Child {
     let script = format!(
         "exec 3<>\"$SAI_DEVICE_TTY0\"; printf one >&3; while [ ! -e {} ]; do sleep 0.05; done; printf two >&3; cat <&3 >/dev/null & sleep 0.5; exit 0",
         flag.display()
     );
-    let mut c = lease_cmd(w, "ci1", &["--board", "esp1", "--", "sh", "-c", &script]);
-    for (k, v) in extra_env {
-        c.env(k, v);
-    }
-    c.stderr(Stdio::piped()).spawn().unwrap()
+    lease_cmd(w, "ci1", &["--board", "esp1", "--", "sh", "-c", &script])
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap()
 }
 
-/// Collects a child's stderr in the background.
-fn stderr_of(child: &mut std::process::Child) -> std::sync::Arc<std::sync::Mutex<String>> {
-    use std::io::BufRead;
-    let out = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let o = out.clone();
-    let err = child.stderr.take().unwrap();
-    std::thread::spawn(move || {
-        for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
-            *o.lock().unwrap() += &(line + "\n");
-        }
-    });
-    out
+/// A child's stderr, collected in the background.
+struct Stderr {
+    text: std::sync::Arc<std::sync::Mutex<String>>,
+    reader: std::thread::JoinHandle<()>,
+}
+
+impl Stderr {
+    fn of(child: &mut std::process::Child) -> Stderr {
+        use std::io::BufRead;
+        let text = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+        let t = text.clone();
+        let err = child.stderr.take().unwrap();
+        let reader = std::thread::spawn(move || {
+            for line in std::io::BufReader::new(err).lines().map_while(Result::ok) {
+                *t.lock().unwrap() += &(line + "\n");
+            }
+        });
+        Stderr { text, reader }
+    }
+
+    /// What it has said so far.
+    fn now(&self) -> String {
+        self.text.lock().unwrap().clone()
+    }
+
+    /// All it said, once every writer has closed it.
+    fn all(self) -> String {
+        join_within(self.reader, 5 * S);
+        let text = self.text.lock().unwrap().clone();
+        text
+    }
 }
 
 #[test]
@@ -299,24 +313,24 @@ fn a_lease_held_through_a_broker_restart_is_restored() {
     let mut broker = w.broker();
     let _s = w.shim("ci1");
     let flag = w.path("flag");
-    let mut job = job_across_a_restart(&w, &flag, &[]);
-    let err = stderr_of(&mut job);
+    let mut job = job_across_a_restart(&w, &flag);
+    let err = Stderr::of(&mut job);
     let got = read_exact_timeout(board.master_fd(), 3, 5 * S)
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.lock().unwrap(), w.logs()));
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.now(), w.logs()));
     assert_eq!(got, b"one");
 
     broker.kill9();
     std::thread::sleep(Duration::from_millis(300));
     let _broker = w.broker();
     wait_for(5 * S, "the lease to be restored", || {
-        err.lock().unwrap().contains("lease on esp1 restored")
+        err.now().contains("lease on esp1 restored")
     });
     std::fs::write(&flag, "").unwrap();
     let got = read_exact_timeout(board.master_fd(), 3, 5 * S)
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.lock().unwrap(), w.logs()));
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.now(), w.logs()));
     assert_eq!(got, b"two", "the job's tty works after the restart");
     let st = job.wait().unwrap();
-    assert_eq!(st.code(), Some(0), "{}", err.lock().unwrap());
+    assert_eq!(st.code(), Some(0), "{}", err.now());
     // Released as usual afterwards.
     wait_for(3 * S, "the release", || {
         !w.run.join("machines/ci1/esp1.console.sock").exists()
@@ -335,15 +349,15 @@ fn a_lease_whose_broker_stays_away_ends_and_says_so() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    let err = stderr_of(&mut job);
+    let err = Stderr::of(&mut job);
     let got = read_exact_timeout(board.master_fd(), 3, 5 * S)
-        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.lock().unwrap(), w.logs()));
+        .unwrap_or_else(|e| panic!("{e}\n{}\n{}", err.now(), w.logs()));
     assert_eq!(got, b"one");
     let t0 = Instant::now();
     broker.kill9();
     let st = job.wait().unwrap();
     let took = t0.elapsed();
-    let err = err.lock().unwrap().clone();
+    let err = err.all();
     assert_eq!(st.code(), Some(3), "the job's status comes back: {err}");
     assert!(
         err.contains("lease on esp1 ended: the broker did not come back within 1s"),

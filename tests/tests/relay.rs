@@ -46,16 +46,6 @@ name = "ci3"
 
 const S: Duration = Duration::from_secs(1);
 
-fn holder(w: &World, board: &str) -> Option<String> {
-    let st = w.status();
-    st["boards"]
-        .as_array()?
-        .iter()
-        .find(|b| b["name"] == board)?["ttys"][0]["holder"]["who"]
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// A board plugged in, the broker and devshim for ci1 running, the guest
 /// link up.
 fn attached(w: &World) -> (FakeBoard, Proc, Proc, std::path::PathBuf) {
@@ -84,7 +74,7 @@ fn eight_mib_each_way_nothing_lost_or_reordered() {
     let w = World::new(CONFIG);
     let (board, _b, _s, link) = attached(&w);
     let tool = Tool::open(&link).unwrap();
-    wait_for(5 * S, "the session", || holder(&w, "esp1").is_some());
+    wait_for(5 * S, "the session", || w.holder("esp1").is_some());
 
     const N: usize = 8 << 20;
     let to_board = random_bytes(N, 1);
@@ -175,10 +165,7 @@ fn unplug_gives_eio_and_removes_links_replug_brings_them_back() {
     let tool = Tool::open(&link).unwrap();
     ping(&tool, &board, &w);
 
-    let reader = tool.blocked_read();
-    board.unplug();
-    let err = join_within(reader, S).expect_err("the tool must read EIO after an unplug");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    tool.eio_after(S, "the tool reads EIO after an unplug", || board.unplug());
     let err = tool.write_all(b"x").expect_err("writes fail too");
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let gone = time_until(S, "both guest links to go", || {
@@ -291,6 +278,7 @@ fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
     let l1 = w.guest_link("ci1", FTDI);
     let l2 = w.guest_link("ci2", FTDI);
     // A shared board has no socket anywhere until someone leases it.
+    wait_for(2 * S, "the broker to find esp1", || w.present("esp1"));
     std::thread::sleep(std::time::Duration::from_millis(300));
     assert!(!exists(&l1) && !exists(&l2));
     assert!(!w.run.join("machines/ci1/esp1.console.sock").exists());
@@ -303,7 +291,7 @@ fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
     assert!(!exists(&l2), "ci2 does not hold the lease");
     let tool = Tool::open(&l1).unwrap();
     ping(&tool, &board, &w);
-    assert_eq!(holder(&w, "esp1").as_deref(), Some("machine ci1"));
+    assert_eq!(w.holder("esp1").as_deref(), Some("machine ci1"));
 
     // One client per tty: another connection to ci1's socket is refused, naming the holder.
     let me = nix::unistd::geteuid().as_raw();
@@ -335,10 +323,9 @@ fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
         "{r}"
     );
     // The holder's job ends: its connection closes, its tool is hung up, ci2 gets the board.
-    let reader = tool.blocked_read();
-    drop(lease1);
-    let err = join_within(reader, S).expect_err("the tool loses the board with the lease");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    tool.eio_after(S, "the tool loses the board with the lease", || {
+        drop(lease1)
+    });
     let g = lease2.next();
     assert_eq!(g["reply"], "granted", "{g}");
     wait_for(2 * S, "the link to move to ci2", || {
@@ -351,11 +338,7 @@ fn a_shared_board_follows_its_lease_and_a_second_client_is_refused() {
 #[test]
 fn broker_sigkill_and_restart_the_tool_keeps_its_pty_and_line() {
     let w = World::new(CONFIG);
-    let board = w.plug(FTDI);
-    let mut broker = w.broker();
-    let _s = w.shim("ci1");
-    let link = w.guest_link("ci1", FTDI);
-    wait_for(5 * S, "the guest link", || exists(&link));
+    let (board, mut broker, _s, link) = attached(&w);
     let pty = std::fs::read_link(&link).unwrap();
     let tool = Tool::open(&link).unwrap();
     let fd = tool.fd.as_raw_fd();
@@ -395,11 +378,7 @@ fn broker_sigkill_and_restart_the_tool_keeps_its_pty_and_line() {
 fn broker_restarted_with_sigterm_the_tool_goes_on() {
     // An upgrade: systemctl restart sends SIGTERM.
     let w = World::new(CONFIG);
-    let board = w.plug(FTDI);
-    let mut broker = w.broker();
-    let _s = w.shim("ci1");
-    let link = w.guest_link("ci1", FTDI);
-    wait_for(5 * S, "the guest link", || exists(&link));
+    let (board, mut broker, _s, link) = attached(&w);
     let tool = Tool::open(&link).unwrap();
     ping(&tool, &board, &w);
     let reader = tool.blocked_read();
@@ -426,12 +405,9 @@ fn broker_away_past_the_grace_hangs_up_then_comes_back() {
     let tool = Tool::open(&link).unwrap();
     ping(&tool, &board, &w);
 
-    let reader = tool.blocked_read();
-    let t0 = std::time::Instant::now();
-    broker.kill9();
-    let err = join_within(reader, 4 * S).expect_err("EIO once the broker grace runs out");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO));
-    let after = t0.elapsed();
+    let after = tool.eio_after(4 * S, "EIO once the broker grace runs out", || {
+        broker.kill9()
+    });
     assert!(
         after >= Duration::from_millis(900),
         "not before the grace: {after:?}"
@@ -480,7 +456,7 @@ fn status_shows_presence_holder_and_bytes() {
     assert!(table.contains("absent"), "{table}");
     // Releasing frees it.
     drop(tool);
-    wait_for(2 * S, "the tty to be free", || holder(&w, "esp1").is_none());
+    wait_for(2 * S, "the tty to be free", || w.holder("esp1").is_none());
 }
 
 #[test]

@@ -121,12 +121,6 @@ fn tail(s: &str, n: usize) -> String {
     s[start..].to_string()
 }
 
-fn holder(w: &World) -> Option<String> {
-    w.status()["boards"][0]["ttys"][0]["holder"]["who"]
-        .as_str()
-        .map(str::to_owned)
-}
-
 /// Board plugged in, broker and devshim for ci1 running, the guest link up.
 fn attached(w: &World) -> (FakeBoard, Proc, Proc, PathBuf) {
     let board = w.plug(FTDI);
@@ -248,7 +242,7 @@ fn a_flood_into_a_tool_that_does_not_read_is_back_pressured() {
     let w = World::new(CONFIG);
     let (board, broker, shim, link) = attached(&w);
     let tool = Tool::open(&link).unwrap();
-    wait_for(5 * S, "the session", || holder(&w).is_some());
+    wait_for(5 * S, "the session", || w.holder("esp1").is_some());
     let mfd = board.master_fd();
     let tfd = tool.fd.as_raw_fd();
 
@@ -394,7 +388,7 @@ fn a_thousand_sessions_leak_nothing() {
         cycle(i);
     }
     wait_for(5 * S, "the warm-up's last session to end", || {
-        holder(&w).is_none()
+        w.holder("esp1").is_none()
     });
     std::thread::sleep(Duration::from_millis(200));
     let start = snapshot(&broker, &shim);
@@ -404,7 +398,9 @@ fn a_thousand_sessions_leak_nothing() {
         cycle(i);
     }
     let took = t0.elapsed();
-    wait_for(5 * S, "the last session to end", || holder(&w).is_none());
+    wait_for(5 * S, "the last session to end", || {
+        w.holder("esp1").is_none()
+    });
     println!(
         "sessions: {CYCLES} open/relay/close cycles in {took:?} ({:?} each)",
         took / CYCLES as u32
@@ -475,8 +471,7 @@ fn a_thousand_replugs_leak_nothing() {
 /// for it is not for the next tool (a real port drops its input queue on the
 /// last close), and the next session starts at once.
 ///
-/// Fails until devshim discards the pty's input when the last tool closes
-/// (the `guest-shim/src/tty.rs` + `pty.rs` fix in the report): without it
+/// devshim discards the pty's input when the last tool closes; without that
 /// the next tool first reads ~20 KiB the board sent to the previous one, and
 /// a next tool that writes before it reads waits 3 s for its session.
 #[test]
@@ -488,7 +483,9 @@ fn a_flood_cut_short_leaves_nothing_for_the_next_tool() {
     let tool = Tool::open(&link).unwrap();
     tool_to_board(&tool, &board, b'a', &w);
     drop(tool);
-    wait_for(5 * S, "the first session to end", || holder(&w).is_none());
+    wait_for(5 * S, "the first session to end", || {
+        w.holder("esp1").is_none()
+    });
     std::thread::sleep(Duration::from_millis(100));
     let start = snapshot(&broker, &shim);
     let tool = Tool::open(&link).unwrap();
@@ -513,7 +510,7 @@ fn a_flood_cut_short_leaves_nothing_for_the_next_tool() {
     set_nonblocking(mfd, false);
     println!("cut short: {accepted} bytes in flight when the tool closed");
     drop(tool);
-    wait_for(5 * S, "the session to end", || holder(&w).is_none());
+    wait_for(5 * S, "the session to end", || w.holder("esp1").is_none());
     std::thread::sleep(Duration::from_millis(100));
 
     // The next tool writes first, as a flasher's sync does: its session must
@@ -546,6 +543,6 @@ fn a_flood_cut_short_leaves_nothing_for_the_next_tool() {
     );
     assert_eq!(got, b"fresh\n");
     drop(tool);
-    wait_for(5 * S, "the session to end", || holder(&w).is_none());
+    wait_for(5 * S, "the session to end", || w.holder("esp1").is_none());
     assert_back_to(&start, &broker, &shim, FLOOD_RSS_CAP, "cut short");
 }

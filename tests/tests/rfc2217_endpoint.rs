@@ -13,7 +13,6 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::Duration;
 
 use devbroker_tests::*;
-use serde_json::Value;
 use wire::rfc2217::{control, parity, Command as Rfc, Direction};
 use wire::telnet::{self, Decoder, Event, Negotiator};
 
@@ -45,62 +44,23 @@ name = "console"
 match = { by-id = "usb-FTDI_FT232R_USB_UART_E2217A-if00-port0" }
 "#;
 
-
-/// `devshim list --state-dir DIR [--json]`: (success, stdout + stderr).
-fn list(state: &Path, json: bool) -> (bool, String) {
-    let mut c = Command::new(devshim());
-    c.arg("list").arg("--state-dir").arg(state);
-    if json {
-        c.arg("--json");
-    }
-    let out = c.output().unwrap();
-    (
-        out.status.success(),
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
-    )
-}
-
-/// The ttys of `devshim list --json` (none while the file is missing).
-fn listed(state: &Path) -> Vec<Value> {
-    let (ok, out) = list(state, true);
-    if !ok {
-        return Vec::new();
-    }
-    let v: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("list --json: {e}: {out}"));
-    assert_eq!(v["version"], 1, "{v}");
-    v["ttys"].as_array().cloned().unwrap_or_default()
-}
-
-/// Waits for the entry of the tty published at `link`; returns its port.
-fn endpoint_port(w: &World, state: &Path, link: &Path) -> u16 {
-    let mut port = 0;
-    wait_for(
-        5 * S,
-        &format!("{} in devshim list", link.display()),
-        || {
-            port = listed(state)
-                .iter()
-                .find(|e| e["link"] == link.display().to_string())
-                .and_then(|e| e["port"].as_u64())
-                .unwrap_or(0) as u16;
-            port != 0
-        },
-    );
-    assert!(port != 0, "{}", w.logs());
-    port
-}
-
-/// Who holds board `esp1`'s tty, per `devbroker status`.
-fn holder(w: &World) -> Option<String> {
-    let st = w.status();
-    st["boards"][0]["ttys"][0]["holder"]["who"]
-        .as_str()
-        .map(str::to_owned)
+/// `devshim list --state-dir DIR`: its table.
+fn table(state: &Path) -> String {
+    let out = Command::new(devshim())
+        .arg("list")
+        .arg("--state-dir")
+        .arg(state)
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{text}");
+    text
 }
 
 fn wait_released(w: &World) {
     wait_for(5 * S, "the broker to release esp1.console", || {
-        holder(w).is_none()
+        w.holder("esp1").is_none()
     });
 }
 
@@ -266,7 +226,7 @@ fn attached(w: &World) -> (FakeBoard, Proc, Proc, PathBuf, u16) {
     let shim = w.shim("ci1");
     let link = w.guest_link("ci1", FTDI);
     wait_for(5 * S, "the guest link", || exists(&link));
-    let port = endpoint_port(w, &w.state_dir("ci1"), &link);
+    let port = w.endpoint_port("ci1", &link);
     (board, broker, shim, link, port)
 }
 
@@ -312,7 +272,7 @@ fn pyserial_through_the_endpoint_reaches_the_board() {
     let state = w.state_dir("ci1");
 
     // The state file: one entry with the tty's names, guest path and port.
-    let entries = listed(&state);
+    let entries = w.endpoints("ci1").unwrap();
     assert_eq!(entries.len(), 1, "{entries:?}");
     let e = &entries[0];
     assert_eq!(e["board"], "esp1");
@@ -320,8 +280,7 @@ fn pyserial_through_the_endpoint_reaches_the_board() {
     assert_eq!(e["by_id"], FTDI);
     assert_eq!(e["link"], link.display().to_string());
     assert_eq!(e["pid"], shim.pid());
-    let (ok, table) = list(&state, false);
-    assert!(ok, "{table}");
+    let table = table(&state);
     let url = format!("rfc2217://127.0.0.1:{port}");
     assert!(
         table.starts_with("esp1.console  ")
@@ -338,11 +297,15 @@ fn pyserial_through_the_endpoint_reaches_the_board() {
 
     let mut py = Py::start(&w, "pyserial", PYSERIAL_SESSION, &[&url]);
     assert_eq!(py.next(&w), "open");
-    wait_for(2 * S, "the session to be held", || holder(&w).is_some());
+    wait_for(2 * S, "the session to be held", || {
+        w.holder("esp1").is_some()
+    });
+    let holder = w.holder("esp1");
     assert!(
-        holder(&w).unwrap().starts_with("machine ci1"),
-        "{:?}",
-        holder(&w)
+        holder
+            .as_deref()
+            .is_some_and(|h| h.starts_with("machine ci1")),
+        "{holder:?}"
     );
     py.go();
     // Tool → board.
@@ -478,8 +441,7 @@ fn one_session_per_tty_between_the_endpoint_and_the_pty() {
     let mut raw = Raw::connect(port);
     assert_eq!(raw.ask(Rfc::SetBaudRate(0)), Rfc::SetBaudRate(115200));
     let tool = Tool::open(&link).unwrap();
-    let err = join_within(tool.blocked_read(), 5 * S).expect_err("a tool on a held tty is hung up");
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    tool.eio_after(5 * S, "a tool on a held tty is hung up", || {});
     // The TCP client's session goes on.
     raw.s.write_all(b"still here").unwrap();
     assert_eq!(
@@ -497,14 +459,13 @@ fn one_session_per_tty_between_the_endpoint_and_the_pty() {
         b"again\n"
     );
     // The pty was replaced; the endpoint stayed.
-    assert_eq!(endpoint_port(&w, &w.state_dir("ci1"), &link), port);
+    assert_eq!(w.endpoint_port("ci1", &link), port);
 }
 
 #[test]
 fn the_endpoint_follows_the_tty() {
     let w = World::new(DEDICATED);
     let (board, _b, mut shim, link, port) = attached(&w);
-    let state = w.state_dir("ci1");
     let mut raw = Raw::connect(port);
     assert_eq!(raw.ask(Rfc::SetBaudRate(0)), Rfc::SetBaudRate(115200));
 
@@ -512,7 +473,9 @@ fn the_endpoint_follows_the_tty() {
     // entry goes.
     board.unplug();
     assert!(raw.closed(), "the TCP connection outlived the tty");
-    wait_for(2 * S, "the entry to go", || listed(&state).is_empty());
+    wait_for(2 * S, "the entry to go", || {
+        w.endpoints("ci1") == Some(Vec::new())
+    });
     assert!(!exists(&link));
     assert!(
         TcpStream::connect(("127.0.0.1", port)).is_err(),
@@ -522,7 +485,7 @@ fn the_endpoint_follows_the_tty() {
     // Plugged again: a new endpoint that works.
     let board = w.plug(FTDI);
     wait_for(5 * S, "the guest link", || exists(&link));
-    let port = endpoint_port(&w, &state, &link);
+    let port = w.endpoint_port("ci1", &link);
     let mut raw = Raw::connect(port);
     assert_eq!(raw.ask(Rfc::SetBaudRate(230400)), Rfc::SetBaudRate(230400));
     raw.s.write_all(b"hello").unwrap();
@@ -543,13 +506,11 @@ fn the_endpoint_follows_the_tty() {
         b"x"
     );
     drop(tool);
-    assert_eq!(endpoint_port(&w, &state, &link), port);
+    assert_eq!(w.endpoint_port("ci1", &link), port);
 
     // devshim stopping withdraws its entries.
     assert!(shim.stop().success());
-    let (ok, out) = list(&state, true);
-    assert!(ok, "{out}");
-    assert!(listed(&state).is_empty(), "{out}");
+    assert_eq!(w.endpoints("ci1"), Some(Vec::new()));
     assert!(TcpStream::connect(("127.0.0.1", port)).is_err());
 }
 
@@ -580,9 +541,9 @@ fn lease_exports_the_rfc2217_endpoint() {
     let link = w.guest_link("ci1", FTDI);
     // Not leased: no socket, no link, no entry (the file is there, empty).
     wait_for(5 * S, "devshim's state file", || {
-        state.join("ports.json").exists()
+        w.endpoints("ci1").is_some()
     });
-    assert!(listed(&state).is_empty());
+    assert_eq!(w.endpoints("ci1"), Some(Vec::new()));
     assert!(!exists(&link));
 
     let seen = w.path("seen");
@@ -614,7 +575,7 @@ fn lease_exports_the_rfc2217_endpoint() {
         .unwrap_or_else(|e| panic!("board: {e}\n{}\n{}", log(), w.logs()));
     assert_eq!(got, b"hi");
     // While the job runs, the exported URL is the tty's entry.
-    let port = endpoint_port(&w, &state, &link);
+    let port = w.endpoint_port("ci1", &link);
     let lines: Vec<String> = std::fs::read_to_string(&seen)
         .unwrap()
         .lines()
@@ -641,7 +602,7 @@ fn lease_exports_the_rfc2217_endpoint() {
     );
     // The lease ended: the socket, the link and the entry go.
     wait_for(5 * S, "the entry to go after the lease", || {
-        listed(&state).is_empty()
+        w.endpoints("ci1") == Some(Vec::new())
     });
 
     // sai-device takes the state directory from DEVBROKER_STATE_DIR.

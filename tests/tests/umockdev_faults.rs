@@ -136,6 +136,7 @@ struct Fixture {
     tb: UMockdev,
     w: World,
     line: SerialLog,
+    board: String,
     link: PathBuf,
     sock: PathBuf,
 }
@@ -157,6 +158,7 @@ impl Fixture {
                 tb,
                 w,
                 line,
+                board: board.to_string(),
                 link,
                 sock,
             },
@@ -231,6 +233,13 @@ impl Fixture {
         tool
     }
 
+    /// Waits until the broker has seen the adapter go.
+    fn wait_away(&self) {
+        wait_for(2 * S, "the broker to see the adapter go", || {
+            !self.w.present(&self.board)
+        });
+    }
+
     fn holder(&self) -> serde_json::Value {
         self.w.status()["boards"][0]["ttys"][0]["holder"]["who"].clone()
     }
@@ -258,7 +267,7 @@ fn reenumerated_within_the_grace_the_tool_keeps_its_pty_rate_and_bytes() {
     drop(board0);
     let gone = Instant::now();
     unplug(&f.tb, 0);
-    std::thread::sleep(Duration::from_millis(300));
+    f.wait_away();
     // Written while the adapter is away: it waits for the new node.
     tool.write_all(b"written while away\n").unwrap_or_else(|e| {
         panic!(
@@ -344,7 +353,7 @@ fn removed_without_a_hangup_the_session_still_moves_to_the_new_node() {
     let tool = f.attach_at(1, TOOL_RATE);
     f.ping(&tool, &board0, "before");
     f.tb.unplug(&tty_syspath(0), USB);
-    std::thread::sleep(Duration::from_millis(200));
+    f.wait_away();
     tool.write_all(b"written while away\n").unwrap();
     let board1 = f.plug(1);
     f.wait_open(2);
@@ -498,12 +507,9 @@ fn broker_away_past_the_broker_grace_hangs_up_then_comes_back() {
     let tool = f.attach_at(1, TOOL_RATE);
     f.ping(&tool, &board, "before");
 
-    let reader = tool.blocked_read();
-    let killed = Instant::now();
-    broker.kill9();
-    let err = join_within(reader, 4 * S).expect_err("EIO once the broker grace runs out");
-    let after = killed.elapsed();
-    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let after = tool.eio_after(4 * S, "EIO once the broker grace runs out", || {
+        broker.kill9()
+    });
     assert!(
         after >= Duration::from_millis(950),
         "EIO before the broker grace ran out: {after:?}"

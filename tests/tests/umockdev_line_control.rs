@@ -109,26 +109,6 @@ impl Py {
     }
 }
 
-/// The RFC 2217 port devshim serves the tty at, from `devshim list --json`.
-fn endpoint_port(w: &World, machine: &str) -> u16 {
-    let mut port = 0;
-    wait_for(5 * S, "the tty in devshim list", || {
-        let out = Command::new(devshim())
-            .args(["list", "--json", "--state-dir"])
-            .arg(w.state_dir(machine))
-            .output()
-            .unwrap();
-        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
-        port = v["ttys"]
-            .as_array()
-            .and_then(|t| t.iter().find(|e| e["by_id"] == BY_ID))
-            .and_then(|e| e["port"].as_u64())
-            .unwrap_or(0) as u16;
-        port != 0
-    });
-    port
-}
-
 #[test]
 fn pyserial_line_controls_reach_the_adapter() {
     let tb = umockdev::testbed!();
@@ -140,7 +120,7 @@ fn pyserial_line_controls_reach_the_adapter() {
     let w = World::new(CONFIG);
     let _broker = w.broker_udev();
     let _shim = w.shim("ci1");
-    let port = endpoint_port(&w, "ci1");
+    let port = w.endpoint_port("ci1", &w.guest_link("ci1", BY_ID));
     let url = format!("rfc2217://127.0.0.1:{port}");
     println!(
         "umockdev line control: endpoint up after {:?}",
@@ -175,13 +155,12 @@ fn pyserial_line_controls_reach_the_adapter() {
     settle("opened, DTR and RTS up", &line, &|l| {
         l.opens() == [by_id.clone()] && l.dtr() && l.rts()
     });
-    assert_eq!(
-        w.status()["boards"][0]["ttys"][0]["holder"]["who"]
-            .as_str()
-            .map(|h| h.starts_with("machine ci1")),
-        Some(true),
-        "{}",
-        w.status()
+    let holder = w.holder("esp1");
+    assert!(
+        holder
+            .as_deref()
+            .is_some_and(|h| h.starts_with("machine ci1")),
+        "{holder:?}"
     );
 
     // DTR and RTS, each way: the modem bits follow each setter.
@@ -274,7 +253,7 @@ fn pyserial_line_controls_reach_the_adapter() {
     py.go();
     expect(&mut py, "closed", &line);
     wait_for(5 * S, "the broker to release esp1.console", || {
-        w.status()["boards"][0]["ttys"][0]["holder"].is_null()
+        w.holder("esp1").is_none()
     });
     let failures = line.failures();
     assert!(failures.is_empty(), "{}", why(&line));
