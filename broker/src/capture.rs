@@ -49,11 +49,18 @@ pub struct Ring {
 
 impl Ring {
     pub fn new(cap: usize) -> Ring {
-        Ring { buf: VecDeque::with_capacity(cap.min(64 * 1024)), cap }
+        Ring {
+            buf: VecDeque::with_capacity(cap.min(64 * 1024)),
+            cap,
+        }
     }
 
     pub fn push(&mut self, data: &[u8]) {
-        let data = if data.len() > self.cap { &data[data.len() - self.cap..] } else { data };
+        let data = if data.len() > self.cap {
+            &data[data.len() - self.cap..]
+        } else {
+            data
+        };
         let over = (self.buf.len() + data.len()).saturating_sub(self.cap);
         self.buf.drain(..over);
         self.buf.extend(data);
@@ -61,6 +68,14 @@ impl Ring {
 
     pub fn contents(&self) -> Vec<u8> {
         self.buf.iter().copied().collect()
+    }
+
+    pub fn len(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
     }
 }
 
@@ -81,7 +96,13 @@ impl RotatingLog {
         }
         let file = OpenOptions::new().create(true).append(true).open(&path)?;
         let size = file.metadata()?.len();
-        Ok(RotatingLog { path, file, size, max, keep })
+        Ok(RotatingLog {
+            path,
+            file,
+            size,
+            max,
+            keep,
+        })
     }
 
     fn numbered(&self, n: u32) -> PathBuf {
@@ -106,54 +127,178 @@ impl RotatingLog {
                 let _ = fs::rename(self.numbered(n), self.numbered(n + 1));
             }
             fs::rename(&self.path, self.numbered(1))?;
-            self.file = OpenOptions::new().create(true).append(true).open(&self.path)?;
+            self.file = OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(&self.path)?;
         }
         self.size = 0;
         Ok(())
     }
 }
 
+/// A chunk of console output and where it starts in the board's stream
+/// (bytes recorded since the broker started).
+pub type Chunk = (u64, Arc<[u8]>);
+
+/// How long a log that failed to write waits before it is tried again.
+const LOG_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
+
+/// The log file of a capture, kept trying after a failure (a full disk):
+/// what could not be written is counted and noted in the log once it works
+/// again.
+#[derive(Debug)]
+struct LogFile {
+    path: PathBuf,
+    max: u64,
+    keep: u32,
+    log: Option<RotatingLog>,
+    /// Bytes lost since the last failure, and when to try again.
+    lost: u64,
+    retry_at: Option<std::time::Instant>,
+}
+
+impl LogFile {
+    fn new(path: PathBuf, max: u64, keep: u32) -> LogFile {
+        let mut f = LogFile {
+            path,
+            max,
+            keep,
+            log: None,
+            lost: 0,
+            retry_at: None,
+        };
+        f.reopen();
+        f
+    }
+
+    fn reopen(&mut self) -> bool {
+        match RotatingLog::open(self.path.clone(), self.max, self.keep) {
+            Ok(l) => {
+                self.log = Some(l);
+                true
+            }
+            Err(e) => {
+                self.failed(&e, 0);
+                false
+            }
+        }
+    }
+
+    fn failed(&mut self, e: &io::Error, lost: u64) {
+        if self.retry_at.is_none() {
+            tracing::warn!(
+                "console log {}: {e}; keeping what comes in the ring and trying again every {}s",
+                self.path.display(),
+                LOG_RETRY.as_secs()
+            );
+        }
+        self.log = None;
+        self.lost += lost;
+        self.retry_at = Some(std::time::Instant::now() + LOG_RETRY);
+    }
+
+    fn write(&mut self, data: &[u8]) {
+        if let Some(at) = self.retry_at {
+            if std::time::Instant::now() < at || !self.reopen() {
+                self.lost += data.len() as u64;
+                return;
+            }
+            self.retry_at = None;
+        }
+        let Some(log) = &mut self.log else { return };
+        let mut r = Ok(());
+        if self.lost > 0 {
+            let note = format!(
+                "\n[devbroker: {} bytes of console output could not be logged]\n",
+                self.lost
+            );
+            r = log.write(note.as_bytes());
+            if r.is_ok() {
+                tracing::info!(
+                    "console log {} works again ({} bytes were lost)",
+                    self.path.display(),
+                    self.lost
+                );
+                self.lost = 0;
+            }
+        }
+        if let Err(e) = r.and_then(|()| log.write(data)) {
+            self.failed(&e, data.len() as u64);
+        }
+    }
+}
+
+#[derive(Debug)]
+struct Recorded {
+    ring: Ring,
+    log: Option<LogFile>,
+    /// Bytes recorded since the broker started: the ring holds the last
+    /// `ring.len()` of them.
+    total: u64,
+}
+
 /// One board's capture, shared by its sessions, its drain and readers.
+///
+/// Readers other than the admin see only what was printed from a given
+/// point of the stream on (their lease's start): [`Capture::snapshot_since`]
+/// and the stream position of each [`Chunk`].
 #[derive(Debug)]
 pub struct Capture {
     pub config: ConsoleConfig,
-    inner: Mutex<(Ring, Option<RotatingLog>)>,
-    live: broadcast::Sender<Arc<[u8]>>,
+    inner: Mutex<Recorded>,
+    live: broadcast::Sender<Chunk>,
 }
 
 impl Capture {
     pub fn new(config: ConsoleConfig) -> Capture {
-        let log = config.log.clone().and_then(|p| match RotatingLog::open(p.clone(), config.log_max, config.log_keep) {
-            Ok(l) => Some(l),
-            Err(e) => {
-                tracing::warn!("can't open console log {}: {e}", p.display());
-                None
-            }
-        });
+        let log = config
+            .log
+            .clone()
+            .map(|p| LogFile::new(p, config.log_max, config.log_keep));
         let (live, _) = broadcast::channel(64);
-        Capture { inner: Mutex::new((Ring::new(config.ring), log)), config, live }
+        Capture {
+            inner: Mutex::new(Recorded {
+                ring: Ring::new(config.ring),
+                log,
+                total: 0,
+            }),
+            config,
+            live,
+        }
     }
 
     /// Records what the board sent.
     pub fn record(&self, data: &[u8]) {
         let mut g = self.inner.lock().unwrap();
-        g.0.push(data);
-        if let Some(log) = &mut g.1 {
-            if let Err(e) = log.write(data) {
-                tracing::warn!("console log: {e}");
-                g.1 = None;
-            }
+        let at = g.total;
+        g.total += data.len() as u64;
+        g.ring.push(data);
+        if let Some(log) = &mut g.log {
+            log.write(data);
         }
         drop(g);
         if self.live.receiver_count() > 0 {
-            let _ = self.live.send(Arc::from(data));
+            let _ = self.live.send((at, Arc::from(data)));
         }
     }
 
-    /// The ring's contents, and a receiver for what comes next.
-    pub fn snapshot(&self) -> (Vec<u8>, broadcast::Receiver<Arc<[u8]>>) {
+    /// How many bytes were recorded so far: where a lease starting now
+    /// starts reading.
+    pub fn total(&self) -> u64 {
+        self.inner.lock().unwrap().total
+    }
+
+    /// What the ring holds from stream position `from` on, and a receiver
+    /// for what comes next.
+    pub fn snapshot_since(&self, from: u64) -> (Vec<u8>, broadcast::Receiver<Chunk>) {
         let g = self.inner.lock().unwrap();
-        (g.0.contents(), self.live.subscribe())
+        let held = g.ring.len() as u64;
+        let start = g.total - held;
+        let skip = from.saturating_sub(start).min(held) as usize;
+        let mut out = g.ring.contents();
+        out.drain(..skip);
+        (out, self.live.subscribe())
     }
 }
 
@@ -184,5 +329,61 @@ mod tests {
         assert_eq!(fs::read(format!("{}.2", p.display())).unwrap(), b"0123456");
         l.write(b"0123456789").unwrap();
         assert!(!d.path().join("b.log.3").exists(), "keeps 2");
+    }
+
+    fn console(ring: usize, log: Option<PathBuf>) -> ConsoleConfig {
+        ConsoleConfig {
+            tty: "console".into(),
+            mode: Mode::Session,
+            ring,
+            log,
+            log_max: DEFAULT_LOG_MAX,
+            log_keep: DEFAULT_LOG_KEEP,
+        }
+    }
+
+    #[test]
+    fn readers_see_from_their_start_on() {
+        let c = Capture::new(console(8, None));
+        c.record(b"abc");
+        let from = c.total();
+        assert_eq!(from, 3);
+        let (ring, mut rx) = c.snapshot_since(from);
+        assert!(ring.is_empty(), "what came before is not theirs");
+        c.record(b"defgh");
+        let (at, chunk) = rx.try_recv().unwrap();
+        assert_eq!((at, &chunk[..]), (3, &b"defgh"[..]));
+        assert_eq!(c.snapshot_since(from).0, b"defgh");
+        assert_eq!(c.snapshot_since(0).0, b"abcdefgh", "the admin sees all");
+        c.record(b"ijk");
+        // The ring dropped "abc": what is left from 3 on.
+        assert_eq!(c.snapshot_since(from).0, b"defghijk");
+        assert_eq!(c.snapshot_since(9).0, b"jk");
+        assert!(c.snapshot_since(100).0.is_empty());
+    }
+
+    /// A log that could not be written (a full disk, a missing directory)
+    /// is tried again, and says how much it missed.
+    #[test]
+    fn a_failed_log_is_tried_again() {
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("logs");
+        fs::write(&dir, b"not a directory").unwrap();
+        let p = dir.join("b.log");
+        let c = Capture::new(console(64, Some(p.clone())));
+        c.record(b"lost ");
+        fs::remove_file(&dir).unwrap();
+        // Not before the retry time...
+        c.record(b"also lost ");
+        assert!(!p.exists());
+        c.inner.lock().unwrap().log.as_mut().unwrap().retry_at = Some(std::time::Instant::now());
+        c.record(b"kept");
+        let text = fs::read_to_string(&p).unwrap();
+        assert_eq!(
+            text,
+            "\n[devbroker: 15 bytes of console output could not be logged]\nkept"
+        );
+        c.record(b" more");
+        assert!(fs::read_to_string(&p).unwrap().ends_with("kept more"));
     }
 }

@@ -19,9 +19,9 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
 use wire::control::{parse_request, reply_line, Reply, Request, StepTiming, MAX_LINE, VERSION};
 
-use crate::lease::{Client, Want};
+use crate::lease::{Client, ClientKey, Want};
 use crate::peer::Peer;
-use crate::state::{LeaseOutcome, SequencePort, Shared};
+use crate::state::{ConsoleFollow, LeaseOutcome, SequencePort, Shared};
 
 /// Which boards a control connection may see and take.
 #[derive(Debug, Clone)]
@@ -31,6 +31,15 @@ pub enum Scope {
     Host,
 }
 
+/// ", and N more like it" for a warning that held others back.
+pub fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" (and {n} more like it not logged)")
+    }
+}
+
 /// Accepts control connections until `shutdown`.
 pub async fn serve(
     listener: UnixListener,
@@ -38,6 +47,7 @@ pub async fn serve(
     shared: Shared,
     shutdown: CancellationToken,
 ) {
+    let mut failures = crate::throttle::Throttle::per_window(1, Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return,
@@ -46,7 +56,9 @@ pub async fn serve(
                     tokio::spawn(connection(sock, scope.clone(), shared.clone(), shutdown.clone()));
                 }
                 Err(e) => {
-                    debug!("control accept: {e}");
+                    if let Some(held) = failures.allow() {
+                        tracing::warn!("control accept: {e}{}", held_back(held));
+                    }
                     tokio::time::sleep(Duration::from_millis(50)).await;
                 }
             }
@@ -70,33 +82,76 @@ impl Drop for Registration {
 struct Conn {
     scope: Scope,
     client: Option<Client>,
+    /// The peer's pid, for `status` while a sequence holds a tty.
+    pid: Option<i32>,
     conn: u64,
     greeted: bool,
     /// A queued lease request and when it gives up.
     waiting: Option<Option<Instant>>,
     /// A console being followed.
-    follow: Option<(String, tokio::sync::broadcast::Receiver<std::sync::Arc<[u8]>>)>,
+    follow: Option<ConsoleFollow>,
+    shutdown: CancellationToken,
 }
 
-async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: CancellationToken) {
-    let client = match &scope {
-        Scope::Admin => None,
-        Scope::Machine(m) => Some(Client::Machine(m.clone())),
-        Scope::Host => match Peer::of(&sock) {
-            Ok(p) => {
-                let name = p
-                    .user_name(std::path::Path::new("/etc"))
-                    .unwrap_or_else(|| p.uid.to_string());
-                Some(Client::HostUser {
-                    uid: p.uid,
-                    name,
-                    groups: p.groups,
-                })
+/// Who a host peer is: its uid, name and the configured host groups it is
+/// in, from the socket's credentials and NSS (off the async threads).
+async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Client, Option<i32>)> {
+    let peer = Peer::of(sock)?;
+    let groups: Vec<String> = {
+        let mut g: Vec<String> = shared
+            .config()
+            .boards
+            .iter()
+            .flat_map(|b| b.host_groups.iter().cloned())
+            .collect();
+        g.sort();
+        g.dedup();
+        g
+    };
+    let pid = peer.pid;
+    tokio::task::spawn_blocking(move || {
+        let member = crate::peer::member_of(&peer, &groups);
+        let name = crate::peer::user_name(peer.uid).unwrap_or_else(|| peer.uid.to_string());
+        (
+            Client::HostUser {
+                uid: peer.uid,
+                name,
+                groups: member,
+            },
+            pid,
+        )
+    })
+    .await
+    .map_err(std::io::Error::other)
+}
+
+async fn connection(
+    mut sock: UnixStream,
+    scope: Scope,
+    shared: Shared,
+    shutdown: CancellationToken,
+) {
+    let (client, pid) = match &scope {
+        Scope::Admin => (None, Peer::of(&sock).ok().and_then(|p| p.pid)),
+        Scope::Machine(m) => (Some(Client::Machine(m.clone())), None),
+        Scope::Host => match host_client(&sock, &shared).await {
+            Ok((c, pid)) => (Some(c), pid),
+            Err(e) => {
+                debug!("host control connection: can't read the peer's credentials: {e}");
+                return;
             }
-            Err(_) => return,
         },
     };
-    let (conn, mut grants) = shared.connect();
+    let key = client.as_ref().map_or(ClientKey::Admin, Client::key);
+    let (conn, mut grants) = match shared.connect(key) {
+        Ok(c) => c,
+        Err(message) => {
+            let who = client.as_ref().map_or("the admin".into(), Client::describe);
+            debug!("refused a control connection of {who}: {message}");
+            let _ = sock.write_all(&reply_line(&Reply::Error { message })).await;
+            return;
+        }
+    };
     let _reg = Registration {
         shared: shared.clone(),
         conn,
@@ -104,20 +159,27 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
     let mut c = Conn {
         scope,
         client,
+        pid,
         conn,
         greeted: false,
         waiting: None,
         follow: None,
+        shutdown: shutdown.clone(),
     };
     let (mut rd, mut wr) = sock.into_split();
     let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 4096];
+    let mut chunk = vec![0u8; 1024];
     let mut skipping = false;
+    // A sequence being run: replies wait for it, in order.
+    let mut running: Option<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>> =
+        None;
     loop {
         let deadline = c.waiting.flatten();
         let mut out: Vec<Reply> = Vec::new();
         tokio::select! {
+            biased;
             _ = shutdown.cancelled() => return,
+            // A grant queued before the deadline fired wins over the timeout.
             g = grants.recv() => match g {
                 Some(reply) => {
                     if let Reply::Granted(g) = &reply {
@@ -128,36 +190,56 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
                 }
                 None => return,
             },
-            chunk = follow_next(&mut c.follow), if c.follow.is_some() => match chunk {
-                Some((board, data)) => out.push(Reply::Log { board, text: String::from_utf8_lossy(&data).into_owned() }),
-                None => c.follow = None,
+            r = async { running.as_mut().expect("guarded").await }, if running.is_some() => {
+                running = None;
+                out.push(r);
+            }
+            chunk = follow_next(&shared, &mut c.follow), if c.follow.is_some() => match chunk {
+                Ok((board, data)) => out.push(Reply::Log { board, text: String::from_utf8_lossy(&data).into_owned() }),
+                Err(why) => {
+                    c.follow = None;
+                    if let Some(why) = why {
+                        out.push(Reply::Error { message: why });
+                    }
+                }
             },
             _ = tokio::time::sleep_until(deadline.unwrap_or_else(Instant::now)), if deadline.is_some() => {
-                shared.give_up(c.conn);
-                c.waiting = None;
-                out.push(Reply::Error { message: "no board became free in time (wait_ms passed)".into() });
+                // Only if still queued: a grant that beat the deadline is delivered instead.
+                if shared.withdraw(c.conn) {
+                    c.waiting = None;
+                    out.push(Reply::Error { message: "no board became free in time (wait_ms passed)".into() });
+                } else {
+                    c.waiting = Some(None);
+                }
             }
             r = rd.read(&mut chunk) => {
                 let n = match r { Ok(0) | Err(_) => return, Ok(n) => n };
                 buf.extend_from_slice(&chunk[..n]);
-                while let Some(pos) = memchr::memchr(b'\n', &buf) {
-                    let line: Vec<u8> = buf.drain(..=pos).collect();
-                    if skipping {
-                        skipping = false;
-                        continue;
-                    }
-                    out.push(match handle(&line[..line.len() - 1], &mut c, &shared) {
-                        Handled::Now(r) => r,
-                        Handled::Run { board, tty, steps } => run_sequence(&shared, board, tty, steps).await,
-                    });
-                }
-                if buf.len() > MAX_LINE {
-                    buf.clear();
-                    if !skipping {
-                        skipping = true;
-                        out.push(Reply::Error { message: format!("request line is over the {MAX_LINE}-byte limit") });
-                    }
-                }
+            }
+        }
+        // Requests are taken one at a time, each after the reply of the one
+        // before: a sequence being run holds the rest back.
+        while running.is_none() {
+            let Some(pos) = memchr::memchr(b'\n', &buf) else {
+                break;
+            };
+            let line: Vec<u8> = buf.drain(..=pos).collect();
+            if skipping {
+                skipping = false;
+                continue;
+            }
+            match handle(&line[..line.len() - 1], &mut c, &shared) {
+                Handled::Now(r) => out.push(r),
+                Handled::Run(fut) => running = Some(fut),
+            }
+        }
+        if buf.len() > MAX_LINE {
+            buf.clear();
+            if !skipping {
+                skipping = true;
+                out.push(Reply::Error {
+                    message: format!("request line is over the {MAX_LINE}-byte limit"),
+                });
             }
         }
         for reply in out {
@@ -168,23 +250,41 @@ async fn connection(sock: UnixStream, scope: Scope, shared: Shared, shutdown: Ca
     }
 }
 
-/// The next chunk of a followed console; `None` when it can't go on.
-async fn follow_next(f: &mut Option<(String, tokio::sync::broadcast::Receiver<std::sync::Arc<[u8]>>)>) -> Option<(String, std::sync::Arc<[u8]>)> {
-    let (board, rx) = f.as_mut()?;
+/// The next chunk of a followed console. `Err(Some(why))` ends the follow
+/// with a message (the lease it came with ended), `Err(None)` quietly.
+async fn follow_next(
+    shared: &Shared,
+    f: &mut Option<ConsoleFollow>,
+) -> Result<(String, std::sync::Arc<[u8]>), Option<String>> {
+    let f = f.as_mut().ok_or(None)?;
     loop {
-        match rx.recv().await {
-            Ok(d) => return Some((board.clone(), d)),
+        match f.rx.recv().await {
+            Ok((at, d)) => {
+                if !shared.may_follow(f) {
+                    return Err(Some(format!(
+                        "the lease on {} ended; its console is no longer yours to follow",
+                        f.board
+                    )));
+                }
+                if at + d.len() as u64 <= f.from {
+                    continue;
+                }
+                let skip = f.from.saturating_sub(at) as usize;
+                let d: std::sync::Arc<[u8]> = if skip > 0 { d[skip..].into() } else { d };
+                return Ok((f.board.clone(), d));
+            }
             // A slow follower skips ahead rather than holding memory.
             Err(tokio::sync::broadcast::error::RecvError::Lagged(_)) => continue,
-            Err(_) => return None,
+            Err(_) => return Err(None),
         }
     }
 }
 
-/// What a request asks for: a reply now, or a sequence to run first.
+/// What a request asks for: a reply now, or a sequence whose reply comes
+/// when it has run.
 enum Handled {
     Now(Reply),
-    Run { board: String, tty: Option<String>, steps: String },
+    Run(std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>),
 }
 
 /// One request → its reply (or the sequence it asks for).
@@ -193,66 +293,111 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
         Ok(r) => r,
         Err(message) => return Handled::Now(Reply::Error { message }),
     };
-    if let Request::Run { board, tty, sequence, steps } = req {
+    if let Request::Run {
+        board,
+        tty,
+        sequence,
+        steps,
+    } = req
+    {
         if !c.greeted {
-            return Handled::Now(Reply::Error { message: "send hello first".into() });
+            return Handled::Now(Reply::Error {
+                message: "send hello first".into(),
+            });
         }
-        let may = match &c.client {
-            None => Ok(()),
-            Some(Client::Machine(m)) if shared.machine_has(m, &board) => Ok(()),
-            Some(Client::Machine(m)) => Err(format!("machine {m} does not hold board {board}: lease it first")),
-            Some(Client::HostUser { uid, .. }) => shared.host_lease(*uid, &board),
-        };
-        let steps = may.and_then(|()| match (sequence, steps) {
-            (Some(name), None) => shared.sequence_text(&board, &name),
-            (None, Some(text)) => Ok(text),
-            _ => Err("give exactly one of \"sequence\" and \"steps\"".into()),
-        });
-        return match steps {
-            Ok(steps) => Handled::Run { board, tty, steps },
+        return match start_sequence(shared, c, board, tty, sequence, steps) {
+            Ok(fut) => Handled::Run(fut),
             Err(message) => Handled::Now(Reply::Error { message }),
         };
     }
     Handled::Now(handle_now(req, c, shared))
 }
 
-/// Runs a sequence on the host, on the session's port if one is open.
-async fn run_sequence(shared: &Shared, board: String, tty: Option<String>, text: String) -> Reply {
-    let steps = match crate::sequence::parse(&text) {
-        Ok(s) => s,
-        Err(message) => return Reply::Error { message },
-    };
-    let (key, port) = match shared.sequence_port(&board, tty.as_deref()) {
-        Ok(p) => p,
-        Err(message) => return Reply::Error { message },
-    };
-    let ran = tokio::task::spawn_blocking(move || -> Result<Vec<crate::sequence::Timing>, String> {
-        use std::os::fd::AsRawFd;
-        match port {
-            SequencePort::Shared(fd) => crate::sequence::run(fd.as_raw_fd(), &steps, true).map_err(|e| format!("{key}: {e}")),
-            SequencePort::Open { device, rate } => {
-                let p = crate::port::open(&device, rate).map_err(|e| format!("can't open {} for {key}: {e}", device.display()))?;
-                crate::sequence::run(p.as_raw_fd(), &steps, true).map_err(|e| format!("{key}: {e}"))
-            }
+/// Checks a `run` request and starts its sequence on a thread of its own;
+/// the future gives the reply. Dropping the future (the connection closed)
+/// stops the sequence.
+fn start_sequence(
+    shared: &Shared,
+    c: &Conn,
+    board: String,
+    tty: Option<String>,
+    sequence: Option<String>,
+    steps: Option<String>,
+) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>, String> {
+    let text = match (sequence, steps) {
+        (Some(name), None) => {
+            // Only the board's holder learns which sequences it has.
+            shared.may_act(c.client.as_ref(), &board)?;
+            shared.sequence_text(&board, &name)?
         }
-    })
-    .await;
-    match ran {
-        Ok(Ok(t)) => Reply::Ran {
-            board,
-            steps: t
-                .into_iter()
-                .map(|t| StepTiming { step: t.step, nominal_us: t.nominal.as_micros() as u64, late_us: t.late_us })
-                .collect(),
-        },
-        Ok(Err(message)) => Reply::Error { message },
-        Err(e) => Reply::Error { message: format!("the sequence failed: {e}") },
-    }
+        (None, Some(text)) => text,
+        _ => return Err("give exactly one of \"sequence\" and \"steps\"".into()),
+    };
+    let steps = crate::sequence::parse(&text)?;
+    let run = shared.begin_sequence(
+        c.client.as_ref(),
+        &board,
+        tty.as_deref(),
+        c.pid,
+        &c.shutdown,
+    )?;
+    let stop = std::sync::Arc::new(crate::sequence::Stop::default());
+    let (token, stop2) = (run.stop.clone(), stop.clone());
+    tokio::spawn(async move {
+        token.cancelled().await;
+        stop2.stop();
+    });
+    let cancel_on_drop = run.stop.clone().drop_guard();
+    let who = c
+        .client
+        .as_ref()
+        .map_or("the admin".into(), Client::describe);
+    Ok(Box::pin(async move {
+        let _cancel_on_drop = cancel_on_drop;
+        info!(board = %board, "{who} runs the sequence {text:?}");
+        let ran = tokio::task::spawn_blocking(move || -> Result<Vec<crate::sequence::Timing>, String> {
+            use std::os::fd::AsFd;
+            let key = run.key.clone();
+            let r = match &run.port {
+                SequencePort::Shared(fd) => crate::sequence::run(fd.as_fd(), &steps, true, &stop),
+                SequencePort::Open { device, rate, .. } => {
+                    let p = crate::port::open(device, *rate).map_err(|e| format!("can't open {} for {key}: {e}", device.display()))?;
+                    crate::sequence::run(crate::port::fd(&p), &steps, true, &stop)
+                }
+            };
+            drop(run);
+            r.map_err(|e| if e.kind() == std::io::ErrorKind::Interrupted {
+                format!("{key}: the sequence was stopped (its lease or session ended, or the broker is stopping)")
+            } else {
+                format!("{key}: {e}")
+            })
+        })
+        .await;
+        match ran {
+            Ok(Ok(t)) => Reply::Ran {
+                board,
+                steps: t
+                    .into_iter()
+                    .map(|t| StepTiming {
+                        step: t.step,
+                        nominal_us: t.nominal.as_micros() as u64,
+                        late_us: t.late_us,
+                    })
+                    .collect(),
+            },
+            Ok(Err(message)) => Reply::Error { message },
+            Err(e) => Reply::Error {
+                message: format!("the sequence failed: {e}"),
+            },
+        }
+    }))
 }
 
 /// A request answered at once.
 fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
-    let err = |m: &str| Reply::Error { message: m.to_string() };
+    let err = |m: &str| Reply::Error {
+        message: m.to_string(),
+    };
     match req {
         Request::Hello { version, .. } if version != VERSION => Reply::Error {
             message: format!(
@@ -269,10 +414,12 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
         _ if !c.greeted => {
             err("send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}")
         }
-        Request::Status {} => Reply::Status(match &c.scope {
-            Scope::Admin => shared.status(|_| true),
-            Scope::Machine(m) => shared.status(|b| b.machines.iter().any(|x| x == m)),
-            Scope::Host => shared.status(|b| !b.host_groups.is_empty()),
+        Request::Status {} => Reply::Status(match (&c.scope, &c.client) {
+            (Scope::Admin, _) | (_, None) => shared.status(|_| true),
+            (_, Some(client)) => {
+                let config = shared.config();
+                shared.status(|b| crate::lease::allowed(&config, &b.name, client))
+            }
         }),
         Request::List {} => Reply::Boards {
             boards: shared.list(c.client.as_ref()),
@@ -304,7 +451,9 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
                     c.waiting = Some(wait_ms.map(|ms| Instant::now() + Duration::from_millis(ms)));
                     r
                 }
-                Err(message) => Reply::Error { message },
+                Err(refusal) => Reply::Error {
+                    message: refusal.to_string(),
+                },
             }
         }
         Request::Release { board } => match shared.release(c.conn, &board) {
@@ -312,23 +461,17 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
             Err(message) => Reply::Error { message },
         },
         Request::Run { .. } => unreachable!("handled before"),
-        Request::Log { board, follow } => {
-            let may = match &c.client {
-                None => Ok(()),
-                Some(Client::Machine(m)) if shared.machine_has(m, &board) => Ok(()),
-                Some(Client::Machine(m)) => Err(format!("machine {m} does not hold board {board}")),
-                Some(Client::HostUser { uid, .. }) => shared.host_lease(*uid, &board),
-            };
-            match may.and_then(|()| shared.capture(&board).ok_or_else(|| format!("board {board} is not in the config"))) {
-                Ok(cap) => {
-                    let (ring, rx) = cap.snapshot();
-                    if follow {
-                        c.follow = Some((board.clone(), rx));
-                    }
-                    Reply::Log { board, text: String::from_utf8_lossy(&ring).into_owned() }
+        Request::Log { board, follow } => match shared.log(c.client.as_ref(), &board) {
+            Ok((ring, f)) => {
+                if follow {
+                    c.follow = Some(f);
                 }
-                Err(message) => Reply::Error { message },
+                Reply::Log {
+                    board,
+                    text: String::from_utf8_lossy(&ring).into_owned(),
+                }
             }
-        }
+            Err(message) => Reply::Error { message },
+        },
     }
 }

@@ -4,7 +4,7 @@
 //! broker watching a by-id directory, and devshim publishing the guest side
 //! — all in a temporary directory that is removed on exit.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
@@ -54,7 +54,6 @@ pub async fn run(
         config,
         server::Options {
             run_dir: run_dir.clone(),
-            etc: PathBuf::from("/etc"),
         },
         Box::new(ByIdSource::new(&by_id)),
         shutdown.clone(),

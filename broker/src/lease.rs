@@ -1,12 +1,22 @@
 //! Host-wide leases: who has which board, and who waits, first come first
 //! served across machines and host users.
 //!
-//! Plain data: the control plane calls [`Leases::request`] and
-//! [`Leases::drop_connection`], and acts on the grants they return. A lease
-//! belongs to the control connection that took it, so a job that ends,
-//! crashes or is killed releases its board when its connection closes.
+//! Plain data: the control plane calls [`Leases::request`],
+//! [`Leases::release`], [`Leases::withdraw`] and [`Leases::drop_connection`],
+//! then [`Leases::grant`] for the boards that may have become free, and acts
+//! on the grants it returns. A lease belongs to the control connection that
+//! took it, so a job that ends, crashes or is killed releases its board when
+//! its connection closes.
+//!
+//! The queue is kept per board: each waiter is filed under the boards it
+//! could be given (its *candidates*: the boards its request names or whose
+//! types match, that its client may use), in arrival order. A board that
+//! becomes free goes to the earliest waiter filed under it. Every event costs
+//! O(k log n) for a waiter with k candidates among n waiters, so thousands of
+//! waiters cost the broker nothing it would notice, and one machine's type
+//! request never stands in front of another machine's own boards.
 
-use std::collections::{BTreeMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
 use crate::config::Config;
@@ -15,10 +25,12 @@ use crate::config::Config;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Client {
     Machine(String),
+    /// A host user, with the configured host groups it belongs to (found at
+    /// connect time from the socket's credentials and NSS).
     HostUser {
         uid: u32,
         name: String,
-        groups: Vec<u32>,
+        groups: Vec<String>,
     },
 }
 
@@ -29,6 +41,22 @@ impl Client {
             Client::HostUser { uid, name, .. } => format!("host user {name} (uid {uid})"),
         }
     }
+
+    /// What per-client limits are counted by: the machine, or the host uid.
+    pub fn key(&self) -> ClientKey {
+        match self {
+            Client::Machine(m) => ClientKey::Machine(m.clone()),
+            Client::HostUser { uid, .. } => ClientKey::HostUid(*uid),
+        }
+    }
+}
+
+/// The unit limits are counted by.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum ClientKey {
+    Machine(String),
+    HostUid(u32),
+    Admin,
 }
 
 /// What a request asks for.
@@ -51,6 +79,9 @@ impl Want {
 /// A granted lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
+    /// Unique for the broker's life: tells one lease of a board from the
+    /// next, even by the same client.
+    pub id: u64,
     pub conn: u64,
     pub client: Client,
     pub since: SystemTime,
@@ -60,7 +91,8 @@ pub struct Lease {
 struct Waiter {
     conn: u64,
     client: Client,
-    want: Want,
+    /// The boards it may be given, in config order.
+    candidates: Vec<String>,
 }
 
 /// A board handed to a waiting connection.
@@ -70,29 +102,60 @@ pub struct Grant {
     pub board: String,
 }
 
+/// Why a request can't be queued.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    /// No board the client may use fits the request. The same answer whether
+    /// such a board exists for somebody else or not at all: a machine learns
+    /// nothing of boards that aren't its own.
+    NotAvailable(String),
+    /// The client has too many requests waiting.
+    TooManyWaiting(String),
+    /// The request can't be made on this connection (it waits already, or
+    /// holds the board).
+    Conflict(String),
+}
+
+impl std::fmt::Display for Refusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Refusal::NotAvailable(m) | Refusal::TooManyWaiting(m) | Refusal::Conflict(m) => {
+                f.write_str(m)
+            }
+        }
+    }
+}
+
 /// The host's leases and queue.
 #[derive(Debug, Default)]
 pub struct Leases {
     held: BTreeMap<String, Lease>,
-    queue: VecDeque<Waiter>,
+    /// Boards each connection holds.
+    holding: BTreeMap<u64, BTreeSet<String>>,
+    /// Waiters by arrival number.
+    waiters: BTreeMap<u64, Waiter>,
+    /// Each connection's waiter (one at a time).
+    waiting: BTreeMap<u64, u64>,
+    /// Each board's waiters, in arrival order.
+    queues: BTreeMap<String, BTreeSet<u64>>,
+    /// Waiters per client, for the limit.
+    per_client: BTreeMap<ClientKey, usize>,
+    next: u64,
 }
 
 /// Where a waiting request stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
-    /// 1 = next.
+    /// 1 = next: the best place it has in the line of any board it may get.
     pub place: usize,
     /// Holders of the boards it could get, with since when.
     pub holders: Vec<(String, String, SystemTime)>,
 }
 
-/// Whether `client` may use `board` at all, by the config.
-pub fn allowed(
-    config: &Config,
-    board: &str,
-    client: &Client,
-    group_gid: impl Fn(&str) -> Option<u32>,
-) -> bool {
+/// Whether `client` may use `board` at all, by the config. A host user may
+/// use a board shared with a host group it is in; root may use any board
+/// shared with host groups.
+pub fn allowed(config: &Config, board: &str, client: &Client) -> bool {
     let Some(b) = config.boards.iter().find(|b| b.name == board) else {
         return false;
     };
@@ -100,38 +163,37 @@ pub fn allowed(
         Client::Machine(m) => b.machines.iter().any(|x| x == m),
         Client::HostUser { uid, groups, .. } => {
             !b.host_groups.is_empty()
-                && (*uid == 0
-                    || b.host_groups
-                        .iter()
-                        .filter_map(|g| group_gid(g))
-                        .any(|g| groups.contains(&g)))
+                && (*uid == 0 || b.host_groups.iter().any(|g| groups.contains(g)))
         }
     }
 }
 
-impl Leases {
-    /// The boards a request could be given, in config order.
-    fn candidates(
-        config: &Config,
-        want: &Want,
-        client: &Client,
-        group_gid: &dyn Fn(&str) -> Option<u32>,
-    ) -> Vec<String> {
-        config
-            .boards
-            .iter()
-            .filter(|b| match want {
-                Want::Board(n) => &b.name == n,
-                Want::Type(t) => b.compatible.iter().any(|c| c == t),
-            })
-            .filter(|b| allowed(config, &b.name, client, group_gid))
-            .map(|b| b.name.clone())
-            .collect()
-    }
+/// The boards a request could be given, in config order.
+pub fn candidates(config: &Config, want: &Want, client: &Client) -> Vec<String> {
+    config
+        .boards
+        .iter()
+        .filter(|b| match want {
+            Want::Board(n) => &b.name == n,
+            Want::Type(t) => b.compatible.iter().any(|c| c == t),
+        })
+        .filter(|b| allowed(config, &b.name, client))
+        .map(|b| b.name.clone())
+        .collect()
+}
 
-    /// Asks for a board. `present` says which boards are plugged in now.
-    /// Returns the board granted at once, `Ok(None)` if queued, or why the
-    /// request can never be granted.
+/// The refusal for a request no board the client may use fits.
+pub fn not_available(want: &Want, client: &Client) -> String {
+    match want {
+        Want::Board(b) => format!("board {b} is not available to {}", client.describe()),
+        Want::Type(t) => format!("no board of type {t} is available to {}", client.describe()),
+    }
+}
+
+impl Leases {
+    /// Asks for a board. `present` says which boards are plugged in now;
+    /// `max_waiting` caps the client's waiting requests. Returns the board
+    /// granted at once, `Ok(None)` if queued, or why not.
     pub fn request(
         &mut self,
         config: &Config,
@@ -139,164 +201,208 @@ impl Leases {
         client: Client,
         want: Want,
         present: &dyn Fn(&str) -> bool,
-        group_gid: &dyn Fn(&str) -> Option<u32>,
-    ) -> Result<Option<String>, String> {
-        if self.queue.iter().any(|w| w.conn == conn) {
-            return Err(
+        max_waiting: usize,
+    ) -> Result<Option<String>, Refusal> {
+        if self.waiting.contains_key(&conn) {
+            return Err(Refusal::Conflict(
                 "this connection is already waiting for a board; one request at a time".into(),
-            );
+            ));
         }
-        let cands = Self::candidates(config, &want, &client, group_gid);
+        let cands = candidates(config, &want, &client);
         if cands.is_empty() {
-            let exists = match &want {
-                Want::Board(n) => config.boards.iter().any(|b| &b.name == n),
-                Want::Type(t) => config
-                    .boards
-                    .iter()
-                    .any(|b| b.compatible.iter().any(|c| c == t)),
-            };
-            return Err(match (exists, &want) {
-                (true, _) => format!("{} may not use {}", client.describe(), want.describe()),
-                (false, Want::Board(n)) => format!("board {n} is not in the config"),
-                (false, Want::Type(t)) => format!("no board in the config is compatible with {t}"),
-            });
+            return Err(Refusal::NotAvailable(not_available(&want, &client)));
         }
         if let Some(b) = cands
             .iter()
             .find(|b| self.held.get(*b).is_some_and(|l| l.conn == conn))
         {
-            return Err(format!("this connection already holds {b}"));
+            return Err(Refusal::Conflict(format!(
+                "this connection already holds {b}"
+            )));
         }
-        // Earlier waiters go first: grant now only if nobody waits for these boards.
-        let contended = self
-            .queue
-            .iter()
-            .any(|w| Self::overlaps(config, &w.want, &want));
-        if !contended {
-            if let Some(b) = cands
-                .iter()
-                .find(|b| !self.held.contains_key(*b) && present(b))
-            {
-                self.held.insert(
-                    b.clone(),
-                    Lease {
-                        conn,
-                        client,
-                        since: SystemTime::now(),
-                    },
-                );
-                return Ok(Some(b.clone()));
-            }
+        // A free, present board nobody waits for is granted at once. (A free
+        // present board with waiters does not last: every change that frees
+        // or brings a board is followed by `grant`.)
+        if let Some(b) = cands.iter().find(|b| {
+            !self.held.contains_key(*b)
+                && present(b)
+                && self.queues.get(*b).is_none_or(BTreeSet::is_empty)
+        }) {
+            let b = b.clone();
+            self.hold(&b, conn, client);
+            return Ok(Some(b));
         }
-        self.queue.push_back(Waiter { conn, client, want });
+        let key = client.key();
+        let n = self.per_client.get(&key).copied().unwrap_or(0);
+        if n >= max_waiting {
+            return Err(Refusal::TooManyWaiting(format!(
+                "{} already has {n} lease requests waiting (the limit); wait for one to be granted or give it up",
+                client.describe()
+            )));
+        }
+        self.next += 1;
+        let seq = self.next;
+        for b in &cands {
+            self.queues.entry(b.clone()).or_default().insert(seq);
+        }
+        *self.per_client.entry(key).or_default() += 1;
+        self.waiting.insert(conn, seq);
+        self.waiters.insert(
+            seq,
+            Waiter {
+                conn,
+                client,
+                candidates: cands,
+            },
+        );
         Ok(None)
     }
 
-    fn overlaps(config: &Config, a: &Want, b: &Want) -> bool {
-        let boards = |w: &Want| -> Vec<String> {
-            config
-                .boards
-                .iter()
-                .filter(|bd| match w {
-                    Want::Board(n) => &bd.name == n,
-                    Want::Type(t) => bd.compatible.iter().any(|c| c == t),
-                })
-                .map(|bd| bd.name.clone())
-                .collect()
-        };
-        let (x, y) = (boards(a), boards(b));
-        x.iter().any(|n| y.contains(n))
+    fn hold(&mut self, board: &str, conn: u64, client: Client) {
+        self.next += 1;
+        self.held.insert(
+            board.to_string(),
+            Lease {
+                id: self.next,
+                conn,
+                client,
+                since: SystemTime::now(),
+            },
+        );
+        self.holding
+            .entry(conn)
+            .or_default()
+            .insert(board.to_string());
+    }
+
+    /// Takes a waiter out of every queue it is filed in.
+    fn unqueue(&mut self, seq: u64) -> Option<Waiter> {
+        let w = self.waiters.remove(&seq)?;
+        self.waiting.remove(&w.conn);
+        for b in &w.candidates {
+            if let Some(q) = self.queues.get_mut(b) {
+                q.remove(&seq);
+                if q.is_empty() {
+                    self.queues.remove(b);
+                }
+            }
+        }
+        let key = w.client.key();
+        if let Some(n) = self.per_client.get_mut(&key) {
+            *n -= 1;
+            if *n == 0 {
+                self.per_client.remove(&key);
+            }
+        }
+        Some(w)
     }
 
     /// Where a queued connection stands.
-    pub fn position(
-        &self,
-        config: &Config,
-        conn: u64,
-        group_gid: &dyn Fn(&str) -> Option<u32>,
-    ) -> Option<Position> {
-        let idx = self.queue.iter().position(|w| w.conn == conn)?;
-        let me = &self.queue[idx];
-        let place = 1 + self
-            .queue
+    pub fn position(&self, conn: u64) -> Option<Position> {
+        let seq = *self.waiting.get(&conn)?;
+        let me = &self.waiters[&seq];
+        let place = me
+            .candidates
             .iter()
-            .take(idx)
-            .filter(|w| Self::overlaps(config, &w.want, &me.want))
-            .count();
-        let holders = Self::candidates(config, &me.want, &me.client, group_gid)
-            .into_iter()
-            .filter_map(|b| self.held.get(&b).map(|l| (b, l.client.describe(), l.since)))
+            .filter_map(|b| self.queues.get(b))
+            .map(|q| 1 + q.range(..seq).count())
+            .min()
+            .unwrap_or(1);
+        let holders = me
+            .candidates
+            .iter()
+            .filter_map(|b| {
+                self.held
+                    .get(b)
+                    .map(|l| (b.clone(), l.client.describe(), l.since))
+            })
             .collect();
         Some(Position { place, holders })
     }
 
-    /// Releases one board held by `conn`.
+    /// Releases one board held by `conn`; the caller then grants it anew.
     pub fn release(&mut self, conn: u64, board: &str) -> Result<(), String> {
         match self.held.get(board) {
             Some(l) if l.conn == conn => {
                 self.held.remove(board);
+                if let Some(h) = self.holding.get_mut(&conn) {
+                    h.remove(board);
+                    if h.is_empty() {
+                        self.holding.remove(&conn);
+                    }
+                }
                 Ok(())
             }
-            Some(_) => Err(format!("{board} is leased by another connection")),
-            None => Err(format!("{board} is not leased by this connection")),
+            _ => Err(format!("{board} is not leased by this connection")),
+        }
+    }
+
+    /// Gives up `conn`'s waiting request and nothing else: the boards it
+    /// already holds stay its own. False if it was not waiting (it was just
+    /// granted, say).
+    pub fn withdraw(&mut self, conn: u64) -> bool {
+        match self.waiting.get(&conn) {
+            Some(&seq) => self.unqueue(seq).is_some(),
+            None => false,
         }
     }
 
     /// Forgets everything of a closed connection: its leases and its place
-    /// in the queue.
-    pub fn drop_connection(&mut self, conn: u64) {
-        self.held.retain(|_, l| l.conn != conn);
-        self.queue.retain(|w| w.conn != conn);
+    /// in the queue. Returns the boards it held, to be granted anew.
+    pub fn drop_connection(&mut self, conn: u64) -> Vec<String> {
+        self.withdraw(conn);
+        let boards: Vec<String> = self
+            .holding
+            .remove(&conn)
+            .map(|h| h.into_iter().collect())
+            .unwrap_or_default();
+        for b in &boards {
+            self.held.remove(b);
+        }
+        boards
     }
 
-    /// Hands free, present boards to waiters in queue order.
-    pub fn grant_waiting(
+    /// Hands each of `boards` that is free and present to its earliest waiter.
+    pub fn grant<'a>(
         &mut self,
-        config: &Config,
+        boards: impl IntoIterator<Item = &'a str>,
         present: &dyn Fn(&str) -> bool,
-        group_gid: &dyn Fn(&str) -> Option<u32>,
     ) -> Vec<Grant> {
         let mut grants = Vec::new();
-        let mut i = 0;
-        while i < self.queue.len() {
-            let w = &self.queue[i];
-            // A waiter is skipped if an earlier waiter wants the same boards.
-            let blocked = self
-                .queue
-                .iter()
-                .take(i)
-                .any(|e| Self::overlaps(config, &e.want, &w.want));
-            let free = Self::candidates(config, &w.want, &w.client, group_gid)
-                .into_iter()
-                .find(|b| !self.held.contains_key(b) && present(b));
-            match (blocked, free) {
-                (false, Some(b)) => {
-                    let w = self.queue.remove(i).unwrap();
-                    self.held.insert(
-                        b.clone(),
-                        Lease {
-                            conn: w.conn,
-                            client: w.client,
-                            since: SystemTime::now(),
-                        },
-                    );
-                    grants.push(Grant {
-                        conn: w.conn,
-                        board: b,
-                    });
-                }
-                _ => i += 1,
+        for b in boards {
+            if self.held.contains_key(b) || !present(b) {
+                continue;
             }
+            let Some(&seq) = self.queues.get(b).and_then(|q| q.first()) else {
+                continue;
+            };
+            let w = self.unqueue(seq).expect("queued waiters exist");
+            self.hold(b, w.conn, w.client);
+            grants.push(Grant {
+                conn: w.conn,
+                board: b.to_string(),
+            });
         }
         grants
     }
 
+    /// Boards someone waits for: what to try granting when adapters change.
+    pub fn wanted_boards(&self) -> Vec<String> {
+        self.queues.keys().cloned().collect()
+    }
+
     /// How many queued requests could take this board.
-    pub fn waiting_for(&self, config: &Config, board: &str) -> usize {
-        self.queue
-            .iter()
-            .filter(|w| Self::overlaps(config, &w.want, &Want::Board(board.to_string())))
-            .count()
+    pub fn waiting_for(&self, board: &str) -> usize {
+        self.queues.get(board).map_or(0, BTreeSet::len)
+    }
+
+    /// How many of those are `client`'s own.
+    pub fn waiting_for_by(&self, board: &str, client: &ClientKey) -> usize {
+        self.queues.get(board).map_or(0, |q| {
+            q.iter()
+                .filter(|s| self.waiters[*s].client.key() == *client)
+                .count()
+        })
     }
 
     /// The lease on a board, if any.
@@ -304,12 +410,25 @@ impl Leases {
         self.held.get(board)
     }
 
-    /// Boards leased to a machine.
+    /// Every lease, by board.
+    pub fn leases(&self) -> impl Iterator<Item = (&String, &Lease)> {
+        self.held.iter()
+    }
+
+    /// Waiting requests, in arrival order: who, since when is not kept here
+    /// (see the control plane), and the boards each may get.
+    pub fn queued(&self) -> impl Iterator<Item = (u64, &Client, &[String])> {
+        self.waiters
+            .values()
+            .map(|w| (w.conn, &w.client, w.candidates.as_slice()))
+    }
+
+    /// Whether a machine holds the lease on a board.
     pub fn machine_holds(&self, machine: &str, board: &str) -> bool {
         matches!(self.held.get(board), Some(Lease { client: Client::Machine(m), .. }) if m == machine)
     }
 
-    /// Whether a host uid holds a lease on the board.
+    /// Whether a host uid holds the lease on the board.
     pub fn host_uid_holds(&self, uid: u32, board: &str) -> bool {
         matches!(self.held.get(board), Some(Lease { client: Client::HostUser { uid: u, .. }, .. }) if *u == uid)
     }
@@ -342,48 +461,46 @@ match = { serial = "B" }
         crate::config::parse(std::path::Path::new("t"), CONF).unwrap()
     }
 
-    fn gid(g: &str) -> Option<u32> {
-        (g == "hil").then_some(2000)
+    const ALL: &dyn Fn(&str) -> bool = &|_| true;
+    const MAX: usize = 100;
+
+    fn m(s: &str) -> Client {
+        Client::Machine(s.into())
     }
 
-    const ALL: &dyn Fn(&str) -> bool = &|_| true;
+    fn board(b: &str) -> Want {
+        Want::Board(b.into())
+    }
 
     #[test]
     fn first_come_first_served() {
         let c = cfg();
         let mut l = Leases::default();
-        let m = |s: &str| Client::Machine(s.into());
         let host = Client::HostUser {
             uid: 1000,
             name: "ann".into(),
-            groups: vec![2000],
+            groups: vec!["hil".into()],
         };
         assert_eq!(
-            l.request(&c, 1, m("ci1"), Want::Board("esp-a".into()), ALL, &gid)
-                .unwrap(),
-            Some("esp-a".into())
+            l.request(&c, 1, m("ci1"), board("esp-a"), ALL, MAX),
+            Ok(Some("esp-a".into()))
         );
         assert_eq!(
-            l.request(&c, 2, m("ci2"), Want::Board("esp-a".into()), ALL, &gid)
-                .unwrap(),
-            None
+            l.request(&c, 2, m("ci2"), board("esp-a"), ALL, MAX),
+            Ok(None)
         );
+        assert_eq!(l.request(&c, 3, host, board("esp-a"), ALL, MAX), Ok(None));
         assert_eq!(
-            l.request(&c, 3, host.clone(), Want::Board("esp-a".into()), ALL, &gid)
-                .unwrap(),
-            None
+            l.request(&c, 4, m("ci1"), board("esp-a"), ALL, MAX),
+            Ok(None)
         );
-        assert_eq!(
-            l.request(&c, 4, m("ci1"), Want::Board("esp-a".into()), ALL, &gid)
-                .unwrap(),
-            None
-        );
-        let p = l.position(&c, 3, &gid).unwrap();
+        let p = l.position(3).unwrap();
         assert_eq!(p.place, 2);
         assert_eq!(p.holders[0].1, "machine ci1");
-        l.drop_connection(1);
+        assert_eq!(l.waiting_for("esp-a"), 3);
+        let freed = l.drop_connection(1);
         assert_eq!(
-            l.grant_waiting(&c, ALL, &gid),
+            l.grant(freed.iter().map(String::as_str), ALL),
             vec![Grant {
                 conn: 2,
                 board: "esp-a".into()
@@ -391,97 +508,171 @@ match = { serial = "B" }
         );
         l.release(2, "esp-a").unwrap();
         assert_eq!(
-            l.grant_waiting(&c, ALL, &gid),
+            l.grant(["esp-a"], ALL),
             vec![Grant {
                 conn: 3,
                 board: "esp-a".into()
             }]
         );
         assert!(l.host_uid_holds(1000, "esp-a"));
-        l.drop_connection(3);
+        let freed = l.drop_connection(3);
         assert_eq!(
-            l.grant_waiting(&c, ALL, &gid),
+            l.grant(freed.iter().map(String::as_str), ALL),
             vec![Grant {
                 conn: 4,
                 board: "esp-a".into()
             }]
         );
+        assert_eq!(l.waiting_for("esp-a"), 0);
     }
 
     #[test]
     fn by_type_takes_any_free_compatible_board() {
         let c = cfg();
         let mut l = Leases::default();
-        let m = |s: &str| Client::Machine(s.into());
+        let t = || Want::Type("esp32".into());
         assert_eq!(
-            l.request(&c, 1, m("ci2"), Want::Type("esp32".into()), ALL, &gid)
-                .unwrap(),
-            Some("esp-a".into())
+            l.request(&c, 1, m("ci2"), t(), ALL, MAX),
+            Ok(Some("esp-a".into()))
         );
         assert_eq!(
-            l.request(&c, 2, m("ci2"), Want::Type("esp32".into()), ALL, &gid)
-                .unwrap(),
-            Some("esp-b".into())
+            l.request(&c, 2, m("ci2"), t(), ALL, MAX),
+            Ok(Some("esp-b".into()))
         );
         // ci1 may only use esp-a: it waits.
-        assert_eq!(
-            l.request(&c, 3, m("ci1"), Want::Type("esp32".into()), ALL, &gid)
-                .unwrap(),
-            None
-        );
+        assert_eq!(l.request(&c, 3, m("ci1"), t(), ALL, MAX), Ok(None));
+        // esp-b coming free is not ci1's.
+        l.release(2, "esp-b").unwrap();
+        assert!(l.grant(["esp-b"], ALL).is_empty());
         // An absent board is not handed out.
         let mut l2 = Leases::default();
         assert_eq!(
-            l2.request(
-                &c,
-                1,
-                m("ci2"),
-                Want::Type("esp32".into()),
-                &|b| b == "esp-b",
-                &gid
-            )
-            .unwrap(),
-            Some("esp-b".into())
+            l2.request(&c, 1, m("ci2"), t(), &|b| b == "esp-b", MAX),
+            Ok(Some("esp-b".into()))
+        );
+    }
+
+    /// A type request filed under boards its client may not use would stand
+    /// in front of the machine those boards belong to.
+    #[test]
+    fn a_type_request_does_not_block_another_machines_own_board() {
+        let c = cfg();
+        let mut l = Leases::default();
+        // esp-a held by ci2; ci1 waits for any esp32 (only esp-a is its).
+        assert_eq!(
+            l.request(&c, 1, m("ci2"), board("esp-a"), ALL, MAX),
+            Ok(Some("esp-a".into()))
+        );
+        assert_eq!(
+            l.request(&c, 2, m("ci1"), Want::Type("esp32".into()), ALL, MAX),
+            Ok(None)
+        );
+        // ci2 asks for its own free esp-b: granted at once.
+        assert_eq!(
+            l.request(&c, 3, m("ci2"), board("esp-b"), ALL, MAX),
+            Ok(Some("esp-b".into()))
         );
     }
 
     #[test]
-    fn refusals_say_why() {
+    fn withdrawing_keeps_what_is_held() {
         let c = cfg();
         let mut l = Leases::default();
-        let e = l
-            .request(
-                &c,
-                1,
-                Client::Machine("ci1".into()),
-                Want::Board("esp-b".into()),
-                ALL,
-                &gid,
-            )
+        assert_eq!(
+            l.request(&c, 1, m("ci2"), board("esp-b"), ALL, MAX),
+            Ok(Some("esp-b".into()))
+        );
+        assert_eq!(
+            l.request(&c, 2, m("ci1"), board("esp-a"), ALL, MAX),
+            Ok(Some("esp-a".into()))
+        );
+        // conn 1 waits for esp-a too, then gives up: esp-b stays its own.
+        assert_eq!(
+            l.request(&c, 1, m("ci2"), board("esp-a"), ALL, MAX),
+            Ok(None)
+        );
+        assert!(l.withdraw(1));
+        assert!(!l.withdraw(1), "withdrawn once");
+        assert!(l.machine_holds("ci2", "esp-b"));
+        assert_eq!(l.waiting_for("esp-a"), 0);
+    }
+
+    #[test]
+    fn refusals_say_why_and_no_more() {
+        let c = cfg();
+        let mut l = Leases::default();
+        let not_mine = l
+            .request(&c, 1, m("ci1"), board("esp-b"), ALL, MAX)
             .unwrap_err();
-        assert_eq!(e, "machine ci1 may not use board esp-b");
-        let e = l
-            .request(
-                &c,
-                1,
-                Client::Machine("ci1".into()),
-                Want::Type("nrf52".into()),
-                ALL,
-                &gid,
-            )
+        let nowhere = l
+            .request(&c, 1, m("ci1"), board("nope"), ALL, MAX)
             .unwrap_err();
-        assert_eq!(e, "no board in the config is compatible with nrf52");
+        assert_eq!(
+            not_mine.to_string(),
+            "board esp-b is not available to machine ci1"
+        );
+        assert_eq!(
+            nowhere.to_string(),
+            "board nope is not available to machine ci1",
+            "a board of somebody else's reads as one that does not exist"
+        );
+        let e = l
+            .request(&c, 1, m("ci1"), Want::Type("nrf52".into()), ALL, MAX)
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "no board of type nrf52 is available to machine ci1"
+        );
         let outsider = Client::HostUser {
             uid: 1001,
             name: "bob".into(),
-            groups: vec![100],
+            groups: vec![],
         };
         assert!(l
-            .request(&c, 2, outsider, Want::Board("esp-a".into()), ALL, &gid)
+            .request(&c, 2, outsider, board("esp-a"), ALL, MAX)
             .is_err());
         assert!(l
             .release(5, "esp-a")
             .unwrap_err()
             .contains("not leased by this connection"));
+    }
+
+    #[test]
+    fn waiting_requests_are_limited_per_client() {
+        let c = cfg();
+        let mut l = Leases::default();
+        l.request(&c, 1, m("ci2"), board("esp-a"), ALL, 2).unwrap();
+        assert_eq!(l.request(&c, 2, m("ci1"), board("esp-a"), ALL, 2), Ok(None));
+        assert_eq!(l.request(&c, 3, m("ci1"), board("esp-a"), ALL, 2), Ok(None));
+        let e = l
+            .request(&c, 4, m("ci1"), board("esp-a"), ALL, 2)
+            .unwrap_err();
+        assert!(matches!(e, Refusal::TooManyWaiting(_)), "{e}");
+        // Another machine still gets in line.
+        assert_eq!(l.request(&c, 5, m("ci2"), board("esp-a"), ALL, 2), Ok(None));
+        l.drop_connection(2);
+        assert_eq!(l.request(&c, 4, m("ci1"), board("esp-a"), ALL, 2), Ok(None));
+    }
+
+    /// Thousands of waiters leave in any order and nothing of them stays.
+    #[test]
+    fn a_long_queue_empties() {
+        let c = cfg();
+        let mut l = Leases::default();
+        l.request(&c, 0, m("ci2"), board("esp-a"), ALL, usize::MAX)
+            .unwrap();
+        for conn in 1..=10_000 {
+            let who = if conn % 2 == 0 { "ci1" } else { "ci2" };
+            l.request(&c, conn, m(who), board("esp-a"), ALL, usize::MAX)
+                .unwrap();
+        }
+        for conn in (1..=10_000).rev() {
+            l.drop_connection(conn);
+        }
+        let freed = l.drop_connection(0);
+        assert!(l.grant(freed.iter().map(String::as_str), ALL).is_empty());
+        assert_eq!(l.waiting_for("esp-a"), 0);
+        assert!(l.waiters.is_empty() && l.waiting.is_empty() && l.queues.is_empty());
+        assert!(l.per_client.is_empty() && l.holding.is_empty());
     }
 }

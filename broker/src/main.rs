@@ -236,18 +236,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         } => {
             let src = adapters.source()?;
             let cfg = config::load(&path)?;
+            server::raise_fd_limit();
             runtime()?.block_on(async {
                 let stop = shutdown::on_signals()?;
-                server::run(
-                    cfg,
-                    server::Options {
-                        run_dir,
-                        etc: PathBuf::from("/etc"),
-                    },
-                    src,
-                    stop,
-                )
-                .await
+                server::run(cfg, server::Options { run_dir }, src, stop).await
             })?;
             Ok(ExitCode::SUCCESS)
         }

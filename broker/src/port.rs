@@ -12,6 +12,14 @@ use tokio_serial::{SerialPortBuilderExt, SerialStream};
 use wire::rfc2217::{control, purge};
 use wire::termios::{self, When};
 
+/// The descriptor of an open port, borrowed for as long as the port lives
+/// (tokio-serial's stream gives only the raw number).
+pub fn fd(port: &SerialStream) -> std::os::fd::BorrowedFd<'_> {
+    // SAFETY: the stream owns the descriptor and keeps it open while it is
+    // borrowed; the lifetime ties the borrow to the stream.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(port.as_raw_fd()) }
+}
+
 /// Opens a port exclusively (`TIOCEXCL` and `flock`), raw, at `rate`.
 pub fn open(path: &Path, rate: u32) -> io::Result<SerialStream> {
     let path_str = path

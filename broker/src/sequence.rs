@@ -5,9 +5,18 @@
 //! `dtr=0 rts=1 sleep=100ms dtr=1 rts=0 sleep=50ms dtr=0`, with
 //! `dtr=0|1`, `rts=0|1`, `break=DURATION`, `baud=N` and `sleep=DURATION`.
 //! Steps are timed against one start instant, so delays don't accumulate.
+//!
+//! A sequence runs on a thread of its own and can be stopped at any time
+//! ([`Stop`]): its lease ending, its connection closing or the broker
+//! stopping ends it between steps, never minutes later. The thread sleeps
+//! as any other until just before a step is due; only for that last moment
+//! and the step itself does it take real-time priority (as root) and exact
+//! timer slack, so a step lands within tens of microseconds of its time
+//! without taking a core from anyone else.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use wire::termios::{self, When};
@@ -27,9 +36,15 @@ pub enum Step {
 /// (DTR → IO0, RTS → EN through the usual two transistors);
 /// `usb-jtag-bootloader` is its USB-Serial-JTAG reset (ESP32-S3/C3).
 pub const BUILTINS: &[(&str, &str)] = &[
-    ("esp32-bootloader", "dtr=0 rts=1 sleep=100ms dtr=1 rts=0 sleep=50ms dtr=0"),
+    (
+        "esp32-bootloader",
+        "dtr=0 rts=1 sleep=100ms dtr=1 rts=0 sleep=50ms dtr=0",
+    ),
     ("esp32-reset", "rts=1 sleep=100ms rts=0"),
-    ("usb-jtag-bootloader", "rts=0 dtr=0 sleep=100ms dtr=1 rts=0 sleep=100ms rts=1 dtr=0 rts=1 sleep=100ms dtr=0 rts=0"),
+    (
+        "usb-jtag-bootloader",
+        "rts=0 dtr=0 sleep=100ms dtr=1 rts=0 sleep=100ms rts=1 dtr=0 rts=1 sleep=100ms dtr=0 rts=0",
+    ),
     ("usb-jtag-reset", "rts=0 dtr=0 rts=1 sleep=100ms rts=0"),
 ];
 
@@ -37,12 +52,18 @@ pub const BUILTINS: &[(&str, &str)] = &[
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
     let split = s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len());
     let (n, unit) = s.split_at(split);
-    let n: u64 = n.parse().map_err(|_| format!("{s:?} is not a duration like 100ms"))?;
+    let n: u64 = n
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration like 100ms"))?;
     let d = match unit {
         "us" => Duration::from_micros(n),
         "ms" => Duration::from_millis(n),
         "s" => Duration::from_secs(n),
-        _ => return Err(format!("{s:?} is not a duration like 100ms (units: us, ms, s)")),
+        _ => {
+            return Err(format!(
+                "{s:?} is not a duration like 100ms (units: us, ms, s)"
+            ))
+        }
     };
     if d > Duration::from_secs(60) {
         return Err(format!("{s:?} is longer than a minute"));
@@ -65,8 +86,17 @@ pub fn parse(text: &str) -> Result<Vec<Step>, String> {
             "rts" => Step::Rts(bit(v)?),
             "break" => Step::Break(parse_duration(v)?),
             "sleep" => Step::Sleep(parse_duration(v)?),
-            "baud" => Step::Baud(v.parse().ok().filter(|b| (50..=20_000_000).contains(b)).ok_or_else(|| format!("step {word:?}: baud takes a rate like 115200"))?),
-            _ => return Err(format!("step {word:?}: unknown key {k:?} (dtr, rts, break, baud, sleep)")),
+            "baud" => Step::Baud(
+                v.parse()
+                    .ok()
+                    .filter(|b| (50..=20_000_000).contains(b))
+                    .ok_or_else(|| format!("step {word:?}: baud takes a rate like 115200"))?,
+            ),
+            _ => {
+                return Err(format!(
+                    "step {word:?}: unknown key {k:?} (dtr, rts, break, baud, sleep)"
+                ))
+            }
         });
         if steps.len() > 256 {
             return Err("a sequence has at most 256 steps".into());
@@ -75,7 +105,60 @@ pub fn parse(text: &str) -> Result<Vec<Step>, String> {
     if steps.is_empty() {
         return Err("the sequence is empty".into());
     }
+    let total: Duration = steps
+        .iter()
+        .map(|s| match s {
+            Step::Sleep(d) | Step::Break(d) => *d,
+            _ => Duration::ZERO,
+        })
+        .sum();
+    if total > crate::limits::SEQUENCE_TIME {
+        return Err(format!(
+            "the sequence lasts {} in all; the limit is {}",
+            humantime::format_duration(total),
+            humantime::format_duration(crate::limits::SEQUENCE_TIME)
+        ));
+    }
     Ok(steps)
+}
+
+/// Stops a running sequence from another thread.
+#[derive(Debug, Default)]
+pub struct Stop {
+    stopped: Mutex<bool>,
+    wake: Condvar,
+}
+
+impl Stop {
+    /// Makes the sequence stop before its next step.
+    pub fn stop(&self) {
+        *self.stopped.lock().unwrap() = true;
+        self.wake.notify_all();
+    }
+
+    fn is_stopped(&self) -> bool {
+        *self.stopped.lock().unwrap()
+    }
+
+    /// Sleeps until `t`, or until stopped: false then.
+    fn sleep_until(&self, t: Instant) -> bool {
+        let mut stopped = self.stopped.lock().unwrap();
+        loop {
+            if *stopped {
+                return false;
+            }
+            let now = Instant::now();
+            if now >= t {
+                return true;
+            }
+            stopped = self.wake.wait_timeout(stopped, t - now).unwrap().0;
+        }
+    }
+}
+
+/// The error a stopped sequence ends with.
+fn stopped() -> io::Error {
+    io::Error::new(io::ErrorKind::Interrupted, "the sequence was stopped")
 }
 
 /// When each step ran, relative to its nominal time.
@@ -97,66 +180,111 @@ fn modem(fd: RawFd, bit: libc::c_int, on: bool) -> io::Result<()> {
     Ok(())
 }
 
-/// Sleeps until `t`: the kernel's sleep up to a little before, then a short
-/// spin, so a step lands within tens of microseconds of its time.
-fn sleep_until(t: Instant) {
-    const SPIN: Duration = Duration::from_micros(200);
-    let now = Instant::now();
-    if t > now + SPIN {
-        std::thread::sleep(t - now - SPIN);
-    }
-    while Instant::now() < t {
-        std::hint::spin_loop();
-    }
+/// How long before a step the thread stops sleeping as any thread does and
+/// waits for the exact time with real-time priority.
+const EDGE_LEAD: Duration = Duration::from_micros(300);
+
+/// Real-time priority for the moment around one step's edge: taken just
+/// before the last, exact sleep and given back after the step.
+struct Edge {
+    old: Option<(libc::c_int, libc::sched_param)>,
 }
 
-/// Makes the calling thread's timers exact and, where allowed (root),
-/// schedules it ahead of ordinary work for the sequence's short life.
-/// Returns the policy to restore.
-fn realtime_begin() -> Option<(libc::c_int, libc::sched_param)> {
-    // SAFETY: prctl and sched_* on the calling thread with valid arguments.
-    unsafe {
-        libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0);
-        let old_policy = libc::sched_getscheduler(0);
-        let mut old: libc::sched_param = std::mem::zeroed();
-        libc::sched_getparam(0, &mut old);
-        let p = libc::sched_param { sched_priority: 10 };
-        if libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) == 0 {
-            Some((old_policy, old))
-        } else {
-            None
+impl Edge {
+    fn begin() -> Edge {
+        // SAFETY: sched_* on the calling thread with valid arguments.
+        unsafe {
+            let old_policy = libc::sched_getscheduler(0);
+            let mut old: libc::sched_param = std::mem::zeroed();
+            libc::sched_getparam(0, &mut old);
+            let p = libc::sched_param { sched_priority: 10 };
+            let ok = old_policy != libc::SCHED_FIFO
+                && libc::sched_setscheduler(0, libc::SCHED_FIFO, &p) == 0;
+            Edge {
+                old: ok.then_some((old_policy, old)),
+            }
         }
     }
 }
 
-fn realtime_end(old: Option<(libc::c_int, libc::sched_param)>) {
-    if let Some((policy, param)) = old {
-        // SAFETY: restores what realtime_begin read.
-        unsafe { libc::sched_setscheduler(0, policy, &param) };
+impl Drop for Edge {
+    fn drop(&mut self) {
+        if let Some((policy, param)) = self.old {
+            // SAFETY: restores what Edge::begin read.
+            unsafe { libc::sched_setscheduler(0, policy, &param) };
+        }
     }
 }
 
-/// Runs the steps on an open port; blocking (run it off the async threads).
-/// A device without modem lines (a pty) fails DTR/RTS with `ENOTTY`:
-/// `tolerate_enotty` keeps going, for fake boards.
-pub fn run(fd: RawFd, steps: &[Step], tolerate_enotty: bool) -> io::Result<Vec<Timing>> {
-    let old = realtime_begin();
-    let r = run_steps(fd, steps, tolerate_enotty);
-    realtime_end(old);
-    r
+/// Waits until the step due at `start + at`: an ordinary, stoppable sleep
+/// up to [`EDGE_LEAD`] before, then an exact absolute sleep on the monotonic
+/// clock with real-time priority, which the returned [`Edge`] holds until
+/// the step is done.
+fn until_edge(
+    stop: &Stop,
+    start: Instant,
+    start_ts: libc::timespec,
+    at: Duration,
+) -> io::Result<Edge> {
+    let due = start + at;
+    if !stop.sleep_until(due.checked_sub(EDGE_LEAD).unwrap_or(start).max(start)) {
+        return Err(stopped());
+    }
+    let edge = Edge::begin();
+    let ns = start_ts.tv_nsec as u64 + at.subsec_nanos() as u64;
+    let ts = libc::timespec {
+        tv_sec: start_ts.tv_sec
+            + at.as_secs() as libc::time_t
+            + (ns / 1_000_000_000) as libc::time_t,
+        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
+    };
+    // SAFETY: an absolute sleep on the monotonic clock; EINTR just wakes
+    // early and is retried.
+    while unsafe {
+        libc::clock_nanosleep(
+            libc::CLOCK_MONOTONIC,
+            libc::TIMER_ABSTIME,
+            &ts,
+            std::ptr::null_mut(),
+        )
+    } == libc::EINTR
+    {}
+    Ok(edge)
 }
 
-fn run_steps(fd: RawFd, steps: &[Step], tolerate_enotty: bool) -> io::Result<Vec<Timing>> {
+/// Runs the steps on an open port; blocking (run it on a thread of its
+/// own). A device without modem lines (a pty) fails DTR/RTS with `ENOTTY`:
+/// `tolerate_enotty` keeps going, for fake boards. Stopped through `stop`,
+/// it returns an `Interrupted` error before the next step.
+pub fn run(
+    port: BorrowedFd<'_>,
+    steps: &[Step],
+    tolerate_enotty: bool,
+    stop: &Stop,
+) -> io::Result<Vec<Timing>> {
+    // SAFETY: exact timer slack for this thread; harmless to others.
+    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
+    let fd = port.as_raw_fd();
     let ok = |r: io::Result<()>| match r {
         Err(e) if tolerate_enotty && e.raw_os_error() == Some(libc::ENOTTY) => Ok(()),
         other => other,
     };
+    let start_ts =
+        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
     let start = Instant::now();
+    let start_ts = libc::timespec {
+        tv_sec: start_ts.tv_sec(),
+        tv_nsec: start_ts.tv_nsec(),
+    };
     let mut nominal = Duration::ZERO;
     let mut out = Vec::with_capacity(steps.len());
     for s in steps {
+        if let Step::Sleep(d) = s {
+            nominal += *d;
+            continue;
+        }
+        let edge = until_edge(stop, start, start_ts, nominal)?;
         let due = start + nominal;
-        sleep_until(due);
         let late = Instant::now().saturating_duration_since(due);
         match s {
             Step::Dtr(on) => ok(modem(fd, libc::TIOCM_DTR, *on))?,
@@ -166,23 +294,34 @@ fn run_steps(fd: RawFd, steps: &[Step], tolerate_enotty: bool) -> io::Result<Vec
                 if unsafe { libc::ioctl(fd, libc::TIOCSBRK, 0) } < 0 {
                     ok(Err(io::Error::last_os_error()))?;
                 }
+                drop(edge);
                 nominal += *d;
-                sleep_until(start + nominal);
+                // Stopped or not, a break started is ended.
+                let end = until_edge(stop, start, start_ts, nominal);
                 // SAFETY: as above.
                 unsafe { libc::ioctl(fd, libc::TIOCCBRK, 0) };
+                end?;
             }
             Step::Baud(b) => {
+                drop(edge);
                 let mut t = termios::get(fd)?;
                 termios::set_baud(&mut t, *b);
                 termios::set(fd, &t, When::AfterDrain)?;
             }
-            Step::Sleep(d) => nominal += *d,
+            Step::Sleep(_) => unreachable!("handled above"),
         }
-        if !matches!(s, Step::Sleep(_)) {
-            out.push(Timing { step: describe(s), nominal: due - start, late_us: late.as_secs_f64() * 1e6 });
-        }
+        out.push(Timing {
+            step: describe(s),
+            nominal: due - start,
+            late_us: late.as_secs_f64() * 1e6,
+        });
     }
-    sleep_until(start + nominal);
+    if !stop.sleep_until(start + nominal) {
+        return Err(stopped());
+    }
+    if stop.is_stopped() {
+        return Err(stopped());
+    }
     Ok(out)
 }
 
@@ -204,7 +343,13 @@ mod tests {
     fn parses_steps() {
         assert_eq!(
             parse("dtr=0 rts=1, sleep=100ms break=250ms baud=921600").unwrap(),
-            vec![Step::Dtr(false), Step::Rts(true), Step::Sleep(Duration::from_millis(100)), Step::Break(Duration::from_millis(250)), Step::Baud(921600)]
+            vec![
+                Step::Dtr(false),
+                Step::Rts(true),
+                Step::Sleep(Duration::from_millis(100)),
+                Step::Break(Duration::from_millis(250)),
+                Step::Baud(921600)
+            ]
         );
         assert!(parse("dtr=2").unwrap_err().contains("takes 0 or 1"));
         assert!(parse("jump=1").unwrap_err().contains("unknown key"));
@@ -215,5 +360,30 @@ mod tests {
         for (name, text) in BUILTINS {
             assert!(parse(text).is_ok(), "{name}");
         }
+        let e = parse("sleep=30s sleep=30s sleep=1ms").unwrap_err();
+        assert!(e.contains("lasts 1m 1ms in all; the limit is 1m"), "{e}");
+    }
+
+    /// A stopped sequence ends at once, not when its sleeps run out, and a
+    /// break it started is ended.
+    #[test]
+    fn stopping_ends_a_sequence_between_steps() {
+        let (master, slave) = nix::pty::openpty(None, None)
+            .map(|p| (p.master, p.slave))
+            .unwrap();
+        let stop = std::sync::Arc::new(Stop::default());
+        let s2 = stop.clone();
+        let t = std::thread::spawn(move || {
+            let steps = parse("baud=9600 sleep=30s baud=19200").unwrap();
+            use std::os::fd::AsFd;
+            run(slave.as_fd(), &steps, true, &s2)
+        });
+        std::thread::sleep(Duration::from_millis(50));
+        let t0 = Instant::now();
+        stop.stop();
+        let e = t.join().unwrap().unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::Interrupted);
+        assert!(t0.elapsed() < Duration::from_secs(10), "stopped mid-sleep");
+        drop(master);
     }
 }

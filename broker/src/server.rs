@@ -7,50 +7,58 @@
 //! its new sockets appear and after its old ones are gone.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::fs;
-use std::io;
-use std::os::unix::fs::PermissionsExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
 
-use anyhow::{bail, Context};
+use anyhow::Context;
 use futures_util::StreamExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wire::manifest::{Manifest, CONTROL_SOCKET, FILE as MANIFEST};
+use wire::manifest::{Manifest, CONTROL_SOCKET};
 
 use crate::adapter::Adapter;
 use crate::config::Config;
 use crate::control::{self, Scope};
-use crate::peer::{check_host_access, Peer};
+use crate::peer::{self, Peer};
 use crate::plan::{self, Access, SocketSpec, TtyKey};
+use crate::rundir::{Place, RunDir};
 use crate::session;
 use crate::source::{Source, SourceEvent};
 use crate::state::Shared;
+use crate::throttle::Throttle;
 
 /// Default run directory.
 pub const DEFAULT_RUN_DIR: &str = "/run/devbroker";
 /// The admin's control socket, relative to the run directory.
 pub const ADMIN_SOCKET: &str = "broker.sock";
 
-/// Where the broker keeps its sockets, and where it reads users from.
+/// How soon an index that could not be written (a full disk) is tried again.
+const INDEX_RETRY: Duration = Duration::from_secs(1);
+
+/// Where the broker keeps its sockets.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub run_dir: PathBuf,
-    /// Directory holding `passwd` and `group` (normally `/etc`).
-    pub etc: PathBuf,
 }
 
 /// A socket being served; dropping it stops accepting and removes the file.
 struct Listener {
-    path: PathBuf,
+    dir: Arc<RunDir>,
+    place: Place,
+    name: String,
     cancel: CancellationToken,
+    /// Retired: the file is gone and the sessions end on their own time.
+    retired: bool,
 }
 
 impl Drop for Listener {
     fn drop(&mut self) {
-        self.cancel.cancel();
-        let _ = fs::remove_file(&self.path);
+        if !self.retired {
+            self.cancel.cancel();
+            self.dir.unbind(&self.place, &self.name);
+        }
     }
 }
 
@@ -60,14 +68,29 @@ impl Listener {
     /// its session — like any from this socket — ends after
     /// [`LEASE_END_GRACE`](crate::state::LEASE_END_GRACE): what a job wrote
     /// just before it ended still reaches the board.
-    fn retire(self) {
-        let _ = fs::remove_file(&self.path);
+    fn retire(mut self) {
+        self.dir.unbind(&self.place, &self.name);
+        self.retired = true;
         let cancel = self.cancel.clone();
-        std::mem::forget(self);
         tokio::spawn(async move {
             tokio::time::sleep(crate::state::LEASE_END_GRACE).await;
             cancel.cancel();
         });
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one: each session
+/// holds a port and a socket, each control connection a socket, and
+/// systemd's default soft limit (1024) would stop a farm at a few hundred.
+pub fn raise_fd_limit() {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource};
+    match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok((soft, hard)) if soft < hard => match setrlimit(Resource::RLIMIT_NOFILE, hard, hard) {
+            Ok(()) => debug!("descriptor limit raised from {soft} to {hard}"),
+            Err(e) => warn!("can't raise the descriptor limit from {soft} to {hard}: {e}"),
+        },
+        Ok(_) => {}
+        Err(e) => warn!("can't read the descriptor limit: {e}"),
     }
 }
 
@@ -80,40 +103,55 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let machines = plan::machines(&config);
-    let _lock = prepare_run_dir(&opts.run_dir, &machines)?;
+    let dir = Arc::new(RunDir::prepare(&opts.run_dir, &machines)?);
     let shared = Shared::new(config.clone());
     let mut fixed = Vec::new();
-    let mut control = |path: PathBuf, mode: u32, scope: Scope| -> anyhow::Result<()> {
-        let l = bind(&path, mode).with_context(|| format!("can't serve {}", path.display()))?;
+    let mut control = |place: Place, mode: u32, scope: Scope| -> anyhow::Result<()> {
+        let name = match place {
+            Place::Top => ADMIN_SOCKET,
+            _ => CONTROL_SOCKET,
+        };
+        let l = dir
+            .bind(&place, name, mode)
+            .with_context(|| format!("can't serve {}", dir.shown(&place, name).display()))?;
         let cancel = shutdown.child_token();
         tokio::spawn(control::serve(l, scope, shared.clone(), cancel.clone()));
-        fixed.push(Listener { path, cancel });
+        fixed.push(Listener {
+            dir: dir.clone(),
+            place,
+            name: name.to_string(),
+            cancel,
+            retired: false,
+        });
         Ok(())
     };
-    control(
-        opts.run_dir.join("host").join(CONTROL_SOCKET),
-        0o666,
-        Scope::Host,
-    )?;
+    control(Place::Host, 0o666, Scope::Host)?;
     let empty = Manifest {
         version: 1,
         ttys: vec![],
     };
+    let ready: Vec<String> = dir.machines().cloned().collect();
+    // The index each machine has on disk; a machine missing here is written
+    // (again) at the next pass.
     let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
-    for m in &machines {
-        let dir = opts.run_dir.join("machines").join(m);
-        write_manifest(&dir, &empty)?;
-        manifests.insert(m.clone(), empty.clone());
-        control(dir.join(CONTROL_SOCKET), 0o666, Scope::Machine(m.clone()))?;
+    for m in &ready {
+        match dir.write_index(m, &empty) {
+            Ok(()) => {
+                manifests.insert(m.clone(), empty.clone());
+            }
+            Err(e) => warn!(machine = %m, "can't write the index: {e}; trying again"),
+        }
+        control(Place::Machine(m.clone()), 0o666, Scope::Machine(m.clone()))?;
     }
     // Last: once the admin socket answers, every control socket is there.
-    control(opts.run_dir.join(ADMIN_SOCKET), 0o600, Scope::Admin)?;
+    control(Place::Top, 0o600, Scope::Admin)?;
 
     info!("watching {}", source.describe());
     let mut stream = source.watch().context("can't start the discovery source")?;
     let mut adapters: BTreeMap<String, Adapter> = BTreeMap::new();
     let mut listeners: BTreeMap<PathBuf, Listener> = BTreeMap::new();
     let mut away = Away::default();
+    let mut retry_at: Option<tokio::time::Instant> = None;
     info!(run_dir = %opts.run_dir.display(), boards = config.boards.len(), machines = machines.len(), "devbroker ready");
     let result = loop {
         tokio::select! {
@@ -122,6 +160,10 @@ pub async fn run(
             _ = shared.changed.notified() => {}
             // A re-enumeration grace ran out.
             _ = away.expiry() => {}
+            // An index could not be written: try again.
+            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
+                retry_at = None;
+            }
             ev = stream.next() => match ev {
                 Some(Ok(SourceEvent::Added(a))) => {
                     debug!(adapter = %a.id, "added");
@@ -155,7 +197,13 @@ pub async fn run(
             }
         }
         let has = |m: &str, b: &str| shared.machine_has(m, b);
-        let want = plan::sockets(&config, &present, &has);
+        let want: BTreeMap<PathBuf, SocketSpec> = plan::sockets(&config, &present, &has)
+            .into_iter()
+            .filter(|(_, spec)| match &spec.access {
+                Access::Machine(m) => ready.contains(m),
+                Access::HostGroups(_) => true,
+            })
+            .collect();
         let gone: Vec<PathBuf> = listeners
             .keys()
             .filter(|rel| !want.contains_key(*rel))
@@ -166,34 +214,61 @@ pub async fn run(
                 l.retire();
             }
         }
-        for m in &machines {
+        for m in &ready {
             let man = plan::manifest(&config, &present, m, &has);
             if manifests.get(m) != Some(&man) {
-                if let Err(e) = write_manifest(&opts.run_dir.join("machines").join(m), &man) {
-                    warn!(machine = %m, "can't write the index: {e}");
+                match dir.write_index(m, &man) {
+                    Ok(()) => {
+                        manifests.insert(m.clone(), man);
+                    }
+                    Err(e) => {
+                        // Not noted as written: the next pass tries again.
+                        if manifests.remove(m).is_some() || retry_at.is_none() {
+                            warn!(machine = %m, "can't write the index: {e}; trying again every {}s", INDEX_RETRY.as_secs());
+                        }
+                        retry_at = Some(tokio::time::Instant::now() + INDEX_RETRY);
+                    }
                 }
-                manifests.insert(m.clone(), man);
             }
         }
         for (rel, spec) in want {
             if listeners.contains_key(&rel) {
                 continue;
             }
-            let path = opts.run_dir.join(&rel);
-            match bind(&path, 0o666) {
+            let place = match &spec.access {
+                Access::Machine(m) => Place::Machine(m.clone()),
+                Access::HostGroups(_) => Place::Host,
+            };
+            let name = wire::names::socket_name(&spec.tty.board, &spec.tty.tty);
+            // A tty's socket appears only once its machine's index names it.
+            if let Place::Machine(m) = &place {
+                if !manifests.contains_key(m) {
+                    continue;
+                }
+            }
+            let shown = dir.shown(&place, &name);
+            match dir.bind(&place, &name, 0o666) {
                 Ok(l) => {
                     let cancel = shutdown.child_token();
-                    info!(socket = %path.display(), "serving {}", spec.tty);
+                    info!(socket = %shown.display(), "serving {}", spec.tty);
                     let ctx = Ctx {
                         spec,
                         shared: shared.clone(),
-                        etc: opts.etc.clone(),
                         sessions: cancel.clone(),
                     };
                     tokio::spawn(accept_loop(l, ctx, cancel.clone()));
-                    listeners.insert(rel, Listener { path, cancel });
+                    listeners.insert(
+                        rel,
+                        Listener {
+                            dir: dir.clone(),
+                            place,
+                            name,
+                            cancel,
+                            retired: false,
+                        },
+                    );
                 }
-                Err(e) => warn!(socket = %path.display(), "can't serve: {e}"),
+                Err(e) => warn!(socket = %shown.display(), "can't serve: {e}"),
             }
         }
     };
@@ -204,8 +279,8 @@ pub async fn run(
     // connections close before the tty sockets go.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     drop(listeners);
-    for m in &machines {
-        let _ = fs::remove_file(opts.run_dir.join("machines").join(m).join(MANIFEST));
+    for m in &ready {
+        dir.remove_index(m);
     }
     result
 }
@@ -281,13 +356,13 @@ impl Away {
 struct Ctx {
     spec: SocketSpec,
     shared: Shared,
-    etc: PathBuf,
     /// Ends this socket's sessions: cancelled when the socket is withdrawn
     /// (after a grace) or the broker stops.
     sessions: CancellationToken,
 }
 
 async fn accept_loop(l: UnixListener, ctx: Ctx, cancel: CancellationToken) {
+    let mut failures = Throttle::per_window(1, Duration::from_secs(10));
     loop {
         tokio::select! {
             _ = cancel.cancelled() => return,
@@ -296,7 +371,9 @@ async fn accept_loop(l: UnixListener, ctx: Ctx, cancel: CancellationToken) {
                     tokio::spawn(connection(sock, ctx.clone()));
                 }
                 Err(e) => {
-                    warn!("accept on {}: {e}", ctx.spec.tty);
+                    if let Some(held) = failures.allow() {
+                        warn!("accept on {}: {e}{}", ctx.spec.tty, crate::control::held_back(held));
+                    }
                     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
                 }
             }
@@ -315,9 +392,17 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
     let who = match &ctx.spec.access {
         Access::Machine(m) => format!("machine {m}"),
         Access::HostGroups(groups) => {
-            let who = peer.describe(&ctx.etc);
-            let group_file = fs::read_to_string(ctx.etc.join("group")).unwrap_or_default();
-            let allowed = check_host_access(&peer, groups, &group_file, &who, &label)
+            let (p, wanted) = (peer.clone(), groups.clone());
+            let looked_up = tokio::task::spawn_blocking(move || {
+                let name = peer::user_name(p.uid);
+                (peer::member_of(&p, &wanted), name)
+            })
+            .await;
+            let Ok((member, name)) = looked_up else {
+                return;
+            };
+            let who = peer::describe(peer.uid, name.as_deref());
+            let allowed = peer::check_host_access(peer.uid, &member, groups, &who, &label)
                 .and_then(|()| ctx.shared.host_lease(peer.uid, &ctx.spec.tty.board));
             if let Err(why) = allowed {
                 info!(tty = %label, "refused {who}: {why}");
@@ -336,82 +421,6 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
         Err(why) => {
             info!(tty = %label, "refused: {why}");
             session::refuse(sock, &why).await;
-        }
-    }
-}
-
-/// Binds a unix socket at `path` with `mode`, replacing a stale one.
-fn bind(path: &Path, mode: u32) -> io::Result<UnixListener> {
-    match fs::remove_file(path) {
-        Ok(()) => {}
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => return Err(e),
-    }
-    let l = UnixListener::bind(path)?;
-    fs::set_permissions(path, fs::Permissions::from_mode(mode))?;
-    Ok(l)
-}
-
-/// Writes a machine's index atomically.
-fn write_manifest(dir: &Path, m: &Manifest) -> io::Result<()> {
-    let tmp = dir.join(format!(".{MANIFEST}.tmp"));
-    fs::write(&tmp, m.to_bytes())?;
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o644))?;
-    fs::rename(&tmp, dir.join(MANIFEST))
-}
-
-/// Makes the run directory and each machine's directory, removes what a
-/// killed broker left, and takes the run directory's lock so two brokers
-/// can't fight over it. Machine directories are never removed: a running
-/// container has them bind-mounted, and a new directory would not be seen.
-fn prepare_run_dir(
-    run: &Path,
-    machines: &BTreeSet<String>,
-) -> anyhow::Result<nix::fcntl::Flock<fs::File>> {
-    let mkdir = |p: &Path, mode: u32| -> anyhow::Result<()> {
-        fs::create_dir_all(p).with_context(|| format!("can't create {}", p.display()))?;
-        fs::set_permissions(p, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("can't set the mode of {}", p.display()))?;
-        Ok(())
-    };
-    mkdir(run, 0o755)?;
-    let lock_path = run.join("broker.lock");
-    let file = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .open(&lock_path)
-        .with_context(|| format!("can't open {}", lock_path.display()))?;
-    let lock = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-        Ok(l) => l,
-        Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
-            bail!("another devbroker is running with run directory {}; stop it or pass another --run-dir", run.display())
-        }
-        Err((_, e)) => bail!("can't lock {}: {e}", lock_path.display()),
-    };
-    // Host users reach only host/; machine directories are for their containers.
-    mkdir(&run.join("machines"), 0o700)?;
-    mkdir(&run.join("host"), 0o755)?;
-    clean_sockets(&run.join("host"));
-    if let Ok(rd) = fs::read_dir(run.join("machines")) {
-        for e in rd.flatten() {
-            clean_sockets(&e.path());
-        }
-    }
-    for m in machines {
-        mkdir(&run.join("machines").join(m), 0o755)?;
-    }
-    Ok(lock)
-}
-
-fn clean_sockets(dir: &Path) {
-    let Ok(rd) = fs::read_dir(dir) else { return };
-    for e in rd.flatten() {
-        let name = e.file_name();
-        let name = name.to_string_lossy();
-        if name.ends_with(".sock") || name == MANIFEST {
-            let _ = fs::remove_file(e.path());
         }
     }
 }

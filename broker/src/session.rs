@@ -79,6 +79,8 @@ struct Client {
     /// Buffer for reads from the port.
     port_buf: Vec<u8>,
     esc: Vec<u8>,
+    /// Warnings the client's bad commands may cause in the log.
+    warnings: crate::throttle::Throttle,
 }
 
 /// Runs a session until the client leaves, the adapter goes (for longer
@@ -119,6 +121,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         line: Line::default(),
         port_buf: vec![0u8; CHUNK],
         esc: Vec::new(),
+        warnings: crate::throttle::Throttle::per_connection(crate::limits::WARNINGS_PER_CONNECTION),
     };
     let mut hello = client.neg.opening();
     if let Some(ms) = port::modem_state(port.as_raw_fd()) {
@@ -132,7 +135,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
             return (End::Error(e), Some(port));
         }
         loop {
-            guard.set_fd(Some(port.as_raw_fd()));
+            guard.set_fd(Some(port::fd(&port)));
             let end = relay(&mut port, &mut client, &guard, &label, &mut link, &opened).await;
             let End::AdapterGone(why) = end else {
                 return (end, Some(port));
@@ -162,6 +165,9 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         _ = guard.cancel.cancelled() => (End::Cancelled, None),
     };
     info!(tty = %label, "session ended: {end:?}");
+    if client.warnings.suppressed() > 0 {
+        warn!(tty = %label, "{} more bad commands from the client were not logged", client.warnings.suppressed());
+    }
     if let (End::ClientLeft, Some(port)) = (&end, port) {
         guard.return_port(port);
     }
@@ -236,6 +242,9 @@ async fn relay(
     opened: &str,
 ) -> End {
     let fd = port.as_raw_fd();
+    // SAFETY: `port` is borrowed for the whole relay and outlives every use
+    // of this borrow, which never leaves the relay.
+    let port_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let (mut port_r, mut port_w) = tokio::io::split(port);
     let counters = &guard.counters;
     let capture = guard.capture.as_ref();
@@ -256,6 +265,7 @@ async fn relay(
         line,
         port_buf,
         esc,
+        warnings,
     } = client;
 
     let up = async {
@@ -269,7 +279,12 @@ async fn relay(
                 if link.changed().await.is_err() {
                     return std::future::pending().await;
                 }
-                if link.borrow_and_update().adapter.as_ref().is_none_or(|a| a.id != opened) {
+                if link
+                    .borrow_and_update()
+                    .adapter
+                    .as_ref()
+                    .is_none_or(|a| a.id != opened)
+                {
                     return;
                 }
             }
@@ -382,7 +397,7 @@ async fn relay(
                             Ok((Direction::ClientToServer, cmd)) => {
                                 line.note(&cmd);
                                 let reply = tokio::select! {
-                                    r = apply(fd, cmd, label, suspend_tx) => r,
+                                    r = apply(port_fd, cmd, label, suspend_tx, warnings) => r,
                                     _ = &mut stopped => None,
                                 };
                                 if let Some(reply) = reply {
@@ -395,16 +410,21 @@ async fn relay(
                             Ok((Direction::ServerToClient, cmd)) => {
                                 debug!(tty = %label, "ignoring server-side command from client: {cmd:?}")
                             }
-                            Err(e) => warn!(tty = %label, "{e}"),
+                            Err(e) => {
+                                if warnings.allow().is_some() {
+                                    warn!(tty = %label, "{e}")
+                                }
+                            }
                         }
                     }
                     Some(Event::Subnegotiation(opt, _)) => {
                         debug!(tty = %label, "ignoring subnegotiation of option {opt}")
                     }
                     Some(Event::Command(_)) => {}
-                    Some(Event::Malformed(why)) => {
+                    Some(Event::Malformed(why)) if warnings.allow().is_some() => {
                         warn!(tty = %label, "client sent a malformed command: {why}")
                     }
+                    Some(Event::Malformed(_)) => {}
                 }
             }
         }
@@ -447,87 +467,78 @@ fn drain_ready(fd: i32, buf: &mut [u8]) -> usize {
     got
 }
 
+/// How a SET-BAUDRATE, SET-DATASIZE, SET-PARITY or SET-STOPSIZE changes the
+/// port's settings, and which field of them its reply reports.
+type SettingChange = (
+    Box<dyn FnOnce(&mut libc::termios2) -> Option<()> + Send>,
+    fn(&wire::rfc2217::LineSettings) -> Command,
+);
+
+/// The settings change of a command, if it is one. A value of 0 asks for
+/// the current value and changes nothing.
+fn setting_change(cmd: &Command) -> Option<SettingChange> {
+    Some(match *cmd {
+        Command::SetBaudRate(b) => (
+            Box::new(move |t| (b != 0).then(|| termios::set_baud(t, b))),
+            |s| Command::SetBaudRate(s.baud),
+        ),
+        Command::SetDataSize(v) => (Box::new(move |t| termios::set_data_size(t, v)), |s| {
+            Command::SetDataSize(s.data_size)
+        }),
+        Command::SetParity(v) => (Box::new(move |t| termios::set_parity(t, v)), |s| {
+            Command::SetParity(s.parity)
+        }),
+        Command::SetStopSize(v) => (Box::new(move |t| termios::set_stop_size(t, v)), |s| {
+            Command::SetStopSize(s.stop_size)
+        }),
+        _ => return None,
+    })
+}
+
 /// Applies a client's command to the port and returns the reply: the value
-/// now in force. Commands that could block (a drain before a baud change)
-/// run off the async threads.
+/// now in force. A settings change waits for what was written before it to
+/// go out at the old rate, so it runs off the async threads, on a duplicate
+/// of the port's descriptor: it stays valid even if the session ends (and
+/// closes the port) meanwhile.
 async fn apply(
-    fd: i32,
+    fd: std::os::fd::BorrowedFd<'_>,
     cmd: Command,
     label: &str,
     suspend: &tokio::sync::watch::Sender<bool>,
+    warnings: &mut crate::throttle::Throttle,
 ) -> Option<Command> {
-    let blocking = |f: Box<dyn FnOnce() -> io::Result<Command> + Send>| {
-        let label = label.to_string();
-        async move {
-            match tokio::task::spawn_blocking(f).await {
-                Ok(Ok(c)) => Some(c),
-                Ok(Err(e)) => {
-                    warn!(tty = %label, "port control failed: {e}");
-                    None
+    if let Some((change, report)) = setting_change(&cmd) {
+        let applied = match fd.try_clone_to_owned() {
+            Ok(port) => tokio::task::spawn_blocking(move || -> io::Result<Command> {
+                use std::os::fd::AsRawFd;
+                let fd = port.as_raw_fd();
+                let mut t = termios::get(fd)?;
+                if change(&mut t).is_some() {
+                    termios::set(fd, &t, When::AfterDrain)?;
+                    t = termios::get(fd)?;
                 }
-                Err(_) => None,
+                Ok(report(&termios::to_settings(&t)))
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e))),
+            Err(e) => Err(e),
+        };
+        return match applied {
+            Ok(c) => {
+                debug!(tty = %label, "applied {cmd:?}: {c:?}");
+                Some(c)
             }
-        }
-    };
-    // Reads the port's settings after an optional change, reporting one field.
-    fn settings_cmd(
-        fd: i32,
-        change: impl FnOnce(&mut libc::termios2) -> Option<()>,
-        when: When,
-        report: fn(&wire::rfc2217::LineSettings) -> Command,
-    ) -> io::Result<Command> {
-        let mut t = termios::get(fd)?;
-        if change(&mut t).is_some() {
-            termios::set(fd, &t, when)?;
-            t = termios::get(fd)?;
-        }
-        Ok(report(&termios::to_settings(&t)))
+            Err(e) => {
+                if warnings.allow().is_some() {
+                    warn!(tty = %label, "port control failed: {e}");
+                }
+                None
+            }
+        };
     }
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
     match cmd {
-        Command::SetBaudRate(b) => {
-            blocking(Box::new(move || {
-                settings_cmd(
-                    fd,
-                    |t| (b != 0).then(|| termios::set_baud(t, b)),
-                    When::AfterDrain,
-                    |s| Command::SetBaudRate(s.baud),
-                )
-            }))
-            .await
-        }
-        Command::SetDataSize(v) => {
-            blocking(Box::new(move || {
-                settings_cmd(
-                    fd,
-                    |t| termios::set_data_size(t, v),
-                    When::AfterDrain,
-                    |s| Command::SetDataSize(s.data_size),
-                )
-            }))
-            .await
-        }
-        Command::SetParity(v) => {
-            blocking(Box::new(move || {
-                settings_cmd(
-                    fd,
-                    |t| termios::set_parity(t, v),
-                    When::AfterDrain,
-                    |s| Command::SetParity(s.parity),
-                )
-            }))
-            .await
-        }
-        Command::SetStopSize(v) => {
-            blocking(Box::new(move || {
-                settings_cmd(
-                    fd,
-                    |t| termios::set_stop_size(t, v),
-                    When::AfterDrain,
-                    |s| Command::SetStopSize(s.stop_size),
-                )
-            }))
-            .await
-        }
         Command::SetControl(v) => match port::set_control(fd, v) {
             Ok(r) => Some(Command::SetControl(r)),
             Err(e) => {
@@ -545,7 +556,9 @@ async fn apply(
         Command::PurgeData(v) => match port::purge(fd, v) {
             Ok(()) => Some(Command::PurgeData(v)),
             Err(e) => {
-                warn!(tty = %label, "{e}");
+                if warnings.allow().is_some() {
+                    warn!(tty = %label, "{e}");
+                }
                 None
             }
         },
@@ -567,5 +580,9 @@ async fn apply(
             None
         }
         Command::NotifyLineState(_) | Command::NotifyModemState(_) => None,
+        Command::SetBaudRate(_)
+        | Command::SetDataSize(_)
+        | Command::SetParity(_)
+        | Command::SetStopSize(_) => unreachable!("settings changes are handled above"),
     }
 }

@@ -5,6 +5,7 @@
 //! just the atomic counters.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
@@ -15,7 +16,8 @@ use wire::control::{
     BoardInfo, BoardStatus, Granted, GrantedTty, Holder, Reply, Status, TtyStatus,
 };
 
-use crate::lease::{Client, Leases, Want};
+use crate::lease::{Client, ClientKey, Leases, Refusal, Want};
+use crate::limits;
 
 use crate::adapter::Adapter;
 use crate::config::Config;
@@ -35,8 +37,12 @@ struct Session {
     pid: Option<i32>,
     since: SystemTime,
     cancel: CancellationToken,
-    /// The open port, for sequences run while the session holds it.
-    fd: Option<std::os::fd::RawFd>,
+    /// Cancelled when the session ends, however it ends: a sequence run on
+    /// its port stops then, so it never keeps the port from the next one.
+    ended: CancellationToken,
+    /// A duplicate of the open port, for sequences run while the session
+    /// holds it; `None` while the adapter is away.
+    fd: Option<Arc<OwnedFd>>,
 }
 
 /// Asks a drain task for its port.
@@ -103,11 +109,30 @@ struct Inner {
     next_session: u64,
     leases: Leases,
     /// Control connections, to tell a waiter its lease was granted.
-    conns: BTreeMap<u64, mpsc::UnboundedSender<Reply>>,
+    conns: BTreeMap<u64, (ClientKey, mpsc::UnboundedSender<Reply>)>,
+    /// Open control connections per client, for the limit.
+    conn_counts: BTreeMap<ClientKey, usize>,
     next_conn: u64,
     /// Each board's console capture.
     captures: BTreeMap<String, Arc<crate::capture::Capture>>,
+    /// Where each leased board's console starts for its holder: the lease
+    /// and the capture's stream position when it was granted.
+    log_from: BTreeMap<String, (u64, u64)>,
     next_drain: u64,
+    /// Sequences running, to stop those whose lease ended.
+    sequences: BTreeMap<u64, RunningSequence>,
+    next_sequence: u64,
+}
+
+/// A sequence being run, as the state knows it.
+#[derive(Debug)]
+struct RunningSequence {
+    client: ClientKey,
+    board: String,
+    /// The lease it runs under; `None` on a board dedicated to the machine
+    /// (or for the admin).
+    lease: Option<u64>,
+    stop: CancellationToken,
 }
 
 impl Inner {
@@ -126,6 +151,38 @@ impl Inner {
             board: board.to_string(),
             tty: tty.to_string(),
         }]
+    }
+}
+
+impl Inner {
+    /// Whether every tty of a board has its adapter.
+    fn board_present(&self, board: &str) -> bool {
+        inner_present(&self.config, &self.ttys, board)
+    }
+
+    /// Notes where a new lease's console starts.
+    fn lease_began(&mut self, board: &str) {
+        let Some(l) = self.leases.holder(board) else {
+            return;
+        };
+        let id = l.id;
+        if let Some(c) = self.captures.get(board) {
+            let at = c.total();
+            self.log_from.insert(board.to_string(), (id, at));
+        }
+    }
+
+    /// Stops sequences whose lease is over.
+    fn leases_changed(&mut self) {
+        let leases = &self.leases;
+        self.sequences.retain(|_, s| {
+            let Some(id) = s.lease else { return true };
+            if leases.holder(&s.board).is_some_and(|l| l.id == id) {
+                return true;
+            }
+            s.stop.cancel();
+            false
+        });
     }
 }
 
@@ -200,8 +257,16 @@ impl SessionGuard {
     }
 
     /// Records the session's open port, so sequences can run on it; `None`
-    /// while the adapter is away.
-    pub fn set_fd(&self, fd: Option<std::os::fd::RawFd>) {
+    /// while the adapter is away. The state keeps a duplicate: it stays
+    /// valid whatever the session does with its own.
+    pub fn set_fd(&self, port: Option<std::os::fd::BorrowedFd<'_>>) {
+        let fd = match port.map(|p| p.try_clone_to_owned()).transpose() {
+            Ok(fd) => fd.map(Arc::new),
+            Err(e) => {
+                tracing::warn!("{}: can't keep the port for sequences: {e}", self.key);
+                None
+            }
+        };
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(s) = inner
             .ttys
@@ -215,15 +280,39 @@ impl SessionGuard {
     }
 }
 
-/// Where a sequence can run: a duplicate of an open session's port (it stays
-/// valid if the session ends meanwhile), or the device to open for it.
+/// Where a sequence runs: the open port of a session (a duplicate), or the
+/// device it opens itself, holding the tty as a session would meanwhile.
 #[derive(Debug)]
 pub enum SequencePort {
-    Shared(std::os::fd::OwnedFd),
+    Shared(Arc<OwnedFd>),
     Open {
         device: std::path::PathBuf,
         rate: u32,
+        /// The tty, taken for the sequence: nobody else opens the port
+        /// while it runs, and `status` names who runs it.
+        guard: Box<SessionGuard>,
     },
+}
+
+/// A sequence allowed to run: where, and what stops it. Dropping it frees
+/// the client's sequence slot.
+#[derive(Debug)]
+pub struct SequenceRun {
+    pub key: TtyKey,
+    pub port: SequencePort,
+    /// Cancelled when the sequence must stop: its lease ended, the session
+    /// whose port it uses ended, the adapter went, or the broker stops. The
+    /// caller also cancels it when its connection closes.
+    pub stop: CancellationToken,
+    shared: Shared,
+    id: u64,
+}
+
+impl Drop for SequenceRun {
+    fn drop(&mut self) {
+        self.stop.cancel();
+        self.shared.inner.lock().unwrap().sequences.remove(&self.id);
+    }
 }
 
 impl Drop for SessionGuard {
@@ -231,7 +320,9 @@ impl Drop for SessionGuard {
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(t) = inner.ttys.get_mut(&self.key) {
             if t.session.as_ref().is_some_and(|s| s.id == self.id) {
-                t.session = None;
+                if let Some(s) = t.session.take() {
+                    s.ended.cancel();
+                }
             }
         }
     }
@@ -264,40 +355,47 @@ impl Shared {
         }
     }
 
-    /// Registers a control connection; replies for it (a grant while it
-    /// waits) arrive on the returned channel.
-    pub fn connect(&self) -> (u64, mpsc::UnboundedReceiver<Reply>) {
+    /// Registers a control connection of `client`; replies for it (a grant
+    /// while it waits) arrive on the returned channel. Refused past the
+    /// client's connection limit.
+    pub fn connect(
+        &self,
+        client: ClientKey,
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Reply>), String> {
         let mut inner = self.inner.lock().unwrap();
+        let n = inner.conn_counts.get(&client).copied().unwrap_or(0);
+        if client != ClientKey::Admin && n >= limits::CONTROL_CONNECTIONS {
+            return Err(format!(
+                "too many control connections ({n}, the limit); close some and try again"
+            ));
+        }
+        *inner.conn_counts.entry(client.clone()).or_default() += 1;
         inner.next_conn += 1;
         let id = inner.next_conn;
         let (tx, rx) = mpsc::unbounded_channel();
-        inner.conns.insert(id, tx);
-        (id, rx)
+        inner.conns.insert(id, (client, tx));
+        Ok((id, rx))
     }
 
     /// A control connection closed: its leases end, the next waiters get
     /// the boards.
     pub fn disconnect(&self, conn: u64) {
         let mut inner = self.inner.lock().unwrap();
-        inner.conns.remove(&conn);
-        inner.leases.drop_connection(conn);
-        Self::grant(&mut inner);
+        if let Some((key, _)) = inner.conns.remove(&conn) {
+            if let Some(n) = inner.conn_counts.get_mut(&key) {
+                *n -= 1;
+                if *n == 0 {
+                    inner.conn_counts.remove(&key);
+                }
+            }
+        }
+        let freed = inner.leases.drop_connection(conn);
+        if freed.is_empty() {
+            return;
+        }
+        Self::grant(&mut inner, &freed);
         drop(inner);
         self.changed.notify_one();
-    }
-
-    fn present_boards(inner: &Inner) -> Vec<String> {
-        inner
-            .config
-            .boards
-            .iter()
-            .filter(|b| {
-                b.ttys
-                    .iter()
-                    .all(|t| inner.tty(&b.name, &t.name).link.borrow().adapter.is_some())
-            })
-            .map(|b| b.name.clone())
-            .collect()
     }
 
     fn granted(inner: &Inner, board: &str, client: &Client) -> Granted {
@@ -328,50 +426,61 @@ impl Shared {
         }
     }
 
-    /// Hands free boards to waiters and tells them.
-    fn grant(inner: &mut Inner) {
-        let present = Self::present_boards(inner);
-        let config = inner.config.clone();
-        let grants =
-            inner
-                .leases
-                .grant_waiting(&config, &|b| present.iter().any(|p| p == b), &group_gid);
+    /// Hands those of `boards` that are free and present to their first
+    /// waiters, and tells them. Every path that may free a board or bring
+    /// one back ends here.
+    fn grant(inner: &mut Inner, boards: &[String]) {
+        let grants = {
+            let Inner {
+                leases,
+                config,
+                ttys,
+                ..
+            } = &mut *inner;
+            let present = |b: &str| inner_present(config, ttys, b);
+            leases.grant(boards.iter().map(String::as_str), &present)
+        };
         for g in grants {
+            inner.lease_began(&g.board);
             let client = inner
                 .leases
                 .holder(&g.board)
                 .map(|l| l.client.clone())
                 .expect("just granted");
             let reply = Reply::Granted(Self::granted(inner, &g.board, &client));
-            if let Some(tx) = inner.conns.get(&g.conn) {
+            if let Some((_, tx)) = inner.conns.get(&g.conn) {
                 let _ = tx.send(reply);
             }
         }
+        inner.leases_changed();
     }
 
     /// Asks for a lease for `conn`.
-    pub fn lease(&self, conn: u64, client: Client, want: Want) -> Result<LeaseOutcome, String> {
+    pub fn lease(&self, conn: u64, client: Client, want: Want) -> Result<LeaseOutcome, Refusal> {
         let mut inner = self.inner.lock().unwrap();
-        let present = Self::present_boards(&inner);
-        let config = inner.config.clone();
-        let got = inner.leases.request(
-            &config,
+        let Inner {
+            leases,
+            config,
+            ttys,
+            ..
+        } = &mut *inner;
+        let present = |b: &str| inner_present(config, ttys, b);
+        let got = leases.request(
+            config,
             conn,
             client.clone(),
             want,
-            &|b| present.iter().any(|p| p == b),
-            &group_gid,
+            &present,
+            limits::WAITING_LEASES,
         )?;
         if let Some(board) = got {
+            inner.lease_began(&board);
             let g = Self::granted(&inner, &board, &client);
             drop(inner);
             self.changed.notify_one();
             return Ok(LeaseOutcome::Granted(g));
         }
-        let pos = inner
-            .leases
-            .position(&config, conn, &group_gid)
-            .expect("just queued");
+        let pos = inner.leases.position(conn).expect("just queued");
         Ok(LeaseOutcome::Waiting(Reply::Waiting {
             place: pos.place,
             holders: pos
@@ -391,15 +500,17 @@ impl Shared {
     pub fn release(&self, conn: u64, board: &str) -> Result<(), String> {
         let mut inner = self.inner.lock().unwrap();
         inner.leases.release(conn, board)?;
-        Self::grant(&mut inner);
+        Self::grant(&mut inner, &[board.to_string()]);
         drop(inner);
         self.changed.notify_one();
         Ok(())
     }
 
-    /// Withdraws `conn` from the queue (its wait timed out).
-    pub fn give_up(&self, conn: u64) {
-        self.inner.lock().unwrap().leases.drop_connection(conn);
+    /// Withdraws `conn`'s waiting request (its wait timed out), keeping
+    /// whatever it holds. False when there was none: it was granted
+    /// meanwhile, and the grant is on its way to the connection.
+    pub fn withdraw(&self, conn: u64) -> bool {
+        self.inner.lock().unwrap().leases.withdraw(conn)
     }
 
     /// Whether a machine may have a board's sockets now: always for a board
@@ -429,36 +540,162 @@ impl Shared {
     }
 
     /// The boards a client may use (every board for the admin: `None`).
+    /// A client sees who holds a board and how many wait for it only as far
+    /// as it concerns itself: another client's lease reads "another client",
+    /// and `waiting` counts its own requests.
     pub fn list(&self, client: Option<&Client>) -> Vec<BoardInfo> {
         let inner = self.inner.lock().unwrap();
-        let present = Self::present_boards(&inner);
         inner
             .config
             .boards
             .iter()
-            .filter(|b| {
-                client.is_none_or(|c| crate::lease::allowed(&inner.config, &b.name, c, group_gid))
-            })
-            .map(|b| BoardInfo {
-                name: b.name.clone(),
-                compatible: b.compatible.clone(),
-                present: present.contains(&b.name),
-                leased_by: inner.leases.holder(&b.name).map(|l| l.client.describe()),
-                waiting: inner.leases.waiting_for(&inner.config, &b.name),
-                dedicated: b.dedicated_machine().is_some(),
-                ttys: b.ttys.iter().map(|t| t.name.clone()).collect(),
+            .filter(|b| client.is_none_or(|c| crate::lease::allowed(&inner.config, &b.name, c)))
+            .map(|b| {
+                let holder = inner.leases.holder(&b.name);
+                let (leased_by, waiting) = match client {
+                    None => (
+                        holder.map(|l| l.client.describe()),
+                        inner.leases.waiting_for(&b.name),
+                    ),
+                    Some(c) => (
+                        holder.map(|l| {
+                            if l.client.key() == c.key() {
+                                l.client.describe()
+                            } else {
+                                "another client".to_string()
+                            }
+                        }),
+                        inner.leases.waiting_for_by(&b.name, &c.key()),
+                    ),
+                };
+                BoardInfo {
+                    name: b.name.clone(),
+                    compatible: b.compatible.clone(),
+                    present: inner.board_present(&b.name),
+                    leased_by,
+                    waiting,
+                    dedicated: b.dedicated_machine().is_some(),
+                    ttys: b.ttys.iter().map(|t| t.name.clone()).collect(),
+                }
             })
             .collect()
     }
 
-    /// A tty's port for a sequence, with its steps resolved: the board's own
-    /// sequence of that name, else a built-in.
-    pub fn sequence_port(
+    /// Whether `client` (`None`: the admin) may act on a board now — run a
+    /// sequence, read its console — and under which lease: the admin
+    /// always; a machine on a board dedicated to it or leased to it; a host
+    /// user holding its lease. A board the client may not use at all gets
+    /// the same answer as one that does not exist.
+    fn access(inner: &Inner, client: Option<&Client>, board: &str) -> Result<Hold, String> {
+        let Some(c) = client else {
+            return inner.board(board).map(|_| Hold::Always);
+        };
+        if !crate::lease::allowed(&inner.config, board, c) {
+            return Err(crate::lease::not_available(
+                &Want::Board(board.to_string()),
+                c,
+            ));
+        }
+        let b = inner.board(board)?;
+        if let Client::Machine(m) = c {
+            if b.dedicated_machine() == Some(m.as_str()) {
+                return Ok(Hold::Always);
+            }
+        }
+        match inner.leases.holder(board) {
+            Some(l) if l.client.key() == c.key() => Ok(Hold::Lease(l.id)),
+            _ => Err(format!(
+                "{} does not hold board {board}: lease it first (`devshim lease --board {board} -- COMMAND`)",
+                c.describe()
+            )),
+        }
+    }
+
+    /// Ok when `client` may act on `board` now; else why not (see
+    /// [`Shared::log`] and [`Shared::begin_sequence`], which check it again).
+    pub fn may_act(&self, client: Option<&Client>, board: &str) -> Result<(), String> {
+        Self::access(&self.inner.lock().unwrap(), client, board).map(|_| ())
+    }
+
+    /// What a board's console printed that `client` may read — everything
+    /// for the admin and on a dedicated board, else only what came since
+    /// its lease began — and a receiver for what comes next. Chunks from the
+    /// receiver must be checked with [`Shared::may_follow`].
+    pub fn log(
         &self,
+        client: Option<&Client>,
+        board: &str,
+    ) -> Result<(Vec<u8>, ConsoleFollow), String> {
+        let inner = self.inner.lock().unwrap();
+        let hold = Self::access(&inner, client, board)?;
+        let cap = inner
+            .captures
+            .get(board)
+            .cloned()
+            .ok_or_else(|| format!("board {board} is not in the config"))?;
+        let from = match hold {
+            Hold::Always => 0,
+            Hold::Lease(id) => match inner.log_from.get(board) {
+                Some((l, at)) if *l == id => *at,
+                _ => cap.total(),
+            },
+        };
+        let (ring, rx) = cap.snapshot_since(from);
+        Ok((
+            ring,
+            ConsoleFollow {
+                board: board.to_string(),
+                rx,
+                from,
+                lease: match hold {
+                    Hold::Always => None,
+                    Hold::Lease(id) => Some(id),
+                },
+            },
+        ))
+    }
+
+    /// Whether a follower may still read its board's console: its lease
+    /// (if it came with one) still runs.
+    pub fn may_follow(&self, f: &ConsoleFollow) -> bool {
+        match f.lease {
+            None => true,
+            Some(id) => self
+                .inner
+                .lock()
+                .unwrap()
+                .leases
+                .holder(&f.board)
+                .is_some_and(|l| l.id == id),
+        }
+    }
+
+    /// Lets `client` (`None`: the admin) run a sequence on a board's tty:
+    /// on the port of the session that has it open, else on the device,
+    /// which the sequence opens and holds as a session would. One sequence
+    /// at a time per client; it is stopped when its lease ends.
+    pub fn begin_sequence(
+        &self,
+        client: Option<&Client>,
         board: &str,
         tty: Option<&str>,
-    ) -> Result<(TtyKey, SequencePort), String> {
-        let inner = self.inner.lock().unwrap();
+        pid: Option<i32>,
+        parent: &CancellationToken,
+    ) -> Result<SequenceRun, String> {
+        let mut inner = self.inner.lock().unwrap();
+        let hold = Self::access(&inner, client, board)?;
+        let key_of = client.map_or(ClientKey::Admin, Client::key);
+        let running = inner
+            .sequences
+            .values()
+            .filter(|s| s.client == key_of)
+            .count();
+        if running >= limits::SEQUENCES {
+            return Err(format!(
+                "{} already runs a sequence; one at a time",
+                client.map_or("the admin".to_string(), Client::describe)
+            ));
+        }
         let b = inner.board(board)?;
         let t = match tty {
             Some(t) => b
@@ -472,24 +709,75 @@ impl Shared {
             board: board.to_string(),
             tty: t.name.clone(),
         };
+        let rate = t.rate;
         let st = &inner.ttys[&key];
         let adapter = st
             .adapter()
             .ok_or_else(|| format!("{key} is not plugged in"))?;
-        if let Some(fd) = st.session.as_ref().and_then(|s| s.fd) {
-            // SAFETY: the session keeps `fd` open while we hold the lock.
-            let dup = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-                .try_clone_to_owned()
-                .map_err(|e| format!("{key}: {e}"))?;
-            return Ok((key, SequencePort::Shared(dup)));
+        let stop = parent.child_token();
+        let port = match &st.session {
+            Some(s) => {
+                let fd = s.fd.clone().ok_or_else(|| {
+                    format!("{key} is re-enumerating; try again in a few seconds")
+                })?;
+                let (ended, cancel, stop2) = (s.ended.clone(), s.cancel.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = ended.cancelled() => stop2.cancel(),
+                        _ = cancel.cancelled() => stop2.cancel(),
+                        _ = stop2.cancelled() => {}
+                    }
+                });
+                SequencePort::Shared(fd)
+            }
+            None => {
+                drop(inner);
+                let who = format!(
+                    "a sequence of {}",
+                    client.map_or("the admin".to_string(), Client::describe)
+                );
+                let guard = self.acquire(&key, who, pid, parent)?;
+                let (cancel, stop2) = (guard.cancel.clone(), stop.clone());
+                tokio::spawn(async move {
+                    tokio::select! {
+                        _ = cancel.cancelled() => stop2.cancel(),
+                        _ = stop2.cancelled() => {}
+                    }
+                });
+                inner = self.inner.lock().unwrap();
+                SequencePort::Open {
+                    device: adapter.device,
+                    rate,
+                    guard: Box::new(guard),
+                }
+            }
+        };
+        // The lease may have ended while the lock was let go.
+        let hold2 = Self::access(&inner, client, board)?;
+        if hold2 != hold {
+            return Err(format!("the lease on {board} ended"));
         }
-        Ok((
-            key,
-            SequencePort::Open {
-                device: adapter.device,
-                rate: t.rate,
+        inner.next_sequence += 1;
+        let id = inner.next_sequence;
+        inner.sequences.insert(
+            id,
+            RunningSequence {
+                client: key_of,
+                board: board.to_string(),
+                lease: match hold {
+                    Hold::Always => None,
+                    Hold::Lease(l) => Some(l),
+                },
+                stop: stop.clone(),
             },
-        ))
+        );
+        Ok(SequenceRun {
+            key,
+            port,
+            stop,
+            shared: self.clone(),
+            id,
+        })
     }
 
     /// The step text of a board's sequence: its own, else a built-in.
@@ -511,11 +799,6 @@ impl Shared {
                     names.join(", ")
                 )
             })
-    }
-
-    /// A board's console capture.
-    pub fn capture(&self, board: &str) -> Option<Arc<crate::capture::Capture>> {
-        self.inner.lock().unwrap().captures.get(board).cloned()
     }
 
     /// Console ttys captured `always` that are present with neither a session
@@ -635,7 +918,8 @@ impl Shared {
             }
         }
         // A board that came back may be what someone waits for.
-        Self::grant(&mut inner);
+        let wanted = inner.leases.wanted_boards();
+        Self::grant(&mut inner, &wanted);
     }
 
     /// Takes the tty for a new session, or says who has it.
@@ -684,6 +968,7 @@ impl Shared {
             pid,
             since: SystemTime::now(),
             cancel: cancel.clone(),
+            ended: CancellationToken::new(),
             fd: None,
         });
         Ok(SessionGuard {
@@ -743,10 +1028,41 @@ impl Shared {
     }
 }
 
-/// A host group's gid, from `/etc/group`.
-pub fn group_gid(name: &str) -> Option<u32> {
-    let text = std::fs::read_to_string("/etc/group").ok()?;
-    devshim::users::group_gid(&text, name)
+/// Whether every tty of `board` has its adapter (for the lease queue, which
+/// can't borrow all of [`Inner`]).
+fn inner_present(config: &Config, ttys: &BTreeMap<TtyKey, TtyState>, board: &str) -> bool {
+    config
+        .boards
+        .iter()
+        .find(|b| b.name == board)
+        .is_some_and(|b| {
+            b.ttys.iter().all(|t| {
+                ttys.get(&TtyKey {
+                    board: b.name.clone(),
+                    tty: t.name.clone(),
+                })
+                .is_some_and(|st| st.link.borrow().adapter.is_some())
+            })
+        })
+}
+
+/// How a client holds a board it acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Hold {
+    /// The admin, or a machine the board is dedicated to.
+    Always,
+    /// Under this lease.
+    Lease(u64),
+}
+
+/// A console being followed: chunks from `rx` at or past `from`, for as
+/// long as [`Shared::may_follow`] says.
+#[derive(Debug)]
+pub struct ConsoleFollow {
+    pub board: String,
+    pub rx: tokio::sync::broadcast::Receiver<crate::capture::Chunk>,
+    pub from: u64,
+    lease: Option<u64>,
 }
 
 fn rate_of(config: &Config, key: &TtyKey) -> u32 {

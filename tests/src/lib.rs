@@ -171,6 +171,12 @@ impl World {
     /// Starts `devbroker run` on the world's config and run directory with
     /// `source` flags, logging to `broker.log`.
     fn broker_with(&self, source: &[&str]) -> Proc {
+        self.broker_env(source, &[])
+    }
+
+    /// [`World::broker`] with more environment (an NSS module preloaded,
+    /// say).
+    pub fn broker_env(&self, source: &[&str], env: &[(&str, &str)]) -> Proc {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -183,6 +189,7 @@ impl World {
             .arg("--run-dir")
             .arg(&self.run)
             .env("DEVBROKER_LOG", "debug")
+            .envs(env.iter().copied())
             .die_with_parent()
             .stdout(Stdio::null())
             .stderr(log)

@@ -177,7 +177,7 @@ fn sai_device_exports_the_ttys_and_returns_the_status() {
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr)
-        .contains("no board in the config is compatible with nrf52"));
+        .contains("no board of type nrf52 is available to machine ci1"));
     let out = Command::new(&sai)
         .args(["esp32", "ESPPORT=3", "true"])
         .env("DEVBROKER_DIR", w.run.join("machines/ci1"))
@@ -224,7 +224,7 @@ fn the_control_plane_survives_bad_requests() {
         ),
         (
             b"{\"request\":\"lease\",\"board\":\"nope\"}\n".to_vec(),
-            "board nope is not in the config",
+            "board nope is not available to machine ci1",
         ),
         (
             [vec![b'x'; 70 * 1024], b"\n".to_vec()].concat(),

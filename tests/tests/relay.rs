@@ -244,7 +244,7 @@ fn policy_decides_who_gets_a_socket() {
     ))
     .unwrap();
     assert!(
-        lease_refused.contains("may not use board hil1"),
+        lease_refused.contains("board hil1 is not available to host user nobody (uid 65534)"),
         "{lease_refused}"
     );
     let unleased =

@@ -39,7 +39,12 @@ fn sequences_run_on_the_host_with_their_timing() {
     // The board's own sequence, on a port nobody has open: the broker opens it.
     let r = c.ask(json!({"request": "run", "board": "esp1", "sequence": "slow"}));
     assert_eq!(r["reply"], "ran", "{r}");
-    let steps: Vec<&str> = r["steps"].as_array().unwrap().iter().map(|s| s["step"].as_str().unwrap()).collect();
+    let steps: Vec<&str> = r["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["step"].as_str().unwrap())
+        .collect();
     assert_eq!(steps, ["dtr=1", "dtr=0", "baud=460800"]);
     assert_eq!(r["steps"][1]["nominal_us"], 30_000);
     assert_eq!(r["steps"][2]["nominal_us"], 60_000);
@@ -48,7 +53,9 @@ fn sequences_run_on_the_host_with_their_timing() {
     }
     assert_eq!(board.baud(), 460800, "baud= reached the port");
     // Explicit steps and a built-in.
-    let r = c.ask(json!({"request": "run", "board": "esp1", "steps": "dtr=0 rts=1 break=10ms baud=115200"}));
+    let r = c.ask(
+        json!({"request": "run", "board": "esp1", "steps": "dtr=0 rts=1 break=10ms baud=115200"}),
+    );
     assert_eq!(r["reply"], "ran", "{r}");
     assert_eq!(board.baud(), 115200);
     let r = c.ask(json!({"request": "run", "board": "esp1", "sequence": "esp32-bootloader"}));
@@ -59,7 +66,9 @@ fn sequences_run_on_the_host_with_their_timing() {
     let link = w.guest_link("ci1", FTDI);
     wait_for(Duration::from_secs(5), "the link", || exists(&link));
     let tool = Tool::open(&link).unwrap();
-    wait_for(Duration::from_secs(5), "the session", || w.status()["boards"][0]["ttys"][0]["holder"].is_object());
+    wait_for(Duration::from_secs(5), "the session", || {
+        w.status()["boards"][0]["ttys"][0]["holder"].is_object()
+    });
     let r = c.ask(json!({"request": "run", "board": "esp1", "steps": "baud=230400"}));
     assert_eq!(r["reply"], "ran", "{r}");
     assert_eq!(board.baud(), 230400);
@@ -67,22 +76,67 @@ fn sequences_run_on_the_host_with_their_timing() {
 
     // devshim ctl, as a job runs it.
     let dir = w.run.join("machines/ci1");
-    let out = std::process::Command::new(devshim()).args(["ctl", "--dir", dir.to_str().unwrap(), "esp1", "reset"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = std::process::Command::new(devshim())
+        .args(["ctl", "--dir", dir.to_str().unwrap(), "esp1", "reset"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8_lossy(&out.stdout);
-    assert!(text.contains("rts=1") && text.contains("20.000 ms  rts=0"), "{text}");
-    let out = std::process::Command::new(devshim()).args(["ctl", "--dir", dir.to_str().unwrap(), "esp1", "baud=57600", "dtr=1"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        text.contains("rts=1") && text.contains("20.000 ms  rts=0"),
+        "{text}"
+    );
+    let out = std::process::Command::new(devshim())
+        .args([
+            "ctl",
+            "--dir",
+            dir.to_str().unwrap(),
+            "esp1",
+            "baud=57600",
+            "dtr=1",
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert_eq!(board.baud(), 57600);
-    let out = std::process::Command::new(devshim()).args(["ctl", "--dir", dir.to_str().unwrap(), "other", "reset"]).output().unwrap();
+    let out = std::process::Command::new(devshim())
+        .args(["ctl", "--dir", dir.to_str().unwrap(), "other", "reset"])
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(1));
-    assert!(String::from_utf8_lossy(&out.stderr).contains("does not hold board other"));
+    assert!(String::from_utf8_lossy(&out.stderr)
+        .contains("board other is not available to machine ci1"));
 
     // Refusals name the problem.
     for (req, want) in [
-        (json!({"request": "run", "board": "esp1", "sequence": "nope"}), "has no sequence \"nope\"; it has reset, slow, esp32-bootloader"),
-        (json!({"request": "run", "board": "esp1", "steps": "dtr=5"}), "dtr takes 0 or 1"),
-        (json!({"request": "run", "board": "other", "sequence": "reset"}), "machine ci1 does not hold board other"),
+        (
+            json!({"request": "run", "board": "esp1", "sequence": "nope"}),
+            "has no sequence \"nope\"; it has reset, slow, esp32-bootloader",
+        ),
+        (
+            json!({"request": "run", "board": "esp1", "steps": "dtr=5"}),
+            "dtr takes 0 or 1",
+        ),
+        (
+            json!({"request": "run", "board": "other", "sequence": "reset"}),
+            "board other is not available to machine ci1",
+        ),
+        (
+            json!({"request": "run", "board": "nowhere", "sequence": "reset"}),
+            "board nowhere is not available to machine ci1",
+        ),
+        (
+            json!({"request": "run", "board": "esp1", "steps": "sleep=30s sleep=31s"}),
+            "lasts 1m 1s in all; the limit is 1m",
+        ),
         (json!({"request": "run", "board": "esp1"}), "exactly one of"),
     ] {
         let r = c.ask(req);
@@ -100,5 +154,8 @@ fn a_bad_sequence_in_the_config_is_refused() {
         devbroker_cli(&["check", "--config", p.to_str().unwrap()])
     };
     assert!(!ok);
-    assert!(out.contains(":4:9: sequence \"reset\": \"10\" is not a duration like 100ms"), "{out}");
+    assert!(
+        out.contains(":4:9: sequence \"reset\": \"10\" is not a duration like 100ms"),
+        "{out}"
+    );
 }
