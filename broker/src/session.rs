@@ -19,7 +19,6 @@ use tokio::net::unix::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, watch};
 use tokio_serial::SerialStream;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::rfc2217::{control, Command, Direction};
 use wire::telnet::{self, Decoder, Event, Negotiator, OPT_COM_PORT};
@@ -130,9 +129,15 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
     let mut link = guard.link.clone();
     let mut seen = link.borrow_and_update().gen;
     let mut opened = guard.adapter.id.clone();
+    // The session ends itself when cancelled (between whole frames, and
+    // never while a port control it started still runs on the port), so the
+    // port is closed only once nothing uses its descriptor any more.
     let end = async {
-        if let Err(e) = client.sock_w.write_all(&hello).await {
-            return (End::Error(e), Some(port));
+        tokio::select! {
+            r = client.sock_w.write_all(&hello) => if let Err(e) = r {
+                return (End::Error(e), Some(port));
+            },
+            _ = guard.cancel.cancelled() => return (End::Cancelled, Some(port)),
         }
         loop {
             guard.set_fd(Some(port::fd(&port)));
@@ -147,7 +152,11 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
             drop(port);
             let grace = humantime::format_duration(guard.grace);
             info!(tty = %label, "the port failed ({why}); waiting up to {grace} for the adapter to come back");
-            match reopen(&mut link, &mut seen, &guard, &client.line, &label).await {
+            let back = tokio::select! {
+                r = reopen(&mut link, &mut seen, &guard, &client.line, &label) => r,
+                _ = guard.cancel.cancelled() => return (End::Cancelled, None),
+            };
+            match back {
                 Some((p, id)) => (port, opened) = (p, id),
                 None => {
                     return (
@@ -160,10 +169,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
             }
         }
     };
-    let (end, port) = tokio::select! {
-        r = end => r,
-        _ = guard.cancel.cancelled() => (End::Cancelled, None),
-    };
+    let (end, port) = end.await;
     info!(tty = %label, "session ended: {end:?}");
     if client.warnings.suppressed() > 0 {
         warn!(tty = %label, "{} more bad commands from the client were not logged", client.warnings.suppressed());
@@ -242,13 +248,10 @@ async fn relay(
     opened: &str,
 ) -> End {
     let fd = port.as_raw_fd();
-    // SAFETY: `port` is borrowed for the whole relay and outlives every use
-    // of this borrow, which never leaves the relay.
-    let port_fd = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
     let (mut port_r, mut port_w) = tokio::io::split(port);
     let counters = &guard.counters;
     let capture = guard.capture.as_ref();
-    let stop = CancellationToken::new();
+    let stop = guard.cancel.child_token();
     let Client {
         sock_r,
         sock_w,
@@ -289,7 +292,10 @@ async fn relay(
                 }
             }
         };
-        tokio::pin!(stopped, removed);
+        // Cancelled (unplugged past the grace, lease ended, shutdown): a
+        // client that doesn't read can't hold the session in a write.
+        let aborted = guard.cancel.cancelled();
+        tokio::pin!(stopped, removed, aborted);
         loop {
             let suspended = *suspend_rx.borrow();
             tokio::select! {
@@ -297,7 +303,10 @@ async fn relay(
                 _ = &mut stopped => return None,
                 _ = &mut removed => return Some(End::AdapterGone("the adapter was removed".into())),
                 msg = ctl_rx.recv() => match msg {
-                    Some(m) => if let Err(e) = sock_w.write_all(&m).await { return Some(End::Error(e)) },
+                    Some(m) => tokio::select! {
+                        r = sock_w.write_all(&m) => if let Err(e) = r { return Some(End::Error(e)) },
+                        _ = &mut aborted => return None,
+                    },
                     None => return Some(End::ClientLeft),
                 },
                 _ = suspend_rx.changed() => {}
@@ -319,15 +328,19 @@ async fn relay(
                     if let Some(c) = capture {
                         c.record(chunk);
                     }
-                    let w = if telnet::needs_escape(chunk) {
+                    let out: &[u8] = if telnet::needs_escape(chunk) {
                         esc.clear();
                         telnet::escape_into(chunk, esc);
-                        sock_w.write_all(esc).await
+                        esc
                     } else {
-                        sock_w.write_all(chunk).await
+                        chunk
                     };
-                    if let Err(e) = w {
-                        return Some(End::Error(e));
+                    tokio::select! {
+                        biased;
+                        w = sock_w.write_all(out) => if let Err(e) = w {
+                            return Some(End::Error(e));
+                        },
+                        _ = &mut aborted => return None,
                     }
                 }
             }
@@ -396,9 +409,17 @@ async fn relay(
                         match Command::decode(&payload) {
                             Ok((Direction::ClientToServer, cmd)) => {
                                 line.note(&cmd);
+                                // Applied to the end even when stopping: the
+                                // port stays open until it is done (a drain
+                                // cut short by purging what waits to go out).
+                                let applying = apply(fd, cmd, label, suspend_tx, warnings);
+                                tokio::pin!(applying);
                                 let reply = tokio::select! {
-                                    r = apply(port_fd, cmd, label, suspend_tx, warnings) => r,
-                                    _ = &mut stopped => None,
+                                    r = &mut applying => r,
+                                    _ = &mut stopped => {
+                                        let _ = port::purge(fd, wire::rfc2217::purge::TRANSMIT);
+                                        applying.await
+                                    }
                                 };
                                 if let Some(reply) = reply {
                                     tokio::select! {
@@ -497,32 +518,27 @@ fn setting_change(cmd: &Command) -> Option<SettingChange> {
 
 /// Applies a client's command to the port and returns the reply: the value
 /// now in force. A settings change waits for what was written before it to
-/// go out at the old rate, so it runs off the async threads, on a duplicate
-/// of the port's descriptor: it stays valid even if the session ends (and
-/// closes the port) meanwhile.
+/// go out at the old rate, so it runs off the async threads; the relay
+/// awaits it to the end, even when it stops, so the port (and so `fd`) is
+/// never closed under it.
 async fn apply(
-    fd: std::os::fd::BorrowedFd<'_>,
+    fd: std::os::fd::RawFd,
     cmd: Command,
     label: &str,
     suspend: &tokio::sync::watch::Sender<bool>,
     warnings: &mut crate::throttle::Throttle,
 ) -> Option<Command> {
     if let Some((change, report)) = setting_change(&cmd) {
-        let applied = match fd.try_clone_to_owned() {
-            Ok(port) => tokio::task::spawn_blocking(move || -> io::Result<Command> {
-                use std::os::fd::AsRawFd;
-                let fd = port.as_raw_fd();
-                let mut t = termios::get(fd)?;
-                if change(&mut t).is_some() {
-                    termios::set(fd, &t, When::AfterDrain)?;
-                    t = termios::get(fd)?;
-                }
-                Ok(report(&termios::to_settings(&t)))
-            })
-            .await
-            .unwrap_or_else(|e| Err(io::Error::other(e))),
-            Err(e) => Err(e),
-        };
+        let applied = tokio::task::spawn_blocking(move || -> io::Result<Command> {
+            let mut t = termios::get(fd)?;
+            if change(&mut t).is_some() {
+                termios::set(fd, &t, When::AfterDrain)?;
+                t = termios::get(fd)?;
+            }
+            Ok(report(&termios::to_settings(&t)))
+        })
+        .await
+        .unwrap_or_else(|e| Err(io::Error::other(e)));
         return match applied {
             Ok(c) => {
                 debug!(tty = %label, "applied {cmd:?}: {c:?}");
@@ -536,8 +552,6 @@ async fn apply(
             }
         };
     }
-    use std::os::fd::AsRawFd;
-    let fd = fd.as_raw_fd();
     match cmd {
         Command::SetControl(v) => match port::set_control(fd, v) {
             Ok(r) => Some(Command::SetControl(r)),

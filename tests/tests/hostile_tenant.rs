@@ -1,0 +1,245 @@
+//! A container's root, hostile: in a booted `-U` container it plants links
+//! and FIFOs everywhere `machine setup` and the broker write, then the admin
+//! runs setup again, `check --fix` and `remove`, and jobs lease a shared
+//! board back and forth. A sentinel set of host files, hashed before and
+//! after, must be unchanged, and nothing may hang. Needs root,
+//! systemd-container and debootstrap (.ci/run installs them).
+
+use std::collections::BTreeMap;
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use devbroker_tests::container::{self, BootOptions, Container, TreeCopy};
+use devbroker_tests::control::ControlClient;
+use devbroker_tests::*;
+
+const FTDI: &str = "usb-FTDI_FT232R_USB_UART_H0ST1L-if00-port0";
+
+/// Host files a hostile container would love to change: their content,
+/// owner and mode.
+struct Sentinels {
+    dir: tempfile::TempDir,
+}
+
+impl Sentinels {
+    fn new() -> Sentinels {
+        let dir = tempfile::Builder::new()
+            .prefix("devbroker-sentinel-")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let s = Sentinels { dir };
+        std::fs::write(s.file(), "root:x:0:0:host secret\n").unwrap();
+        std::fs::set_permissions(s.file(), std::os::unix::fs::PermissionsExt::from_mode(0o600))
+            .unwrap();
+        std::fs::create_dir(s.subdir()).unwrap();
+        std::fs::set_permissions(s.subdir(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        std::fs::write(s.subdir().join("keep"), "host data\n").unwrap();
+        s
+    }
+
+    fn file(&self) -> PathBuf {
+        self.dir.path().join("passwd")
+    }
+
+    fn subdir(&self) -> PathBuf {
+        self.dir.path().join("dir")
+    }
+
+    /// Every path under the sentinel directory with its content hash, owner
+    /// and mode.
+    fn snapshot(&self) -> BTreeMap<String, String> {
+        let mut out = BTreeMap::new();
+        fn walk(p: &Path, out: &mut BTreeMap<String, String>) {
+            let m = std::fs::symlink_metadata(p).unwrap();
+            let content = if m.is_file() {
+                format!("{:x}", fnv(&std::fs::read(p).unwrap()))
+            } else {
+                String::new()
+            };
+            out.insert(
+                p.display().to_string(),
+                format!("{} {}:{} {:o} {content}", kind(&m), m.uid(), m.gid(), m.mode()),
+            );
+            if m.is_dir() {
+                for e in std::fs::read_dir(p).unwrap() {
+                    walk(&e.unwrap().path(), out);
+                }
+            }
+        }
+        walk(self.dir.path(), &mut out);
+        out
+    }
+}
+
+fn kind(m: &std::fs::Metadata) -> &'static str {
+    if m.file_type().is_symlink() {
+        "link"
+    } else if m.is_dir() {
+        "dir"
+    } else {
+        "file"
+    }
+}
+
+fn fnv(b: &[u8]) -> u64 {
+    b.iter()
+        .fold(0xcbf29ce484222325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100000001b3))
+}
+
+fn sh(c: &Container, script: &str) -> (bool, String) {
+    let out = c
+        .exec_with(None, &["/bin/sh", "-c", script], Duration::from_secs(60))
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+fn setup_args<'a>(name: &'a str, tree: &'a str, w: &'a World, state: &'a str) -> Vec<&'a str> {
+    vec![
+        "machine",
+        "setup",
+        name,
+        "--tree",
+        tree,
+        "--nspawn-dir",
+        "/run/systemd/nspawn",
+        "--run-dir",
+        w.run.to_str().unwrap(),
+        "--state-dir",
+        state,
+        "--config",
+        w.config.to_str().unwrap(),
+    ]
+}
+
+#[test]
+fn a_hostile_container_root_changes_nothing_of_the_host() {
+    if let Some(why) = container::skip_reason() {
+        println!("skipped: {why}");
+        return;
+    }
+    let name = format!("dbh{}", std::process::id() % 100000);
+    let w = World::new(&format!(
+        "[[board]]\nname = \"shared\"\nmachines = [\"{name}\", \"other\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"{FTDI}\" }}\n\n[[machine]]\nname = \"{name}\"\n\n[[machine]]\nname = \"other\"\n"
+    ));
+    let sentinels = Sentinels::new();
+    let tree = TreeCopy::new().expect("a container tree");
+    let link = PathBuf::from("/var/lib/machines").join(&name);
+    std::fs::create_dir_all("/var/lib/machines").unwrap();
+    let _ = std::fs::remove_file(&link);
+    std::os::unix::fs::symlink(tree.path(), &link).unwrap();
+    let state = w.path("state");
+    let tree_s = tree.path().to_str().unwrap().to_string();
+    let state_s = state.to_str().unwrap().to_string();
+    let mut args = setup_args(&name, &tree_s, &w, &state_s);
+    let shim = devshim().to_str().unwrap().to_string();
+    args.extend(["--devshim", &shim]);
+    let (ok, out) = devbroker_cli(&args);
+    assert!(ok, "setup: {out}");
+    let _broker = w.broker();
+    let board = w.plug(FTDI);
+    let c = Container::boot(BootOptions {
+        name: name.clone(),
+        directory: None,
+        private_users: true,
+        extra_args: vec![],
+    })
+    .unwrap_or_else(|e| panic!("boot: {e:#}"));
+    assert!(c.uid_shift() > 0, "a -U container");
+    let before = sentinels.snapshot();
+    let target = sentinels.file().display().to_string();
+    let target_dir = sentinels.subdir().display().to_string();
+
+    // The machine directory is the host's: the container's root can't plant
+    // anything there.
+    let (ok, out) = sh(
+        &c,
+        &format!(
+            "ln -s {target} /run/devbroker/.ttys.json.tmp || echo refused-link; \
+             mkfifo /run/devbroker/.ttys.json.tmp || echo refused-fifo; \
+             ln -s {target} /run/devbroker/shared.console.sock || echo refused-sock; \
+             touch /run/devbroker/x || echo refused-file"
+        ),
+    );
+    assert!(ok, "{out}");
+    for r in ["refused-link", "refused-fifo", "refused-sock", "refused-file"] {
+        assert!(out.contains(r), "{r}: {out}");
+    }
+
+    // The tree: links and FIFOs where setup writes, a home that climbs out.
+    let (ok, out) = sh(
+        &c,
+        &format!(
+            "set -e
+             ln -sf {target} /etc/.passwd.devbroker-tmp
+             ln -sf {target} /etc/.group.devbroker-tmp
+             rm -f /etc/.shadow.devbroker-tmp; mkfifo /etc/.shadow.devbroker-tmp
+             rm -f /etc/.gshadow.devbroker-tmp; mkfifo /etc/.gshadow.devbroker-tmp
+             ln -sf {target} /etc/.hostname.devbroker-tmp
+             rm -rf /home/sai; ln -s {target_dir} /home/sai
+             rm -rf /etc/systemd/network; ln -s {target_dir} /etc/systemd/network
+             cp -a /usr/local/bin /usr/local/bin.real; rm -rf /usr/local/bin; ln -s {target_dir} /usr/local/bin
+             sed -i 's#^sai:\\([^:]*:[^:]*:[^:]*:[^:]*\\):[^:]*:#sai:\\1:/../../../../../..{target_dir}:#' /etc/passwd
+             grep ^sai: /etc/passwd
+             # Make setup want to write again: take its lines out.
+             sed -i '/^sai:/d' /etc/group /etc/shadow /etc/gshadow
+             echo planted"
+        ),
+    );
+    assert!(ok && out.contains("planted"), "{out}");
+
+    // The admin runs setup again (an upgrade, say), check --fix and remove:
+    // each refuses or works around, and none touches the host or hangs.
+    let mut again = setup_args(&name, &tree_s, &w, &state_s);
+    again.extend(["--devshim", &shim]);
+    let (ok, out) = devbroker_cli(&again);
+    assert!(!ok, "setup goes through links it must not follow: {out}");
+    assert!(out.contains("link"), "the refusal names the link: {out}");
+    let (_, out) = devbroker_cli(&[
+        "machine",
+        "check",
+        &name,
+        "--fix",
+        "--nspawn-dir",
+        "/run/systemd/nspawn",
+    ]);
+    eprintln!("check --fix: {out}");
+    let (_, out) = devbroker_cli(&["machine", "remove", &name, "--state-dir", &state_s]);
+    eprintln!("remove: {out}");
+
+    // Leases move the shared board between machines while the container's
+    // root keeps trying to swap links into its directory.
+    let script = format!(
+        "for i in $(seq 200); do ln -s {target} /run/devbroker/.x 2>/dev/null; mv -f /run/devbroker/.x /run/devbroker/shared.console.sock 2>/dev/null; done; echo done"
+    );
+    let mut c1 = ControlClient::connect(&w.run.join(format!("machines/{name}/control.sock")));
+    let mut c2 = ControlClient::connect(&w.run.join("machines/other/control.sock"));
+    std::thread::scope(|sc| {
+        let h = sc.spawn(|| sh(&c, &script));
+        for _ in 0..20 {
+            c1.lease_board("shared");
+            let r = c1.ask(serde_json::json!({"request": "release", "board": "shared"}));
+            assert_eq!(r["reply"], "released", "{r}");
+            c2.lease_board("shared");
+            let r = c2.ask(serde_json::json!({"request": "release", "board": "shared"}));
+            assert_eq!(r["reply"], "released", "{r}");
+        }
+        let (_, out) = h.join().unwrap();
+        assert!(out.contains("done"), "{out}");
+    });
+    // The broker still answers everyone.
+    let r = c2.ask(serde_json::json!({"request": "list"}));
+    assert_eq!(r["reply"], "boards", "{r}");
+    drop(board);
+
+    let after = sentinels.snapshot();
+    assert_eq!(before, after, "a host file changed");
+    let m = std::fs::metadata(w.run.join(format!("machines/{name}"))).unwrap();
+    assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
+    let _ = std::fs::remove_file(&link);
+    let _ = std::fs::remove_file(format!("/run/systemd/nspawn/{name}.nspawn"));
+}
