@@ -372,10 +372,12 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         want: Want::Dir { mode: 0o700 },
         owner: (0, 0),
     });
+    // The host's, not the container's: the container reads it and connects
+    // to the sockets in it (0666), but its root can't put anything there.
     steps.push(Step {
         path: opts.run_dir.join("machines").join(&opts.name),
         want: Want::Dir { mode: 0o755 },
-        owner: root,
+        owner: (0, 0),
     });
     Ok((steps, n, shift))
 }
