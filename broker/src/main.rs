@@ -423,8 +423,20 @@ fn machine_cmd(cmd: MachineCmd) -> anyhow::Result<ExitCode> {
                 println!("{f}");
             }
             if fix {
-                for b in check::fix(&found)? {
+                let fixed = check::fix(&found)?;
+                for b in &fixed.backups {
                     println!("  backup kept: {}", b.display());
+                }
+                for r in &fixed.refused {
+                    eprintln!("devbroker: not fixed: {r}");
+                }
+                if !fixed.refused.is_empty() {
+                    println!(
+                        "machine {name}: {} of {} files with leftovers fixed; fix the others by hand",
+                        fixed.backups.len(),
+                        fixed.backups.len() + fixed.refused.len()
+                    );
+                    return Ok(ExitCode::from(1));
                 }
                 println!(
                     "machine {name}: removed {} leftover lines; restart the container to drop them",

@@ -92,6 +92,7 @@ fn start_endpoint(
                 listener,
                 opts.dir.join(entry.socket()),
                 entry.short_name(),
+                opts.user.clone(),
                 cancel.clone(),
             ));
             Some((port, task))

@@ -213,6 +213,12 @@ impl World {
 
     /// [`World::shim`] with extra `devshim serve` flags.
     pub fn shim_with(&self, machine: &str, extra: &[&str]) -> Proc {
+        self.shim_for(machine, &nix::unistd::getuid().to_string(), extra)
+    }
+
+    /// [`World::shim_with`] serving job user `user` (a name or uid in the
+    /// host's `/etc/passwd`) instead of the test's own.
+    pub fn shim_for(&self, machine: &str, user: &str, extra: &[&str]) -> Proc {
         let log = fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -223,7 +229,7 @@ impl World {
             .arg(self.run.join("machines").join(machine))
             .arg("--link-root")
             .arg(self.guest(machine))
-            .args(["--user", &nix::unistd::getuid().to_string()])
+            .args(["--user", user])
             .arg("--state-dir")
             .arg(self.state_dir(machine))
             .args(extra)

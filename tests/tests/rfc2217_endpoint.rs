@@ -2,8 +2,8 @@
 //! devshim: pyserial's `rfc2217://` reaches the fake board (data both ways,
 //! baud, DTR/RTS/break, parity and data size as the broker replies them), one
 //! session per tty between the endpoint and the pty, the endpoint and its
-//! state-file entry following the tty, and `devshim lease` exporting
-//! `SAI_DEVICE_RFC2217_<n>`.
+//! state-file entry following the tty, `devshim lease` exporting
+//! `SAI_DEVICE_RFC2217_<n>`, and only the job user and root served.
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
@@ -674,4 +674,108 @@ fn lease_exports_the_rfc2217_endpoint() {
         )),
         "{err}"
     );
+}
+
+/// Runs python3 `script` with `args` as `uid` (its group the same number, no
+/// other groups), through setpriv; returns (success, stdout + stderr).
+fn python_as(uid: u32, script: &str, args: &[&str]) -> (bool, String) {
+    let id = uid.to_string();
+    let out = Command::new("setpriv")
+        .args(["--reuid", &id, "--regid", &id, "--clear-groups", "--"])
+        .args(["/usr/bin/python3", "-c", script])
+        .args(args)
+        .stdin(Stdio::null())
+        .output()
+        .expect("setpriv (util-linux) and python3");
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+/// Connects, sends a line, and prints (as hex) all it gets until closed.
+const STRANGER: &str = r#"
+import socket, sys
+s = socket.create_connection(("127.0.0.1", int(sys.argv[1])), timeout=5)
+s.sendall(b"from a stranger\n")
+got = b""
+while True:
+    b = s.recv(4096)
+    if not b:
+        break
+    got += b
+print(got.hex())
+"#;
+
+/// A job's session through pyserial: a line to the board.
+const JOB: &str = r#"
+import serial, sys
+s = serial.serial_for_url(sys.argv[1], baudrate=115200, timeout=5)
+s.write(b"from the job\n")
+s.flush()
+s.close()
+print("sent")
+"#;
+
+#[test]
+fn only_the_job_user_and_root_may_use_the_endpoint() {
+    if !nix::unistd::geteuid().is_root() {
+        println!(
+            "skipped: connecting as other users needs root (run the suite as root, as CI does)"
+        );
+        return;
+    }
+    // The job user is `daemon`, whom every Debian has; 4242 is anybody else.
+    let job = devshim::users::lookup(Path::new("/"), "daemon").expect("user daemon");
+    let w = World::new(DEDICATED);
+    let board = w.plug(FTDI);
+    let _broker = w.broker();
+    let _shim = w.shim_for("ci1", "daemon", &[]);
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let port = w.endpoint_port("ci1", &link);
+
+    // Anybody else: told why, closed, and nothing reaches the board.
+    let (ok, out) = python_as(4242, STRANGER, &[&port.to_string()]);
+    assert!(ok, "{out}\n{}", w.logs());
+    let text = String::from_utf8(
+        (0..out.trim().len() / 2)
+            .map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).unwrap())
+            .collect(),
+    )
+    .unwrap();
+    assert_eq!(
+        text,
+        format!(
+            "devshim: permission denied: uid 4242 is not the job user daemon (uid {})\r\n",
+            job.uid
+        ),
+        "{}",
+        w.logs()
+    );
+    assert_eq!(
+        w.holder("esp1"),
+        None,
+        "a refused client reached the broker"
+    );
+    assert_eq!(
+        read_timeout(board.master_fd(), &mut [0u8; 64], S / 2).unwrap(),
+        None,
+        "the board got bytes from a refused client"
+    );
+
+    // The job user: a session, bytes to the board.
+    let url = format!("rfc2217://127.0.0.1:{port}");
+    let (ok, out) = python_as(job.uid, JOB, &[&url]);
+    assert!(ok && out.contains("sent"), "{out}\n{}", w.logs());
+    let got = read_exact_timeout(board.master_fd(), 13, 5 * S)
+        .unwrap_or_else(|e| panic!("board: {e}\n{}", w.logs()));
+    assert_eq!(got, b"from the job\n");
+    wait_released(&w);
+
+    // Root: served too.
+    let mut raw = Raw::connect(port);
+    assert_eq!(raw.ask(Rfc::SetBaudRate(57600)), Rfc::SetBaudRate(57600));
+    drop(raw);
+    wait_released(&w);
 }

@@ -3,7 +3,11 @@
 //! from starting when a board is unplugged).
 
 use std::fs;
+use std::io::Read;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+
+use super::tree::Tree;
 
 /// One leftover line.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -110,11 +114,26 @@ pub fn scan(p: &Places) -> Vec<Finding> {
     files
         .into_iter()
         .flat_map(|(f, k)| {
-            fs::read_to_string(&f)
+            read_text(&f)
                 .map(|t| scan_text(&f, &t, k))
                 .unwrap_or_default()
         })
         .collect()
+}
+
+/// A host configuration file's text, if it is a regular file (opened
+/// without blocking, so a FIFO among the rules can't hang `check`).
+fn read_text(path: &Path) -> std::io::Result<String> {
+    let mut f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)?;
+    if !f.metadata()?.is_file() {
+        return Err(std::io::Error::other("not a regular file"));
+    }
+    let mut s = String::new();
+    f.read_to_string(&mut s)?;
+    Ok(s)
 }
 
 fn conf_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -130,40 +149,68 @@ fn conf_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
     v
 }
 
+/// What [`fix`] did.
+#[derive(Debug, Default)]
+pub struct Fixed {
+    /// The backup of each file it changed.
+    pub backups: Vec<PathBuf>,
+    /// Files it would not or could not change, and why.
+    pub refused: Vec<String>,
+}
+
 /// Removes the findings' lines, keeping a backup of each changed file
-/// (`FILE.devbroker-bak`, numbered if one exists). Returns the backups.
-pub fn fix(findings: &[Finding]) -> std::io::Result<Vec<PathBuf>> {
+/// (`FILE.devbroker-bak`, numbered if one exists).
+///
+/// Files are edited as setup edits a tree's: the last component is never
+/// followed (a link is refused, naming its target), the backup is created
+/// with `O_EXCL|O_NOFOLLOW`, and the edited file is written to a temporary
+/// file and renamed into place with the owner, group and mode it had.
+pub fn fix(findings: &[Finding]) -> anyhow::Result<Fixed> {
     let mut files: Vec<&PathBuf> = findings.iter().map(|f| &f.file).collect();
     files.sort();
     files.dedup();
-    let mut backups = Vec::new();
+    let host = Tree::host()?;
+    let mut done = Fixed::default();
     for file in files {
-        let text = fs::read_to_string(file)?;
-        let drop: Vec<usize> = findings
+        let lines: Vec<usize> = findings
             .iter()
             .filter(|f| &f.file == file)
             .map(|f| f.line)
             .collect();
-        let kept: String = text
-            .lines()
-            .enumerate()
-            .filter(|(i, _)| !drop.contains(i))
-            .map(|(_, l)| format!("{l}\n"))
-            .collect();
-        let mut backup = PathBuf::from(format!("{}.devbroker-bak", file.display()));
-        let mut n = 1;
-        while backup.exists() {
-            backup = PathBuf::from(format!("{}.devbroker-bak.{n}", file.display()));
-            n += 1;
+        match fix_file(&host, file, &lines) {
+            Ok(b) => done.backups.push(b),
+            Err(e) => done.refused.push(format!("{e:#}")),
         }
-        fs::copy(file, &backup)?;
-        let tmp = PathBuf::from(format!("{}.devbroker-tmp", file.display()));
-        fs::write(&tmp, kept)?;
-        fs::set_permissions(&tmp, fs::metadata(file)?.permissions())?;
-        fs::rename(&tmp, file)?;
-        backups.push(backup);
     }
-    Ok(backups)
+    Ok(done)
+}
+
+/// Removes the lines at `drop` from `file`; returns its backup.
+fn fix_file(host: &Tree, file: &Path, drop: &[usize]) -> anyhow::Result<PathBuf> {
+    let abs = std::path::absolute(file)?;
+    let rel = abs.strip_prefix("/").unwrap_or(&abs);
+    let (bytes, meta) = host
+        .read(rel)?
+        .ok_or_else(|| anyhow::anyhow!("{} went away", file.display()))?;
+    let kept: String = String::from_utf8_lossy(&bytes)
+        .lines()
+        .enumerate()
+        .filter(|(i, _)| !drop.contains(i))
+        .map(|(_, l)| format!("{l}\n"))
+        .collect();
+    let mut n = 0;
+    let backup = loop {
+        let b = PathBuf::from(match n {
+            0 => format!("{}.devbroker-bak", abs.display()),
+            n => format!("{}.devbroker-bak.{n}", abs.display()),
+        });
+        if host.create_new(b.strip_prefix("/").unwrap_or(&b), &bytes, meta)? {
+            break b;
+        }
+        n += 1;
+    };
+    host.write_atomic(rel, kept.as_bytes(), meta)?;
+    Ok(backup)
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@ pub mod name;
 pub mod network;
 pub mod record;
 pub mod setup;
+pub mod tree;
 
 use std::path::{Path, PathBuf};
 

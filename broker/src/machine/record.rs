@@ -4,11 +4,14 @@
 //! Each entry names a path, what was there before (nothing, or a backup
 //! copy), a fingerprint of what setup left, and for files edited line by
 //! line (passwd, the `.nspawn` file) the edits, so they can be undone even if
-//! the admin changed the file since.
+//! the admin changed the file since, and the owner, group and mode of what
+//! was there, so remove puts those back too.
 
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
+
+pub use super::tree::Meta;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
@@ -47,12 +50,20 @@ pub struct Entry {
     pub after: u64,
     #[serde(default)]
     pub edits: Vec<Edit>,
+    /// Owner, group and mode of what was there before setup; `None` when
+    /// setup created the path (and in records from before they were kept).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub before: Option<Meta>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
 pub struct Record {
     pub version: u32,
     pub machine: String,
+    /// The container's tree: entries below it are resolved inside it
+    /// (records from before it was kept: see [`Record::tree_root`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tree: Option<PathBuf>,
     pub entries: Vec<Entry>,
 }
 
@@ -78,6 +89,33 @@ impl Record {
     pub fn find(&self, path: &Path) -> Option<&Entry> {
         self.entries.iter().find(|e| e.path == path)
     }
+
+    /// The container's tree: as recorded, or, for a record that predates
+    /// that, worked out from the paths setup writes only in a tree.
+    pub fn tree_root(&self) -> Option<PathBuf> {
+        if self.tree.is_some() {
+            return self.tree.clone();
+        }
+        const IN_TREE: [&str; 5] = [
+            "etc/hostname",
+            "etc/systemd/network/50-host0.network",
+            "etc/systemd/system/devshim.service",
+            "usr/local/bin/devshim",
+            "etc/passwd",
+        ];
+        self.entries.iter().find_map(|e| {
+            IN_TREE.iter().find_map(|rel| {
+                let n = Path::new(rel).components().count();
+                e.path.ends_with(rel).then(|| {
+                    let mut p = e.path.clone();
+                    for _ in 0..n {
+                        p.pop();
+                    }
+                    p
+                })
+            })
+        })
+    }
 }
 
 /// FNV-1a: a fingerprint that stays the same across builds.
@@ -90,13 +128,25 @@ pub fn fingerprint(bytes: &[u8]) -> u64 {
     h
 }
 
-/// The fingerprint of what is at `path` now, if anything.
-pub fn current(path: &Path, kind: &Kind) -> Option<u64> {
-    match kind {
-        Kind::File => std::fs::read(path).ok().map(|b| fingerprint(&b)),
-        Kind::Symlink => std::fs::read_link(path)
-            .ok()
-            .map(|t| fingerprint(t.as_os_str().as_encoded_bytes())),
-        Kind::Dir => path.is_dir().then_some(0),
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_without_metadata_still_load() {
+        let old = r#"{"version": 1, "machine": "ci", "entries": [
+            {"path": "/m/ci/etc/systemd/network", "kind": "dir", "backup": null, "after": 0},
+            {"path": "/m/ci/etc/passwd", "kind": "file", "backup": "/s/0", "after": 7,
+             "edits": [{"op": "append-line", "line": "sai:x:883:883::/home/sai:/bin/bash"}]}
+        ]}"#;
+        let r: Record = serde_json::from_str(old).unwrap();
+        assert_eq!(r.entries[1].before, None);
+        assert_eq!(r.tree_root(), Some(PathBuf::from("/m/ci")));
+        let new = Record {
+            tree: Some("/t".into()),
+            ..r.clone()
+        };
+        let back: Record = serde_json::from_slice(&serde_json::to_vec(&new).unwrap()).unwrap();
+        assert_eq!(back, new);
     }
 }

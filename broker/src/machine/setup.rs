@@ -5,10 +5,14 @@
 //! be there — then compared with what is there. Only differences are written
 //! (atomically: a temporary file renamed into place), recorded for `remove`,
 //! and, with `--dry-run`, printed as a unified diff instead.
+//!
+//! The container's tree is hostile ground: every path in it is resolved
+//! inside it and changed through descriptors ([`super::tree`]), so a link
+//! planted by the container's root can't make setup or remove read, write,
+//! chown or remove anything of the host's.
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context};
@@ -16,7 +20,8 @@ use anyhow::{bail, Context};
 use super::accounts::{append, remove_line, user_lines};
 use super::ini;
 use super::name;
-use super::record::{current, Edit, Entry, Kind, Record};
+use super::record::{fingerprint, Edit, Entry, Kind, Record};
+use super::tree::{Found, Meta, Removed, Tree};
 
 /// Everything `machine setup` needs.
 #[derive(Debug, Clone)]
@@ -45,11 +50,13 @@ pub struct SetupOptions {
 /// What should be at a path.
 #[derive(Debug, Clone)]
 enum Want {
+    /// A file with this content, owner and mode.
     File {
         content: Vec<u8>,
         mode: u32,
     },
-    /// A text file changed by line edits (created empty if missing).
+    /// A text file changed by line edits. An existing file keeps its owner,
+    /// group and mode; a missing one is created with the step's.
     Edited {
         edits: Vec<Edit>,
         mode: u32,
@@ -79,9 +86,37 @@ pub struct Report {
     pub diff: String,
 }
 
-fn in_tree(tree: &Path, p: &str) -> PathBuf {
-    tree.join(p.trim_start_matches('/'))
+/// The roots paths are resolved beneath: the container's tree for paths in
+/// it, the host's `/` for the rest (the `.nspawn` file, the run directory).
+struct Roots {
+    tree: Option<Tree>,
+    host: Tree,
 }
+
+impl Roots {
+    fn new(tree: Option<Tree>) -> anyhow::Result<Roots> {
+        Ok(Roots {
+            tree,
+            host: Tree::host().context("can't open /")?,
+        })
+    }
+
+    /// The root `abs` is resolved beneath, and its path there.
+    fn at<'a>(&'a self, abs: &'a Path) -> (&'a Tree, &'a Path) {
+        if let Some(t) = &self.tree {
+            if let Some(rel) = t.rel(abs) {
+                return (t, rel);
+            }
+        }
+        (&self.host, abs.strip_prefix("/").unwrap_or(abs))
+    }
+
+    fn in_tree(&self, abs: &Path) -> bool {
+        self.tree.as_ref().is_some_and(|t| t.rel(abs).is_some())
+    }
+}
+
+const HOST0: &str = "etc/systemd/network/50-host0.network";
 
 /// The `192.168.N.9/24` in a host0 network file.
 fn subnet_of(text: &str) -> Option<u8> {
@@ -93,23 +128,29 @@ fn subnet_of(text: &str) -> Option<u8> {
 }
 
 /// A `192.168.N.0/24` no other machine uses: this tree's own if it has one.
-fn pick_subnet(tree: &Path, machines_dir: &Path) -> anyhow::Result<u8> {
-    let own = fs::read_to_string(in_tree(tree, "/etc/systemd/network/50-host0.network")).ok();
-    if let Some(n) = own.as_deref().and_then(subnet_of) {
-        return Ok(n);
+/// Other trees are read under the same rules as this one: a link or a FIFO
+/// in another container's tree is skipped, never followed or opened.
+fn pick_subnet(tree: &Tree, machines_dir: &Path) -> anyhow::Result<u8> {
+    if let Some((own, _)) = tree.read(Path::new(HOST0))? {
+        if let Some(n) = subnet_of(&String::from_utf8_lossy(&own)) {
+            return Ok(n);
+        }
     }
+    let me = tree.identity()?;
     let mut used = Vec::new();
     if let Ok(rd) = fs::read_dir(machines_dir) {
         for e in rd.flatten() {
-            let other = e.path();
-            if fs::canonicalize(&other).ok() == fs::canonicalize(tree).ok() {
+            let Ok(other) = Tree::container(&e.path()) else {
+                continue;
+            };
+            if other.identity().ok() == Some(me) {
                 continue;
             }
-            if let Some(n) =
-                fs::read_to_string(in_tree(&other, "/etc/systemd/network/50-host0.network"))
-                    .ok()
-                    .as_deref()
-                    .and_then(subnet_of)
+            if let Some(n) = other
+                .read(Path::new(HOST0))
+                .ok()
+                .flatten()
+                .and_then(|(b, _)| subnet_of(&String::from_utf8_lossy(&b)))
             {
                 used.push(n);
             }
@@ -121,11 +162,30 @@ fn pick_subnet(tree: &Path, machines_dir: &Path) -> anyhow::Result<u8> {
 }
 
 /// Where a unit lives in the tree, as the path a wants link points to.
-fn unit_in_tree(tree: &Path, unit: &str) -> Option<PathBuf> {
-    ["/lib/systemd/system", "/usr/lib/systemd/system"]
+fn unit_in_tree(tree: &Tree, unit: &str) -> Option<PathBuf> {
+    ["lib/systemd/system", "usr/lib/systemd/system"]
         .iter()
-        .map(|d| PathBuf::from(d).join(unit))
-        .find(|p| in_tree(tree, p.to_str().unwrap()).exists())
+        .map(|d| Path::new(d).join(unit))
+        .find(|p| tree.is_file(p))
+        .map(|p| Path::new("/").join(p))
+}
+
+/// A home directory from the tree's passwd, as a path in the tree: only a
+/// plain absolute path (no `..`, `.` or empty parts, not `/`) is taken.
+fn home_in_tree(home: &str, user: &str, tree: &Path) -> anyhow::Result<PathBuf> {
+    let parts: Vec<&str> = home.strip_prefix('/').unwrap_or("").split('/').collect();
+    let plain = home.starts_with('/')
+        && !parts.is_empty()
+        && parts
+            .iter()
+            .all(|p| !p.is_empty() && *p != "." && *p != ".." && !p.contains('\0'));
+    if !plain {
+        bail!(
+            "the home directory of {user} in {}/etc/passwd is {home:?}; setup makes a home only at a plain absolute path (no `..`, `.` or empty parts, not `/`): fix that line of the tree's /etc/passwd",
+            tree.display()
+        );
+    }
+    Ok(parts.iter().collect())
 }
 
 /// The unit that runs devshim in the container.
@@ -161,40 +221,12 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
-fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
-    name::check(&opts.name).map_err(anyhow::Error::msg)?;
-    wire::names::check_name(&opts.name).map_err(|why| {
-        anyhow::anyhow!(
-            "machine name {:?} can't name a broker directory: {why}",
-            opts.name
-        )
-    })?;
-    let clashes = name::veth_clashes(&opts.name, opts.other_machines.iter().map(String::as_str));
-    if !clashes.is_empty() {
-        bail!(
-            "machine {:?} would share its host veth {} with {}: the first {} characters of machine names must differ",
-            opts.name,
-            name::veth(&opts.name),
-            clashes.join(", "),
-            name::VETH_CHARS
-        );
-    }
-    wire::names::check_name(&opts.user)
-        .map_err(|why| anyhow::anyhow!("job user {:?} refused: {why}", opts.user))?;
-    let meta = fs::metadata(&opts.tree).with_context(|| {
-        format!(
-            "the tree {} is not there: make one (debootstrap, machinectl pull-tar) or pass --tree",
-            opts.tree.display()
-        )
-    })?;
-    if !opts.tree.join("etc").is_dir() {
-        bail!(
-            "{} has no etc/: is it a container's root directory?",
-            opts.tree.display()
-        );
-    }
+fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)> {
     // A tree used with private users (-U) is owned by its shifted root.
-    let shift = meta.uid();
+    let shift = tree
+        .root_meta()
+        .with_context(|| format!("can't look at {}", opts.tree.display()))?
+        .uid;
     let root = (shift, shift);
     let shim = fs::read(&opts.devshim).with_context(|| {
         format!(
@@ -205,12 +237,12 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
     if !is_static_elf(&shim) {
         bail!("{} is not a static executable; containers need the static devshim (see README, \"Building devshim\")", opts.devshim.display());
     }
-    let n = pick_subnet(&opts.tree, &opts.machines_dir)?;
-    let t = |p: &str| in_tree(&opts.tree, p);
+    let n = pick_subnet(tree, &opts.machines_dir)?;
+    let t = |p: &str| opts.tree.join(p.trim_start_matches('/'));
     let mut steps = vec![
         Step { path: t("/etc/hostname"), want: Want::File { content: format!("{}\n", opts.name).into_bytes(), mode: 0o644 }, owner: root },
         Step {
-            path: t("/etc/systemd/network/50-host0.network"),
+            path: t(HOST0),
             want: Want::File {
                 content: format!(
                     "# Written by devbroker machine setup.\n[Match]\nName=host0\n\n[Network]\nAddress=192.168.{n}.9/24\nGateway=192.168.{n}.1\nDNS=192.168.{n}.1\n"
@@ -225,11 +257,11 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
         ("multi-user.target.wants", "systemd-networkd.service"),
         ("sockets.target.wants", "systemd-networkd.socket"),
     ];
-    if unit_in_tree(&opts.tree, "systemd-resolved.service").is_some() {
+    if unit_in_tree(tree, "systemd-resolved.service").is_some() {
         enable.push(("multi-user.target.wants", "systemd-resolved.service"));
     }
     for (wants, unit) in enable {
-        let target = unit_in_tree(&opts.tree, unit).with_context(|| {
+        let target = unit_in_tree(tree, unit).with_context(|| {
             format!(
                 "{} has no {unit}: install systemd in the tree",
                 opts.tree.display()
@@ -264,8 +296,14 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
         },
         owner: root,
     });
-    let passwd = fs::read_to_string(t("/etc/passwd")).unwrap_or_default();
-    let group = fs::read_to_string(t("/etc/group")).unwrap_or_default();
+    let text = |rel: &str| -> anyhow::Result<String> {
+        Ok(tree
+            .read(Path::new(rel))?
+            .map(|(b, _)| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default())
+    };
+    let passwd = text("etc/passwd")?;
+    let group = text("etc/group")?;
     let days = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_secs() / 86400)
@@ -297,7 +335,7 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
         .map(str::to_owned)
         .unwrap_or(format!("/home/{}", opts.user));
     steps.push(Step {
-        path: t(&home),
+        path: opts.tree.join(home_in_tree(&home, &opts.user, &opts.tree)?),
         want: Want::Dir { mode: 0o750 },
         owner: job,
     });
@@ -334,12 +372,55 @@ fn plan(opts: &SetupOptions) -> anyhow::Result<(Vec<Step>, u8, u32)> {
         want: Want::Dir { mode: 0o700 },
         owner: (0, 0),
     });
+    // The host's, not the container's: the container reads it and connects
+    // to the sockets in it (0666), but its root can't put anything there.
     steps.push(Step {
         path: opts.run_dir.join("machines").join(&opts.name),
         want: Want::Dir { mode: 0o755 },
-        owner: root,
+        owner: (0, 0),
     });
     Ok((steps, n, shift))
+}
+
+/// Checks the machine name and the tree before anything is looked at.
+fn check_names(opts: &SetupOptions) -> anyhow::Result<()> {
+    name::check(&opts.name).map_err(anyhow::Error::msg)?;
+    wire::names::check_name(&opts.name).map_err(|why| {
+        anyhow::anyhow!(
+            "machine name {:?} can't name a broker directory: {why}",
+            opts.name
+        )
+    })?;
+    let clashes = name::veth_clashes(&opts.name, opts.other_machines.iter().map(String::as_str));
+    if !clashes.is_empty() {
+        bail!(
+            "machine {:?} would share its host veth {} with {}: the first {} characters of machine names must differ",
+            opts.name,
+            name::veth(&opts.name),
+            clashes.join(", "),
+            name::VETH_CHARS
+        );
+    }
+    wire::names::check_name(&opts.user)
+        .map_err(|why| anyhow::anyhow!("job user {:?} refused: {why}", opts.user))?;
+    Ok(())
+}
+
+/// Opens the container's tree.
+fn open_tree(path: &Path) -> anyhow::Result<Tree> {
+    let tree = Tree::container(path).with_context(|| {
+        format!(
+            "the tree {} is not there: make one (debootstrap, machinectl pull-tar) or pass --tree",
+            path.display()
+        )
+    })?;
+    if !tree.is_dir(Path::new("etc")) {
+        bail!(
+            "{} has no etc/: is it a container's root directory?",
+            path.display()
+        );
+    }
+    Ok(tree)
 }
 
 fn apply_edit(text: &str, e: &Edit) -> String {
@@ -380,12 +461,52 @@ fn undo_edit(text: &str, e: &Edit) -> String {
     }
 }
 
-/// The content a step leaves, given what is there now.
-fn after_bytes(step: &Step) -> Option<Vec<u8>> {
+/// What is at a step's path now, read under the tree's rules.
+struct Now {
+    found: Found,
+    /// The file's content, for file steps.
+    content: Option<Vec<u8>>,
+}
+
+/// Looks at what is at a step's path, refusing what setup must not write
+/// through or over: a link where a file or directory goes, a FIFO or
+/// device, a directory where a file goes, or something not setup's where
+/// its temporary file goes.
+fn look(roots: &Roots, step: &Step) -> anyhow::Result<Now> {
+    let (t, rel) = roots.at(&step.path);
+    let p = step.path.display();
+    let found = t.lstat(rel)?;
+    let mut content = None;
+    match (&step.want, &found) {
+        (Want::File { .. } | Want::Edited { .. }, Found::File(_)) => {
+            content = t.read(rel)?.map(|(b, _)| b);
+        }
+        (Want::File { .. } | Want::Edited { .. }, Found::Missing) => {}
+        (Want::File { .. } | Want::Edited { .. } | Want::Dir { .. }, Found::Link(target, _)) => {
+            return Err(t.link_in_the_way(rel, target).into());
+        }
+        (Want::File { .. } | Want::Edited { .. }, Found::Dir(_)) => {
+            bail!("{p} is a directory where setup writes a file: remove it")
+        }
+        (Want::Symlink { .. }, Found::Dir(_)) => {
+            bail!("{p} is a directory where setup makes a link: remove it")
+        }
+        (Want::Dir { .. }, Found::File(_)) => {
+            bail!("{p} is a file where setup makes a directory: remove it")
+        }
+        (_, Found::Other(k)) => bail!("{p} is a {k}; setup never opens those: remove it"),
+        (Want::Symlink { .. }, _) | (Want::Dir { .. }, _) => {}
+    }
+    Ok(Now { found, content })
+}
+
+/// The content a file step leaves, given what is there now.
+fn after_bytes(step: &Step, now: &Now) -> Option<Vec<u8>> {
     match &step.want {
         Want::File { content, .. } => Some(content.clone()),
         Want::Edited { edits, .. } => {
-            let mut text = fs::read_to_string(&step.path).unwrap_or_default();
+            let mut text =
+                String::from_utf8_lossy(now.content.as_deref().unwrap_or_default()).into_owned();
             for e in edits {
                 text = apply_edit(&text, e);
             }
@@ -395,26 +516,32 @@ fn after_bytes(step: &Step) -> Option<Vec<u8>> {
     }
 }
 
-/// Whether the path already holds what the step wants (ownership included).
-fn satisfied(step: &Step) -> bool {
-    let owned = |m: &fs::Metadata| (m.uid(), m.gid()) == step.owner;
-    match &step.want {
-        Want::File { mode, .. } | Want::Edited { mode, .. } => {
-            let Ok(m) = fs::symlink_metadata(&step.path) else {
-                return false;
-            };
-            m.is_file()
-                && owned(&m)
-                && m.mode() & 0o7777 == *mode
-                && fs::read(&step.path).ok() == after_bytes(step)
+/// The owner and mode a file or directory step leaves: an edited file
+/// keeps its own, everything else gets the step's.
+fn after_meta(step: &Step, now: &Now) -> Meta {
+    match (&step.want, &now.found) {
+        (Want::Edited { .. }, Found::File(m)) => *m,
+        (Want::File { mode, .. } | Want::Edited { mode, .. } | Want::Dir { mode }, _) => {
+            Meta::new(step.owner, *mode)
         }
-        Want::Symlink { target } => fs::read_link(&step.path).ok().as_ref() == Some(target),
-        Want::Dir { mode } => fs::metadata(&step.path)
-            .is_ok_and(|m| m.is_dir() && owned(&m) && m.mode() & 0o7777 == *mode),
+        (Want::Symlink { .. }, _) => Meta::new(step.owner, 0o777),
     }
 }
 
-fn describe(step: &Step, diff: &mut String) {
+/// Whether the path already holds what the step wants (owner and mode
+/// included).
+fn satisfied(step: &Step, now: &Now) -> bool {
+    match (&step.want, &now.found) {
+        (Want::File { .. } | Want::Edited { .. }, Found::File(m)) => {
+            *m == after_meta(step, now) && now.content == after_bytes(step, now)
+        }
+        (Want::Symlink { target }, Found::Link(t, _)) => t == target,
+        (Want::Dir { .. }, Found::Dir(m)) => *m == after_meta(step, now),
+        _ => false,
+    }
+}
+
+fn describe(step: &Step, now: &Now, diff: &mut String) {
     let p = step.path.display().to_string();
     match &step.want {
         Want::Symlink { target } => diff.push_str(&format!(
@@ -426,16 +553,17 @@ fn describe(step: &Step, diff: &mut String) {
             step.owner.0, step.owner.1
         )),
         Want::File { .. } | Want::Edited { .. } => {
-            let after = after_bytes(step).unwrap_or_default();
+            let after = after_bytes(step, now).unwrap_or_default();
             match String::from_utf8(after) {
                 Ok(after) => {
-                    let before = fs::read_to_string(&step.path).unwrap_or_default();
-                    let from = if step.path.exists() {
-                        p.clone()
-                    } else {
+                    let before =
+                        String::from_utf8_lossy(now.content.as_deref().unwrap_or_default());
+                    let from = if now.found == Found::Missing {
                         "/dev/null".into()
+                    } else {
+                        p.clone()
                     };
-                    let u = similar::TextDiff::from_lines(&before, &after)
+                    let u = similar::TextDiff::from_lines(before.as_ref(), &after)
                         .unified_diff()
                         .header(&from, &p)
                         .to_string();
@@ -455,16 +583,32 @@ fn describe(step: &Step, diff: &mut String) {
 
 /// Runs setup (or, with `dry_run`, says what it would do).
 pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
-    let (steps, subnet, shift) = plan(opts)?;
+    check_names(opts)?;
+    let roots = Roots::new(Some(open_tree(&opts.tree)?))?;
+    let tree = roots.tree.as_ref().expect("opened");
+    let (steps, subnet, shift) = plan(opts, tree)?;
     let mut report = Report {
         subnet,
         uid_shift: shift,
         ..Default::default()
     };
-    let todo: Vec<Step> = steps.into_iter().filter(|s| !satisfied(s)).collect();
+    // Compare everything before writing anything: a refusal leaves the
+    // tree as it was.
+    let mut todo = Vec::new();
+    for s in steps {
+        let now = look(&roots, &s)?;
+        if !satisfied(&s, &now) {
+            let (t, rel) = roots.at(&s.path);
+            t.check_parents(rel)?;
+            if !matches!(s.want, Want::Dir { .. }) {
+                t.check_temp(rel, matches!(s.want, Want::Symlink { .. }))?;
+            }
+            todo.push((s, now));
+        }
+    }
     if opts.dry_run {
-        for s in &todo {
-            describe(s, &mut report.diff);
+        for (s, now) in &todo {
+            describe(s, now, &mut report.diff);
             report.changed.push(s.path.display().to_string());
         }
         return Ok(report);
@@ -475,32 +619,44 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
     let mut record = Record::load(&opts.state_dir, &opts.name)?.unwrap_or(Record {
         version: 1,
         machine: opts.name.clone(),
+        tree: None,
         entries: vec![],
     });
+    record.tree = Some(opts.tree.clone());
     let backups = Record::backup_dir(&opts.state_dir, &opts.name);
     fs::create_dir_all(&backups).with_context(|| format!("can't create {}", backups.display()))?;
-    for step in &todo {
-        let parent_owner = if step.path.starts_with(&opts.tree) {
+    for (step, now) in &todo {
+        let (t, rel) = roots.at(&step.path);
+        let parent_owner = if roots.in_tree(&step.path) {
             (shift, shift)
         } else {
             (0, 0)
         };
-        make_parents(&step.path, parent_owner, &mut record)?;
+        for d in t.make_parents(rel, Meta::new(parent_owner, 0o755))? {
+            record.entries.push(Entry {
+                path: t.display(&d),
+                kind: Kind::Dir,
+                backup: None,
+                after: 0,
+                edits: vec![],
+                before: None,
+            });
+        }
         save(&record, &opts.state_dir)?;
-        let existed = fs::symlink_metadata(&step.path).is_ok();
         let prior = record.find(&step.path).cloned();
-        let backup = match (&prior, existed, &step.want) {
-            (Some(e), _, _) => e.backup.clone(),
-            (None, true, Want::Dir { .. }) => Some(PathBuf::new()), // existed: never remove it
-            (None, true, _) => {
+        let (backup, before) = match (&prior, &now.found, &step.want) {
+            (Some(e), _, _) => (e.backup.clone(), e.before),
+            (None, Found::Missing, _) => (None, None),
+            // Existed: never removed, only given its owner and mode back.
+            (None, found, Want::Dir { .. }) => (Some(PathBuf::new()), found.meta()),
+            (None, found, _) => {
                 let b = backups.join(format!("{}", record.entries.len()));
-                copy_any(&step.path, &b)?;
-                Some(b)
+                keep_backup(found, now.content.as_deref(), &b)?;
+                (Some(b), found.meta())
             }
-            (None, false, _) => None,
         };
-        let kind = write_step(step)?;
-        let after = current(&step.path, &kind).unwrap_or(0);
+        let kind = write_step(t, rel, step, now)?;
+        let after = fingerprint_now(t, rel, &kind)?.unwrap_or(0);
         let mut edits = prior.as_ref().map(|e| e.edits.clone()).unwrap_or_default();
         if let Want::Edited { edits: new, .. } = &step.want {
             for e in new {
@@ -516,6 +672,7 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
             backup,
             after,
             edits,
+            before,
         });
         report.changed.push(step.path.display().to_string());
         // Saved after every step: if a later one fails, remove still knows
@@ -533,75 +690,48 @@ fn save(record: &Record, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes missing parent directories, recording each so remove can take it back.
-fn make_parents(path: &Path, owner: (u32, u32), record: &mut Record) -> anyhow::Result<()> {
-    let mut missing = Vec::new();
-    let mut p = path.parent();
-    while let Some(d) = p {
-        if d.as_os_str().is_empty() || d.exists() {
-            break;
-        }
-        missing.push(d.to_path_buf());
-        p = d.parent();
-    }
-    for d in missing.into_iter().rev() {
-        fs::create_dir(&d).with_context(|| format!("can't create {}", d.display()))?;
-        fs::set_permissions(&d, fs::Permissions::from_mode(0o755))?;
-        std::os::unix::fs::chown(&d, Some(owner.0), Some(owner.1))?;
-        record.entries.push(Entry {
-            path: d,
-            kind: Kind::Dir,
-            backup: None,
-            after: 0,
-            edits: vec![],
-        });
-    }
-    Ok(())
-}
-
-fn copy_any(from: &Path, to: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(from)?;
+/// Keeps a copy of what was there (a file's content or a link) in the
+/// host's state directory.
+fn keep_backup(found: &Found, content: Option<&[u8]>, to: &Path) -> io::Result<()> {
     let _ = fs::remove_file(to);
-    if m.file_type().is_symlink() {
-        std::os::unix::fs::symlink(fs::read_link(from)?, to)
-    } else {
-        fs::copy(from, to).map(|_| ())
+    match found {
+        Found::Link(target, _) => std::os::unix::fs::symlink(target, to),
+        _ => fs::write(to, content.unwrap_or_default()),
     }
 }
 
-/// Writes one step atomically; returns what kind of thing it made.
-fn write_step(step: &Step) -> anyhow::Result<Kind> {
-    let p = &step.path;
-    let tmp = p.with_file_name(format!(
-        ".{}.devbroker-tmp",
-        p.file_name().unwrap().to_string_lossy()
-    ));
-    let ctx = || format!("can't write {}", p.display());
+/// The fingerprint of what is at `rel` now, if anything.
+fn fingerprint_now(t: &Tree, rel: &Path, kind: &Kind) -> io::Result<Option<u64>> {
+    Ok(match kind {
+        Kind::File => t.read(rel)?.map(|(b, _)| fingerprint(&b)),
+        Kind::Symlink => match t.lstat(rel)? {
+            Found::Link(target, _) => Some(fingerprint(target.as_os_str().as_encoded_bytes())),
+            Found::Missing => None,
+            // Something else took its place: not what setup left.
+            _ => Some(!0),
+        },
+        Kind::Dir => match t.lstat(rel)? {
+            Found::Dir(_) => Some(0),
+            Found::Missing => None,
+            _ => Some(!0),
+        },
+    })
+}
+
+/// Writes one step; returns what kind of thing it made.
+fn write_step(t: &Tree, rel: &Path, step: &Step, now: &Now) -> anyhow::Result<Kind> {
     match &step.want {
-        Want::Dir { mode } => {
-            if !p.is_dir() {
-                fs::create_dir(p).with_context(ctx)?;
-            }
-            fs::set_permissions(p, fs::Permissions::from_mode(*mode)).with_context(ctx)?;
-            std::os::unix::fs::chown(p, Some(step.owner.0), Some(step.owner.1))
-                .with_context(ctx)?;
+        Want::Dir { .. } => {
+            t.dir(rel, after_meta(step, now))?;
             Ok(Kind::Dir)
         }
         Want::Symlink { target } => {
-            let _ = fs::remove_file(&tmp);
-            std::os::unix::fs::symlink(target, &tmp).with_context(ctx)?;
-            std::os::unix::fs::lchown(&tmp, Some(step.owner.0), Some(step.owner.1))
-                .with_context(ctx)?;
-            fs::rename(&tmp, p).with_context(ctx)?;
+            t.symlink_atomic(rel, target, step.owner)?;
             Ok(Kind::Symlink)
         }
-        Want::File { mode, .. } | Want::Edited { mode, .. } => {
-            let bytes = after_bytes(step).unwrap();
-            fs::write(&tmp, &bytes).with_context(ctx)?;
-            fs::set_permissions(&tmp, fs::Permissions::from_mode(*mode)).with_context(ctx)?;
-            std::os::unix::fs::chown(&tmp, Some(step.owner.0), Some(step.owner.1))
-                .with_context(ctx)?;
-            fs::rename(&tmp, p).with_context(ctx)?;
+        Want::File { .. } | Want::Edited { .. } => {
+            let bytes = after_bytes(step, now).expect("a file step");
+            t.write_atomic(rel, &bytes, after_meta(step, now))?;
             Ok(Kind::File)
         }
     }
@@ -614,7 +744,9 @@ pub struct RemoveReport {
     pub kept: Vec<String>,
 }
 
-/// Takes back what setup recorded, newest first.
+/// Takes back what setup recorded, newest first, under the same rules as
+/// setup: paths in the tree are resolved inside it, nothing is written
+/// through a link, and restored files get their owner and mode back.
 pub fn remove(machine: &str, state_dir: &Path) -> anyhow::Result<RemoveReport> {
     let record = Record::load(state_dir, machine)?.with_context(|| {
         format!(
@@ -622,48 +754,113 @@ pub fn remove(machine: &str, state_dir: &Path) -> anyhow::Result<RemoveReport> {
             state_dir.join("machines").display()
         )
     })?;
+    let tree_path = record.tree_root();
+    // A tree that is gone has nothing left to take back.
+    let tree = tree_path.as_deref().and_then(|p| Tree::container(p).ok());
+    let tree_gone = tree.is_none();
+    let roots = Roots::new(tree)?;
     let mut rep = RemoveReport::default();
     for e in record.entries.iter().rev() {
         let p = e.path.display().to_string();
-        let now = current(&e.path, &e.kind);
-        let unchanged = now == Some(e.after);
-        match (&e.kind, &e.backup, unchanged) {
-            (Kind::Dir, Some(_), _) => {}
-            (Kind::Dir, None, _) => match fs::remove_dir(&e.path) {
-                Ok(()) => rep.undone.push(format!("removed {p}")),
-                Err(err) if err.kind() == io::ErrorKind::NotFound => {}
-                Err(_) => rep.kept.push(format!("{p}: not empty, left in place")),
-            },
-            (_, None, true) => {
-                fs::remove_file(&e.path)?;
-                rep.undone.push(format!("removed {p}"));
+        if tree_gone && tree_path.as_ref().is_some_and(|t| e.path.starts_with(t)) {
+            continue;
+        }
+        let (t, rel) = roots.at(&e.path);
+        if let Err(err) = undo_entry(t, rel, e, &mut rep) {
+            let msg = format!("{err:#}");
+            match msg.strip_prefix(p.as_str()) {
+                Some(why) => rep.kept.push(format!("{p}: it{why}")),
+                None => rep.kept.push(format!("{p}: {msg}")),
             }
-            (_, Some(b), true) => {
-                copy_any(b, &e.path)?;
-                rep.undone.push(format!("restored {p}"));
-            }
-            (Kind::File, _, false) if !e.edits.is_empty() && now.is_some() => {
-                let mut text = fs::read_to_string(&e.path)?;
-                for ed in e.edits.iter().rev() {
-                    text = undo_edit(&text, ed);
-                }
-                if text.trim().is_empty() && e.backup.is_none() {
-                    fs::remove_file(&e.path)?;
-                } else {
-                    fs::write(&e.path, text)?;
-                }
-                rep.undone
-                    .push(format!("took devbroker's lines out of {p}"));
-            }
-            (_, _, false) if now.is_none() => {}
-            _ => rep
-                .kept
-                .push(format!("{p}: changed since setup, left as it is")),
         }
     }
     let _ = fs::remove_dir_all(Record::backup_dir(state_dir, machine));
     fs::remove_file(Record::path(state_dir, machine))?;
     Ok(rep)
+}
+
+/// Takes back one entry.
+fn undo_entry(t: &Tree, rel: &Path, e: &Entry, rep: &mut RemoveReport) -> anyhow::Result<()> {
+    let p = e.path.display().to_string();
+    let now = fingerprint_now(t, rel, &e.kind)?;
+    let unchanged = now == Some(e.after);
+    match (&e.kind, &e.backup, unchanged) {
+        (Kind::Dir, Some(_), true) => {
+            if let Some(m) = e.before {
+                if t.set_dir_meta(rel, m)? {
+                    rep.undone
+                        .push(format!("gave {p} back its owner and mode ({m})"));
+                }
+            }
+        }
+        (Kind::Dir, Some(_), false) => {}
+        (Kind::Dir, None, _) => match t.remove_dir(rel)? {
+            Removed::Done => rep.undone.push(format!("removed {p}")),
+            Removed::Missing => {}
+            Removed::NotEmpty => rep.kept.push(format!("{p}: not empty, left in place")),
+            Removed::NotADirectory => rep
+                .kept
+                .push(format!("{p}: no longer a directory, left as it is")),
+        },
+        (_, None, true) => {
+            t.remove_file(rel)?;
+            rep.undone.push(format!("removed {p}"));
+        }
+        (_, Some(b), true) => {
+            restore(t, rel, b, e.before)?;
+            rep.undone.push(format!("restored {p}"));
+        }
+        (Kind::File, _, false) if !e.edits.is_empty() && now.is_some() => {
+            let (bytes, meta) = t.read(rel)?.context("it went away")?;
+            let mut text = String::from_utf8_lossy(&bytes).into_owned();
+            for ed in e.edits.iter().rev() {
+                text = undo_edit(&text, ed);
+            }
+            if text.trim().is_empty() && e.backup.is_none() {
+                t.remove_file(rel)?;
+            } else {
+                t.write_atomic(rel, text.as_bytes(), meta)?;
+            }
+            rep.undone
+                .push(format!("took devbroker's lines out of {p}"));
+        }
+        (_, _, false) if now.is_none() => {}
+        _ => rep
+            .kept
+            .push(format!("{p}: changed since setup, left as it is")),
+    }
+    Ok(())
+}
+
+/// Puts the backup `b` (a file, or a link) back at `rel`, with the owner
+/// and mode it had (`before`; records without them: the owner and mode
+/// setup left, and the backup's mode).
+fn restore(t: &Tree, rel: &Path, b: &Path, before: Option<Meta>) -> anyhow::Result<()> {
+    let bm = fs::symlink_metadata(b).with_context(|| format!("backup {}", b.display()))?;
+    if bm.file_type().is_symlink() {
+        let target = fs::read_link(b)?;
+        let owner = match (before, t.lstat(rel)?.meta()) {
+            (Some(m), _) | (None, Some(m)) => (m.uid, m.gid),
+            (None, None) => (0, 0),
+        };
+        t.symlink_atomic(rel, &target, owner)?;
+    } else {
+        let bytes = fs::read(b).with_context(|| format!("backup {}", b.display()))?;
+        let meta = match before {
+            Some(m) => m,
+            None => {
+                use std::os::unix::fs::MetadataExt;
+                let (uid, gid) = t
+                    .lstat(rel)?
+                    .meta()
+                    .map(|m| (m.uid, m.gid))
+                    .unwrap_or((0, 0));
+                Meta::new((uid, gid), bm.mode())
+            }
+        };
+        t.write_atomic(rel, &bytes, meta)?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -677,6 +874,30 @@ mod tests {
             Some(101)
         );
         assert_eq!(subnet_of("Address=10.0.0.1/8"), None);
+    }
+
+    #[test]
+    fn homes_are_plain_paths_in_the_tree() {
+        let t = Path::new("/m/ci");
+        assert_eq!(
+            home_in_tree("/home/sai", "sai", t).unwrap(),
+            Path::new("home/sai")
+        );
+        for bad in [
+            "/../../etc",
+            "/home/../..",
+            "home/sai",
+            "/",
+            "",
+            "/home//sai",
+            "/home/./sai",
+        ] {
+            let e = home_in_tree(bad, "sai", t).unwrap_err().to_string();
+            assert!(
+                e.contains("setup makes a home only at a plain absolute path"),
+                "{bad:?}: {e}"
+            );
+        }
     }
 
     #[test]
