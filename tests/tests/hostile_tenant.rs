@@ -170,35 +170,73 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
         assert!(out.contains(r), "{r}: {out}");
     }
 
-    // The tree: links and FIFOs where setup writes, a home that climbs out.
+    // The tree: one planted attack at a time where setup reads or writes.
+    // Before each, the tree is put back as setup left it, less the job
+    // user's lines, so setup wants to write every account file again.
+    let reset = "set -e
+        rm -f /etc/.*.devbroker-tmp
+        if [ -L /home/sai ]; then rm /home/sai; fi; mkdir -p /home/sai
+        if [ -L /etc/systemd/network ]; then rm /etc/systemd/network; fi; mkdir -p /etc/systemd/network
+        if [ -L /usr/local/bin ]; then rm /usr/local/bin; mv /usr/local/bin.real /usr/local/bin; fi
+        sed -i '/^sai:/d' /etc/passwd /etc/group /etc/shadow /etc/gshadow
+        rm -f /etc/hostname /etc/systemd/network/50-host0.network";
+    let attacks = [
+        (
+            format!("echo 'sai:x:883:883::/../../../../../..{target_dir}:/bin/sh' >> /etc/passwd"),
+            "home directory of sai",
+        ),
+        (format!("rm -rf /home/sai; ln -s {target_dir} /home/sai"), "/home/sai"),
+        (
+            format!("ln -s {target} /etc/.passwd.devbroker-tmp"),
+            ".passwd.devbroker-tmp",
+        ),
+        ("mkfifo /etc/.shadow.devbroker-tmp".to_string(), ".shadow.devbroker-tmp"),
+        (
+            format!("ln -s {target} /etc/.hostname.devbroker-tmp"),
+            ".hostname.devbroker-tmp",
+        ),
+        (
+            format!("rm -rf /etc/systemd/network; ln -s {target_dir} /etc/systemd/network"),
+            "systemd/network",
+        ),
+        (
+            format!("cp -a /usr/local/bin /usr/local/bin.real; rm -rf /usr/local/bin; ln -s {target_dir} /usr/local/bin"),
+            "usr/local/bin",
+        ),
+    ];
+    let setup = |expect_ok: bool, why: &str| {
+        let mut again = setup_args(&name, &tree_s, &w, &state_s);
+        again.extend(["--devshim", &shim]);
+        let (ok, out) = devbroker_cli(&again);
+        assert_eq!(ok, expect_ok, "{why}: {out}");
+        out
+    };
+    for (plant, named) in &attacks {
+        let (ok, out) = sh(&c, &format!("{reset}\n{plant}\necho planted"));
+        assert!(ok && out.contains("planted"), "{plant}: {out}");
+        // The admin runs setup again (an upgrade, say): refused, naming
+        // what is in the way, and nothing of the host touched.
+        let out = setup(false, plant);
+        assert!(out.contains(named), "the refusal for `{plant}` names {named}: {out}");
+        assert_eq!(before, sentinels.snapshot(), "a host file changed after `{plant}`");
+    }
+    let (ok, out) = sh(&c, &format!("{reset}\necho reset"));
+    assert!(ok, "{out}");
+    setup(true, "a clean tree is set up again");
+
+    // Links and FIFOs planted after setup: check --fix and remove go
+    // around them, and hang on none.
     let (ok, out) = sh(
         &c,
         &format!(
             "set -e
-             ln -sf {target} /etc/.passwd.devbroker-tmp
-             ln -sf {target} /etc/.group.devbroker-tmp
-             rm -f /etc/.shadow.devbroker-tmp; mkfifo /etc/.shadow.devbroker-tmp
-             rm -f /etc/.gshadow.devbroker-tmp; mkfifo /etc/.gshadow.devbroker-tmp
-             ln -sf {target} /etc/.hostname.devbroker-tmp
-             rm -rf /home/sai; ln -s {target_dir} /home/sai
-             rm -rf /etc/systemd/network; ln -s {target_dir} /etc/systemd/network
-             cp -a /usr/local/bin /usr/local/bin.real; rm -rf /usr/local/bin; ln -s {target_dir} /usr/local/bin
-             sed -i 's#^sai:\\([^:]*:[^:]*:[^:]*:[^:]*\\):[^:]*:#sai:\\1:/../../../../../..{target_dir}:#' /etc/passwd
-             grep ^sai: /etc/passwd
-             # Make setup want to write again: take its lines out.
-             sed -i '/^sai:/d' /etc/group /etc/shadow /etc/gshadow
+             ln -sf {target} /etc/hostname
+             rm -f /etc/.passwd.devbroker-tmp; mkfifo /etc/.passwd.devbroker-tmp
+             rm -f /usr/local/bin/devshim.devbroker-bak; ln -s {target} /usr/local/bin/devshim.devbroker-bak
              echo planted"
         ),
     );
     assert!(ok && out.contains("planted"), "{out}");
-
-    // The admin runs setup again (an upgrade, say), check --fix and remove:
-    // each refuses or works around, and none touches the host or hangs.
-    let mut again = setup_args(&name, &tree_s, &w, &state_s);
-    again.extend(["--devshim", &shim]);
-    let (ok, out) = devbroker_cli(&again);
-    assert!(!ok, "setup goes through links it must not follow: {out}");
-    assert!(out.contains("link"), "the refusal names the link: {out}");
     let (_, out) = devbroker_cli(&[
         "machine",
         "check",
@@ -210,6 +248,7 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     eprintln!("check --fix: {out}");
     let (_, out) = devbroker_cli(&["machine", "remove", &name, "--state-dir", &state_s]);
     eprintln!("remove: {out}");
+    assert_eq!(before, sentinels.snapshot(), "a host file changed in check --fix or remove");
 
     // Leases move the shared board between machines while the container's
     // root keeps trying to swap links into its directory.

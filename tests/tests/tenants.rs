@@ -13,7 +13,6 @@ use serde_json::json;
 
 const S: Duration = Duration::from_secs(1);
 const FTDI: &str = "usb-FTDI_FT232R_USB_UART_T3N4NT-if00-port0";
-const OTHER: &str = "usb-FTDI_FT232R_USB_UART_0THER-if00-port0";
 
 /// One board shared by m1 and m2, one dedicated to m2, a type only m1's
 /// and m2's boards have.
