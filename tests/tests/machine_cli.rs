@@ -151,6 +151,35 @@ fn meta(p: &Path) -> (u32, u32, u32) {
     (m.uid(), m.gid(), m.mode() & 0o7777)
 }
 
+/// An earlier devbroker bound the machine directory writable; setup makes
+/// it read-only (even a container root that is the host's root can't write
+/// there then), and remove puts the file back as it found it.
+#[test]
+fn a_writable_bind_from_an_earlier_setup_becomes_read_only() {
+    let Some(h) = Host::new() else { return };
+    h.tree("ci-old");
+    let bind = format!("{}:/run/devbroker", h.p("run/machines/ci-old").display());
+    let old = format!("[Exec]\nBoot=yes\n\n[Files]\nBind=/srv/ccache\nBind={bind}\n");
+    fs::write(h.p("nspawn/ci-old.nspawn"), &old).unwrap();
+    let (ok, out) = h.run("ci-old", &[]);
+    assert!(ok, "{out}");
+    let now = fs::read_to_string(h.p("nspawn/ci-old.nspawn")).unwrap();
+    assert!(now.contains(&format!("BindReadOnly={bind}")), "{now}");
+    assert!(!now.contains(&format!("\nBind={bind}")), "{now}");
+    assert!(now.contains("Bind=/srv/ccache"), "the admin's own bind stays: {now}");
+    let (ok, out) = h.run("ci-old", &[]);
+    assert!(ok && out.contains("already set up"), "{out}");
+    let (ok, out) = devbroker_cli(&[
+        "machine",
+        "remove",
+        "ci-old",
+        "--state-dir",
+        h.p("state").to_str().unwrap(),
+    ]);
+    assert!(ok, "{out}");
+    assert_eq!(fs::read_to_string(h.p("nspawn/ci-old.nspawn")).unwrap(), old);
+}
+
 #[test]
 fn setup_is_idempotent_dry_run_writes_nothing_remove_restores() {
     let Some(h) = Host::new() else { return };
@@ -174,7 +203,7 @@ fn setup_is_idempotent_dry_run_writes_nothing_remove_restores() {
     );
     assert!(out.contains("+Address=192.168.100.9/24"), "{out}");
     assert!(
-        out.contains("+Bind=") && out.contains("/run/machines/ci-one:/run/devbroker"),
+        out.contains("+BindReadOnly=") && out.contains("/run/machines/ci-one:/run/devbroker"),
         "{out}"
     );
     assert!(out.contains("(dry run: nothing written)"), "{out}");
@@ -191,7 +220,7 @@ fn setup_is_idempotent_dry_run_writes_nothing_remove_restores() {
     assert_eq!(
         nspawn,
         format!(
-            "# admin's\n[Exec]\nPrivateUsers=pick\nBoot=yes\n\n[Files]\nBind=/srv/ccache\nBind={}:/run/devbroker\n\n[Network]\nVirtualEthernet=yes\n",
+            "# admin's\n[Exec]\nPrivateUsers=pick\nBoot=yes\n\n[Files]\nBind=/srv/ccache\nBindReadOnly={}:/run/devbroker\n\n[Network]\nVirtualEthernet=yes\n",
             h.p("run/machines/ci-one").display()
         )
     );

@@ -38,6 +38,13 @@ pub enum Edit {
         key: String,
         value: String,
     },
+    /// Takes out a line an earlier devbroker added (undone by putting it
+    /// back): `Bind=` became `BindReadOnly=`.
+    IniDrop {
+        section: String,
+        key: String,
+        value: String,
+    },
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

@@ -343,28 +343,41 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         "{}:/run/devbroker",
         opts.run_dir.join("machines").join(&opts.name).display()
     );
-    steps.push(Step {
-        path: opts.nspawn_dir.join(format!("{}.nspawn", opts.name)),
-        want: Want::Edited {
-            edits: vec![
-                Edit::IniSet {
-                    section: "Exec".into(),
-                    key: "Boot".into(),
-                    value: "yes".into(),
-                },
-                Edit::IniSet {
-                    section: "Network".into(),
-                    key: "VirtualEthernet".into(),
-                    value: "yes".into(),
-                },
-                Edit::IniAdd {
-                    section: "Files".into(),
-                    key: "Bind".into(),
-                    value: bind,
-                },
-            ],
-            mode: 0o644,
+    let nspawn_file = opts.nspawn_dir.join(format!("{}.nspawn", opts.name));
+    let mut edits = vec![
+        Edit::IniSet {
+            section: "Exec".into(),
+            key: "Boot".into(),
+            value: "yes".into(),
         },
+        Edit::IniSet {
+            section: "Network".into(),
+            key: "VirtualEthernet".into(),
+            value: "yes".into(),
+        },
+    ];
+    // Read-only: connecting to a socket needs no write access, and even a
+    // container root that is root on the host (no -U) can't put anything in
+    // the broker's directory. An earlier setup's writable bind is replaced.
+    let earlier = std::fs::read_to_string(&nspawn_file).unwrap_or_default();
+    if ini::values(&earlier, "Files", "Bind")
+        .iter()
+        .any(|(_, v)| *v == bind)
+    {
+        edits.push(Edit::IniDrop {
+            section: "Files".into(),
+            key: "Bind".into(),
+            value: bind.clone(),
+        });
+    }
+    edits.push(Edit::IniAdd {
+        section: "Files".into(),
+        key: "BindReadOnly".into(),
+        value: bind,
+    });
+    steps.push(Step {
+        path: nspawn_file,
+        want: Want::Edited { edits, mode: 0o644 },
         owner: (0, 0),
     });
     steps.push(Step {
@@ -442,6 +455,11 @@ fn apply_edit(text: &str, e: &Edit) -> String {
             key,
             value,
         } => ini::add(text, section, key, value),
+        Edit::IniDrop {
+            section,
+            key,
+            value,
+        } => ini::remove(text, section, key, value),
     }
 }
 
@@ -458,6 +476,11 @@ fn undo_edit(text: &str, e: &Edit) -> String {
             key,
             value,
         } => ini::remove(text, section, key, value),
+        Edit::IniDrop {
+            section,
+            key,
+            value,
+        } => ini::add(text, section, key, value),
     }
 }
 
