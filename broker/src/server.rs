@@ -22,7 +22,8 @@ use crate::adapter::Adapter;
 use crate::config::Config;
 use crate::control::{self, Scope};
 use crate::peer::{self, Peer};
-use crate::plan::{self, Access, SocketSpec, TtyKey};
+use crate::plan::{self, Access, SocketSpec};
+use crate::reconcile::{self, Away};
 use crate::rundir::{Place, RunDir};
 use crate::session;
 use crate::source::{Source, SourceEvent};
@@ -204,48 +205,41 @@ pub async fn run(
                 Access::HostGroups(_) => true,
             })
             .collect();
-        let gone: Vec<PathBuf> = listeners
-            .keys()
-            .filter(|rel| !want.contains_key(*rel))
-            .cloned()
+        let indexes: BTreeMap<String, Manifest> = ready
+            .iter()
+            .map(|m| (m.clone(), plan::manifest(&config, &present, m, &has)))
             .collect();
-        for rel in gone {
+        let served: BTreeSet<PathBuf> = listeners.keys().cloned().collect();
+        let steps = reconcile::steps(&served, &want, &manifests, &indexes);
+        for rel in steps.withdraw {
             if let Some(l) = listeners.remove(&rel) {
                 l.retire();
             }
         }
-        for m in &ready {
-            let man = plan::manifest(&config, &present, m, &has);
-            if manifests.get(m) != Some(&man) {
-                match dir.write_index(m, &man) {
-                    Ok(()) => {
-                        manifests.insert(m.clone(), man);
+        for (m, man) in steps.write {
+            match dir.write_index(&m, &man) {
+                Ok(()) => {
+                    manifests.insert(m, man);
+                }
+                Err(e) => {
+                    // Not noted as written: tried again, and the machine
+                    // gets no new socket meanwhile.
+                    if manifests.remove(&m).is_some() || retry_at.is_none() {
+                        warn!(machine = %m, "can't write the index: {e}; trying again every {}s", INDEX_RETRY.as_secs());
                     }
-                    Err(e) => {
-                        // Not noted as written: the next pass tries again.
-                        if manifests.remove(m).is_some() || retry_at.is_none() {
-                            warn!(machine = %m, "can't write the index: {e}; trying again every {}s", INDEX_RETRY.as_secs());
-                        }
-                        retry_at = Some(tokio::time::Instant::now() + INDEX_RETRY);
-                    }
+                    retry_at = Some(tokio::time::Instant::now() + INDEX_RETRY);
                 }
             }
         }
-        for (rel, spec) in want {
-            if listeners.contains_key(&rel) {
-                continue;
-            }
+        for (rel, spec) in steps.serve {
             let place = match &spec.access {
-                Access::Machine(m) => Place::Machine(m.clone()),
+                Access::Machine(m) if manifests.get(m) == indexes.get(m) => {
+                    Place::Machine(m.clone())
+                }
+                Access::Machine(_) => continue,
                 Access::HostGroups(_) => Place::Host,
             };
             let name = wire::names::socket_name(&spec.tty.board, &spec.tty.tty);
-            // A tty's socket appears only once its machine's index names it.
-            if let Place::Machine(m) = &place {
-                if !manifests.contains_key(m) {
-                    continue;
-                }
-            }
             let shown = dir.shown(&place, &name);
             match dir.bind(&place, &name, 0o666) {
                 Ok(l) => {
@@ -283,72 +277,6 @@ pub async fn run(
         dir.remove_index(m);
     }
     result
-}
-
-/// Ttys whose adapter went away within their board's re-enumeration grace.
-#[derive(Default)]
-struct Away {
-    /// The adapters present after the last update.
-    last: BTreeMap<TtyKey, Adapter>,
-    /// Away ttys: the adapter they had, and when their grace runs out.
-    ttys: BTreeMap<TtyKey, (Adapter, tokio::time::Instant)>,
-}
-
-impl Away {
-    /// Takes the adapters present now; returns the ttys that are away.
-    fn update(
-        &mut self,
-        config: &Config,
-        present: &BTreeMap<TtyKey, Adapter>,
-        now: tokio::time::Instant,
-    ) -> BTreeSet<TtyKey> {
-        for (key, a) in &self.last {
-            if present.contains_key(key) || self.ttys.contains_key(key) {
-                continue;
-            }
-            let grace = config
-                .boards
-                .iter()
-                .find(|b| b.name == key.board)
-                .map_or(std::time::Duration::ZERO, |b| b.reenumerate_grace);
-            if !grace.is_zero() {
-                info!("{key}: adapter {} went away; keeping its sockets and session for {} in case it re-enumerates", a.id, humantime::format_duration(grace));
-                self.ttys.insert(key.clone(), (a.clone(), now + grace));
-            }
-        }
-        self.ttys.retain(|key, (_, until)| {
-            if present.contains_key(key) {
-                info!("{key}: adapter is back");
-                false
-            } else if *until <= now {
-                info!(
-                    "{key}: adapter did not come back within the re-enumeration grace: unplugged"
-                );
-                false
-            } else {
-                true
-            }
-        });
-        self.last = present.clone();
-        self.ttys.keys().cloned().collect()
-    }
-
-    /// The present adapters plus those of away ttys, for planning sockets.
-    fn with_away(&self, present: &BTreeMap<TtyKey, Adapter>) -> BTreeMap<TtyKey, Adapter> {
-        let mut all = present.clone();
-        for (key, (a, _)) in &self.ttys {
-            all.entry(key.clone()).or_insert_with(|| a.clone());
-        }
-        all
-    }
-
-    /// Resolves when the first grace runs out; never while none runs.
-    async fn expiry(&self) {
-        match self.ttys.values().map(|(_, until)| *until).min() {
-            Some(t) => tokio::time::sleep_until(t).await,
-            None => std::future::pending().await,
-        }
-    }
 }
 
 /// What a tty socket's connections need.

@@ -269,6 +269,7 @@ fn a_sequence_ends_with_its_lease_and_its_connection() {
     let got = read_exact_timeout(board.master_fd(), 15, 5 * S).unwrap();
     assert_eq!(got, b"m2 got the port");
     drop(tool);
+    wait_for(5 * S, "the tool's session to end", || w.holder("shared").is_none());
 
     // A sequence running when the lease is released stops too.
     let mut m2b = control(&w, "m2");

@@ -1,0 +1,173 @@
+//! Shared broker state: each tty's adapter, session and counters, the
+//! leases, the console captures and the sequences running.
+//!
+//! One mutex guards it; it is taken for short, non-async moments only (a
+//! session starting or ending, a lease granted, a status read), and never
+//! around I/O or a name lookup. The relay's hot path touches just the
+//! atomic counters. Each concern has its file: [`ttys`] (adapters and
+//! sessions), [`leasing`] (leases, control connections, who may see what),
+//! [`sequences`], [`status`]; the drain that keeps an `always` console open
+//! is in [`crate::drain`].
+
+mod leasing;
+mod sequences;
+mod status;
+mod ttys;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+
+use tokio::sync::{mpsc, Notify};
+use wire::control::Reply;
+
+use crate::config::Config;
+use crate::lease::{ClientKey, Leases};
+use crate::plan::TtyKey;
+
+pub use leasing::{ConsoleFollow, LeaseOutcome, LEASE_END_GRACE};
+pub use sequences::{SequencePort, SequenceRun};
+pub use ttys::{Counters, Link, SessionGuard};
+
+use sequences::RunningSequence;
+use ttys::TtyState;
+
+#[derive(Debug, Default)]
+struct Inner {
+    config: Config,
+    ttys: BTreeMap<TtyKey, TtyState>,
+    next_session: u64,
+    leases: Leases,
+    /// Control connections, to tell a waiter its lease was granted.
+    conns: BTreeMap<u64, (ClientKey, mpsc::UnboundedSender<Reply>)>,
+    /// Open control connections per client, for the limit.
+    conn_counts: BTreeMap<ClientKey, usize>,
+    next_conn: u64,
+    /// Each board's console capture.
+    captures: BTreeMap<String, Arc<crate::capture::Capture>>,
+    /// Where each leased board's console starts for its holder: the lease
+    /// and the capture's stream position when it was granted.
+    log_from: BTreeMap<String, (u64, u64)>,
+    next_drain: u64,
+    /// Sequences running, to stop those whose lease ended.
+    sequences: BTreeMap<u64, RunningSequence>,
+    next_sequence: u64,
+}
+
+impl Inner {
+    /// A board of the config, or an error naming it.
+    fn board(&self, name: &str) -> Result<&crate::config::Board, String> {
+        self.config
+            .boards
+            .iter()
+            .find(|b| b.name == name)
+            .ok_or_else(|| format!("board {name} is not in the config"))
+    }
+
+    /// A configured tty's state.
+    fn tty(&self, board: &str, tty: &str) -> &TtyState {
+        &self.ttys[&TtyKey {
+            board: board.to_string(),
+            tty: tty.to_string(),
+        }]
+    }
+}
+
+impl Inner {
+    /// Whether every tty of a board has its adapter.
+    fn board_present(&self, board: &str) -> bool {
+        inner_present(&self.config, &self.ttys, board)
+    }
+
+    /// Notes where a new lease's console starts.
+    fn lease_began(&mut self, board: &str) {
+        let Some(l) = self.leases.holder(board) else {
+            return;
+        };
+        let id = l.id;
+        if let Some(c) = self.captures.get(board) {
+            let at = c.total();
+            self.log_from.insert(board.to_string(), (id, at));
+        }
+    }
+
+    /// Stops sequences whose lease is over.
+    fn leases_changed(&mut self) {
+        let leases = &self.leases;
+        self.sequences.retain(|_, s| {
+            let Some(id) = s.lease else { return true };
+            if leases.holder(&s.board).is_some_and(|l| l.id == id) {
+                return true;
+            }
+            s.stop.cancel();
+            false
+        });
+    }
+}
+
+/// The broker's shared state.
+#[derive(Debug, Clone, Default)]
+pub struct Shared {
+    inner: Arc<Mutex<Inner>>,
+    /// Woken when leases change, so the server loop re-plans the sockets.
+    pub changed: Arc<Notify>,
+}
+
+impl Shared {
+    pub fn new(config: Config) -> Shared {
+        let mut inner = Inner::default();
+        for b in &config.boards {
+            for t in &b.ttys {
+                inner.ttys.insert(
+                    TtyKey {
+                        board: b.name.clone(),
+                        tty: t.name.clone(),
+                    },
+                    TtyState::new(b.reenumerate_grace),
+                );
+            }
+        }
+        for b in &config.boards {
+            inner.captures.insert(
+                b.name.clone(),
+                Arc::new(crate::capture::Capture::new(b.console.clone())),
+            );
+        }
+        inner.config = config;
+        Shared {
+            inner: Arc::new(Mutex::new(inner)),
+            changed: Arc::new(Notify::new()),
+        }
+    }
+
+    /// The config the broker runs with.
+    pub fn config(&self) -> Config {
+        self.inner.lock().unwrap().config.clone()
+    }
+}
+
+/// Whether every tty of `board` has its adapter (for the lease queue, which
+/// can't borrow all of [`Inner`]).
+fn inner_present(config: &Config, ttys: &BTreeMap<TtyKey, TtyState>, board: &str) -> bool {
+    config
+        .boards
+        .iter()
+        .find(|b| b.name == board)
+        .is_some_and(|b| {
+            b.ttys.iter().all(|t| {
+                ttys.get(&TtyKey {
+                    board: b.name.clone(),
+                    tty: t.name.clone(),
+                })
+                .is_some_and(|st| st.link.borrow().adapter.is_some())
+            })
+        })
+}
+
+fn rate_of(config: &Config, key: &TtyKey) -> u32 {
+    config
+        .boards
+        .iter()
+        .find(|b| b.name == key.board)
+        .and_then(|b| b.ttys.iter().find(|t| t.name == key.tty))
+        .map_or(crate::config::DEFAULT_RATE, |t| t.rate)
+}
