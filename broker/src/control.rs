@@ -17,10 +17,13 @@ use tokio::net::{UnixListener, UnixStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info};
-use wire::control::{parse_request, reply_line, Reply, Request, StepTiming, MAX_LINE, VERSION};
+use wire::control::{
+    parse_request, reply_line, ErrorCode, Reply, Request, StepTiming, MAX_LINE, VERSION,
+};
 
 use crate::lease::{Client, ClientKey, Want};
 use crate::peer::Peer;
+use crate::refusal::Refusal;
 use crate::state::{ConsoleFollow, LeaseOutcome, SequencePort, Shared};
 
 /// Which boards a control connection may see and take.
@@ -145,10 +148,10 @@ async fn connection(
     let key = client.as_ref().map_or(ClientKey::Admin, Client::key);
     let (conn, mut grants) = match shared.connect(key) {
         Ok(c) => c,
-        Err(message) => {
+        Err(refusal) => {
             let who = client.as_ref().map_or("the admin".into(), Client::describe);
-            debug!("refused a control connection of {who}: {message}");
-            let _ = sock.write_all(&reply_line(&Reply::Error { message })).await;
+            debug!("refused a control connection of {who}: {refusal}");
+            let _ = sock.write_all(&reply_line(&refusal.into())).await;
             return;
         }
     };
@@ -199,7 +202,7 @@ async fn connection(
                 Err(why) => {
                     c.follow = None;
                     if let Some(why) = why {
-                        out.push(Reply::Error { message: why });
+                        out.push(Reply::error(ErrorCode::NotHeld, why));
                     }
                 }
             },
@@ -207,7 +210,7 @@ async fn connection(
                 // Only if still queued: a grant that beat the deadline is delivered instead.
                 if shared.withdraw(c.conn) {
                     c.waiting = None;
-                    out.push(Reply::Error { message: "no board became free in time (wait_ms passed)".into() });
+                    out.push(Reply::error(ErrorCode::Timeout, "no board became free in time (wait_ms passed)"));
                 } else {
                     c.waiting = Some(None);
                 }
@@ -237,9 +240,10 @@ async fn connection(
             buf.clear();
             if !skipping {
                 skipping = true;
-                out.push(Reply::Error {
-                    message: format!("request line is over the {MAX_LINE}-byte limit"),
-                });
+                out.push(Reply::error(
+                    ErrorCode::BadRequest,
+                    format!("request line is over the {MAX_LINE}-byte limit"),
+                ));
             }
         }
         for reply in out {
@@ -291,7 +295,7 @@ enum Handled {
 fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
     let req = match parse_request(line) {
         Ok(r) => r,
-        Err(message) => return Handled::Now(Reply::Error { message }),
+        Err(message) => return Handled::Now(Reply::error(ErrorCode::BadRequest, message)),
     };
     if let Request::Run {
         board,
@@ -301,13 +305,11 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
     } = req
     {
         if !c.greeted {
-            return Handled::Now(Reply::Error {
-                message: "send hello first".into(),
-            });
+            return Handled::Now(Reply::error(ErrorCode::BadRequest, "send hello first"));
         }
         return match start_sequence(shared, c, board, tty, sequence, steps) {
             Ok(fut) => Handled::Run(fut),
-            Err(message) => Handled::Now(Reply::Error { message }),
+            Err(refusal) => Handled::Now(refusal.into()),
         };
     }
     Handled::Now(handle_now(req, c, shared))
@@ -323,7 +325,7 @@ fn start_sequence(
     tty: Option<String>,
     sequence: Option<String>,
     steps: Option<String>,
-) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>, String> {
+) -> Result<std::pin::Pin<Box<dyn std::future::Future<Output = Reply> + Send>>, Refusal> {
     let text = match (sequence, steps) {
         (Some(name), None) => {
             // Only the board's holder learns which sequences it has.
@@ -331,9 +333,15 @@ fn start_sequence(
             shared.sequence_text(&board, &name)?
         }
         (None, Some(text)) => text,
-        _ => return Err("give exactly one of \"sequence\" and \"steps\"".into()),
+        _ => {
+            return Err(Refusal::new(
+                ErrorCode::BadRequest,
+                "give exactly one of \"sequence\" and \"steps\"",
+            ))
+        }
     };
-    let steps = crate::sequence::parse(&text)?;
+    let steps =
+        crate::sequence::parse(&text).map_err(|e| Refusal::new(ErrorCode::BadRequest, e))?;
     let run = shared.begin_sequence(
         c.client.as_ref(),
         &board,
@@ -385,25 +393,20 @@ fn start_sequence(
                     })
                     .collect(),
             },
-            Ok(Err(message)) => Reply::Error { message },
-            Err(e) => Reply::Error {
-                message: format!("the sequence failed: {e}"),
-            },
+            Ok(Err(message)) => Reply::error(ErrorCode::Failed, message),
+            Err(e) => Reply::error(ErrorCode::Failed, format!("the sequence failed: {e}")),
         }
     }))
 }
 
 /// A request answered at once.
 fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
-    let err = |m: &str| Reply::Error {
-        message: m.to_string(),
-    };
+    let err = |m: &str| Reply::error(ErrorCode::BadRequest, m);
     match req {
-        Request::Hello { version, .. } if version != VERSION => Reply::Error {
-            message: format!(
-                "protocol version {version} is not supported; this broker speaks {VERSION}"
-            ),
-        },
+        Request::Hello { version, .. } if version != VERSION => Reply::error(
+            ErrorCode::Version,
+            format!("protocol version {version} is not supported; this broker speaks {VERSION}"),
+        ),
         Request::Hello { .. } => {
             c.greeted = true;
             Reply::Hello {
@@ -433,7 +436,8 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
                 return err("leases are taken on a machine's control socket or the host's (RUN/host/control.sock)");
             };
             if c.waiting.is_some() {
-                return err(
+                return Reply::error(
+                    ErrorCode::Conflict,
                     "this connection is already waiting for a board; one request at a time",
                 );
             }
@@ -451,14 +455,12 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
                     c.waiting = Some(wait_ms.map(|ms| Instant::now() + Duration::from_millis(ms)));
                     r
                 }
-                Err(refusal) => Reply::Error {
-                    message: refusal.to_string(),
-                },
+                Err(refusal) => refusal.into(),
             }
         }
         Request::Release { board } => match shared.release(c.conn, &board) {
             Ok(()) => Reply::Released { board },
-            Err(message) => Reply::Error { message },
+            Err(refusal) => refusal.into(),
         },
         Request::Run { .. } => unreachable!("handled before"),
         Request::Log { board, follow } => match shared.log(c.client.as_ref(), &board) {
@@ -471,7 +473,7 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
                     text: String::from_utf8_lossy(&ring).into_owned(),
                 }
             }
-            Err(message) => Reply::Error { message },
+            Err(refusal) => refusal.into(),
         },
     }
 }

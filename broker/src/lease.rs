@@ -19,7 +19,10 @@
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;
 
+use wire::control::ErrorCode;
+
 use crate::config::Config;
+use crate::refusal::Refusal;
 
 /// Who asks: a machine (any job in it) or a host user.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -102,30 +105,6 @@ pub struct Grant {
     pub board: String,
 }
 
-/// Why a request can't be queued.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Refusal {
-    /// No board the client may use fits the request. The same answer whether
-    /// such a board exists for somebody else or not at all: a machine learns
-    /// nothing of boards that aren't its own.
-    NotAvailable(String),
-    /// The client has too many requests waiting.
-    TooManyWaiting(String),
-    /// The request can't be made on this connection (it waits already, or
-    /// holds the board).
-    Conflict(String),
-}
-
-impl std::fmt::Display for Refusal {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Refusal::NotAvailable(m) | Refusal::TooManyWaiting(m) | Refusal::Conflict(m) => {
-                f.write_str(m)
-            }
-        }
-    }
-}
-
 /// The host's leases and queue.
 #[derive(Debug, Default)]
 pub struct Leases {
@@ -204,21 +183,26 @@ impl Leases {
         max_waiting: usize,
     ) -> Result<Option<String>, Refusal> {
         if self.waiting.contains_key(&conn) {
-            return Err(Refusal::Conflict(
-                "this connection is already waiting for a board; one request at a time".into(),
+            return Err(Refusal::new(
+                ErrorCode::Conflict,
+                "this connection is already waiting for a board; one request at a time",
             ));
         }
         let cands = candidates(config, &want, &client);
         if cands.is_empty() {
-            return Err(Refusal::NotAvailable(not_available(&want, &client)));
+            return Err(Refusal::new(
+                ErrorCode::NotAvailable,
+                not_available(&want, &client),
+            ));
         }
         if let Some(b) = cands
             .iter()
             .find(|b| self.held.get(*b).is_some_and(|l| l.conn == conn))
         {
-            return Err(Refusal::Conflict(format!(
-                "this connection already holds {b}"
-            )));
+            return Err(Refusal::new(
+                ErrorCode::Conflict,
+                format!("this connection already holds {b}"),
+            ));
         }
         // A free, present board nobody waits for is granted at once. (A free
         // present board with waiters does not last: every change that frees
@@ -235,7 +219,7 @@ impl Leases {
         let key = client.key();
         let n = self.per_client.get(&key).copied().unwrap_or(0);
         if n >= max_waiting {
-            return Err(Refusal::TooManyWaiting(format!(
+            return Err(Refusal::new(ErrorCode::Limit, format!(
                 "{} already has {n} lease requests waiting (the limit); wait for one to be granted or give it up",
                 client.describe()
             )));
@@ -321,7 +305,7 @@ impl Leases {
     }
 
     /// Releases one board held by `conn`; the caller then grants it anew.
-    pub fn release(&mut self, conn: u64, board: &str) -> Result<(), String> {
+    pub fn release(&mut self, conn: u64, board: &str) -> Result<(), Refusal> {
         match self.held.get(board) {
             Some(l) if l.conn == conn => {
                 self.held.remove(board);
@@ -333,7 +317,10 @@ impl Leases {
                 }
                 Ok(())
             }
-            _ => Err(format!("{board} is not leased by this connection")),
+            _ => Err(Refusal::new(
+                ErrorCode::NotHeld,
+                format!("{board} is not leased by this connection"),
+            )),
         }
     }
 
@@ -634,6 +621,7 @@ match = { serial = "B" }
         assert!(l
             .release(5, "esp-a")
             .unwrap_err()
+            .message
             .contains("not leased by this connection"));
     }
 
@@ -647,7 +635,7 @@ match = { serial = "B" }
         let e = l
             .request(&c, 4, m("ci1"), board("esp-a"), ALL, 2)
             .unwrap_err();
-        assert!(matches!(e, Refusal::TooManyWaiting(_)), "{e}");
+        assert_eq!(e.code, ErrorCode::Limit, "{e}");
         // Another machine still gets in line.
         assert_eq!(l.request(&c, 5, m("ci2"), board("esp-a"), ALL, 2), Ok(None));
         l.drop_connection(2);

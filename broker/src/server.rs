@@ -331,7 +331,11 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
             };
             let who = peer::describe(peer.uid, name.as_deref());
             let allowed = peer::check_host_access(peer.uid, &member, groups, &who, &label)
-                .and_then(|()| ctx.shared.host_lease(peer.uid, &ctx.spec.tty.board));
+                .and_then(|()| {
+                    ctx.shared
+                        .host_lease(peer.uid, &ctx.spec.tty.board)
+                        .map_err(|r| r.message)
+                });
             if let Err(why) = allowed {
                 info!(tty = %label, "refused {who}: {why}");
                 return session::refuse(sock, &why).await;
@@ -348,7 +352,7 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
         }
         Err(why) => {
             info!(tty = %label, "refused: {why}");
-            session::refuse(sock, &why).await;
+            session::refuse(sock, &why.message).await;
         }
     }
 }

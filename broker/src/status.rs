@@ -33,7 +33,7 @@ fn read_reply(r: &mut BufReader<UnixStream>) -> anyhow::Result<Reply> {
         .context("the broker did not answer")?;
     let reply: Reply =
         serde_json::from_str(&line).with_context(|| format!("unreadable reply: {line}"))?;
-    if let Reply::Error { message } = &reply {
+    if let Reply::Error { message, .. } = &reply {
         bail!("the broker refused: {message}");
     }
     Ok(reply)
@@ -134,7 +134,7 @@ pub fn log(socket: &Path, board: &str, follow: bool) -> anyhow::Result<()> {
         match serde_json::from_str::<Reply>(&line)
             .with_context(|| format!("unreadable reply: {line}"))?
         {
-            Reply::Error { message } => bail!("{message}"),
+            Reply::Error { message, .. } => bail!("{message}"),
             Reply::Log { text, .. } => {
                 out.write_all(text.as_bytes())?;
                 out.flush()?;

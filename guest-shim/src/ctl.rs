@@ -26,7 +26,7 @@ pub fn run(dir: &Path, req: &Request) -> u8 {
         c.send(req)?;
         match c.read()? {
             Reply::Ran { steps, .. } => Ok(steps),
-            Reply::Error { message } => Err((1, message)),
+            Reply::Error { message, .. } => Err((1, message)),
             other => Err((1, format!("unexpected reply {other:?}"))),
         }
     })();

@@ -19,7 +19,7 @@ use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use wire::control::{request_line, Reply, Request, VERSION};
+use wire::control::{request_line, ErrorCode, Reply, Request, VERSION};
 use wire::manifest::CONTROL_SOCKET;
 
 use crate::{links, ports};
@@ -205,7 +205,7 @@ impl Control {
             version: VERSION,
             client: client.into(),
         })?;
-        if let Reply::Error { message } = c.read()? {
+        if let Reply::Error { message, .. } = c.read()? {
             return Err((EXIT_USAGE, message));
         }
         let _ = c.w.set_read_timeout(None);
@@ -260,13 +260,16 @@ fn run_inner(
                     }
                 );
             }
-            Reply::Error { message } if message.contains("in time") => {
+            Reply::Error {
+                code: Some(ErrorCode::Timeout),
+                ..
+            } => {
                 return Err((
                     EXIT_NO_BOARD,
                     format!("no {wanted} within {:?}", args.wait.unwrap_or_default()),
                 ))
             }
-            Reply::Error { message } => return Err((EXIT_USAGE, message)),
+            Reply::Error { message, .. } => return Err((EXIT_USAGE, message)),
             other => return Err((EXIT_NO_BOARD, format!("unexpected reply {other:?}"))),
         }
     };
@@ -410,12 +413,15 @@ fn retake(control: &Path, board: &str, grace: Duration) -> Result<Control, Strin
         match c.read().map_err(|(_, e)| e)? {
             Reply::Granted(_) => return Ok(c),
             Reply::Waiting { .. } => {}
-            Reply::Error { message } if message.contains("in time") => {
+            Reply::Error {
+                code: Some(ErrorCode::Timeout),
+                ..
+            } => {
                 return Err(format!(
                     "the broker is back but {board} was not free again within {g}"
                 ))
             }
-            Reply::Error { message } => {
+            Reply::Error { message, .. } => {
                 return Err(format!("the broker is back but refused it: {message}"))
             }
             other => return Err(format!("unexpected reply {other:?}")),

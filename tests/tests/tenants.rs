@@ -175,6 +175,7 @@ fn a_board_not_yours_reads_as_one_that_does_not_exist() {
         let r = m1.ask(req.clone());
         assert_eq!(r["reply"], "error", "{req}: {r}");
         assert_eq!(r["message"], want, "{req}");
+        assert_eq!(r["code"], "not-available", "{req}: {r}");
     }
     // `list` names only m1's boards, and no other machine's queue.
     let mut m2 = control(&w, "m2");
@@ -338,6 +339,7 @@ match = { by-id = "usb-B-if00" }
     let r = m1.next();
     assert_eq!(r["reply"], "error", "{r}");
     assert!(r["message"].as_str().unwrap().contains("in time"), "{r}");
+    assert_eq!(r["code"], "timeout", "{r}");
     let r = m1.ask(json!({"request": "list"}));
     let a = r["boards"]
         .as_array()

@@ -77,12 +77,62 @@ pub enum Reply {
         board: String,
     },
     /// Console output (lossy UTF-8).
-    Log { board: String, text: String },
+    Log {
+        board: String,
+        text: String,
+    },
     /// A sequence ran: each step and how late it started.
-    Ran { board: String, steps: Vec<StepTiming> },
+    Ran {
+        board: String,
+        steps: Vec<StepTiming>,
+    },
+    /// The request was refused: `message` for people, `code` for programs
+    /// (never match on the message).
     Error {
         message: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        code: Option<ErrorCode>,
     },
+}
+
+/// Why a request was refused, for programs: a client decides what to do by
+/// this, never by the English of the message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ErrorCode {
+    /// The line is not a request this broker knows (bad JSON, unknown
+    /// request or field, too long), or it came before `hello`.
+    BadRequest,
+    /// The client speaks a protocol version this broker does not.
+    Version,
+    /// No board the client may use fits the request. Said the same of a
+    /// board that is somebody else's and of one that does not exist.
+    NotAvailable,
+    /// The client does not hold the board it acts on (lease it first), or
+    /// releases one it does not hold.
+    NotHeld,
+    /// The request conflicts with what the connection already does (waits
+    /// for a board, holds it, runs a sequence).
+    Conflict,
+    /// The client is at one of its limits (connections, waiting requests,
+    /// sequences).
+    Limit,
+    /// A bounded lease wait (`wait_ms`) ran out: nothing was granted.
+    Timeout,
+    /// The board or tty is not plugged in, or is re-enumerating.
+    Absent,
+    /// A sequence or a port operation failed, or was stopped.
+    Failed,
+}
+
+impl Reply {
+    /// An error reply.
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Reply {
+        Reply::Error {
+            message: message.into(),
+            code: Some(code),
+        }
+    }
 }
 
 /// One step of a sequence as it ran.
@@ -228,10 +278,21 @@ mod tests {
 
     #[test]
     fn reply_roundtrip() {
-        let r = Reply::Error {
-            message: "x".into(),
-        };
+        let r = Reply::error(ErrorCode::Timeout, "x");
         let line = reply_line(&r);
+        assert_eq!(
+            String::from_utf8_lossy(&line),
+            "{\"reply\":\"error\",\"message\":\"x\",\"code\":\"timeout\"}\n"
+        );
         assert_eq!(serde_json::from_slice::<Reply>(&line).unwrap(), r);
+        // From a broker that sends no code.
+        let old: Reply = serde_json::from_str("{\"reply\":\"error\",\"message\":\"x\"}").unwrap();
+        assert_eq!(
+            old,
+            Reply::Error {
+                message: "x".into(),
+                code: None
+            }
+        );
     }
 }

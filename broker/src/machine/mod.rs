@@ -6,6 +6,7 @@
 
 pub mod accounts;
 pub mod check;
+pub mod command;
 pub mod ini;
 pub mod name;
 pub mod network;

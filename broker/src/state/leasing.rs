@@ -7,8 +7,10 @@ use tokio::sync::mpsc;
 use wire::control::{BoardInfo, Granted, GrantedTty, Reply};
 
 use super::{inner_present, Inner, Shared};
-use crate::lease::{Client, ClientKey, Refusal, Want};
+use crate::lease::{Client, ClientKey, Want};
 use crate::limits;
+use crate::refusal::Refusal;
+use wire::control::ErrorCode;
 
 /// How long a session outlives the lease it came with.
 pub const LEASE_END_GRACE: std::time::Duration = std::time::Duration::from_millis(500);
@@ -46,12 +48,13 @@ impl Shared {
     pub fn connect(
         &self,
         client: ClientKey,
-    ) -> Result<(u64, mpsc::UnboundedReceiver<Reply>), String> {
+    ) -> Result<(u64, mpsc::UnboundedReceiver<Reply>), Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let n = inner.conn_counts.get(&client).copied().unwrap_or(0);
         if client != ClientKey::Admin && n >= limits::CONTROL_CONNECTIONS {
-            return Err(format!(
-                "too many control connections ({n}, the limit); close some and try again"
+            return Err(Refusal::new(
+                ErrorCode::Limit,
+                format!("too many control connections ({n}, the limit); close some and try again"),
             ));
         }
         *inner.conn_counts.entry(client.clone()).or_default() += 1;
@@ -182,7 +185,7 @@ impl Shared {
     }
 
     /// Gives back a leased board.
-    pub fn release(&self, conn: u64, board: &str) -> Result<(), String> {
+    pub fn release(&self, conn: u64, board: &str) -> Result<(), Refusal> {
         let mut inner = self.inner.lock().unwrap();
         inner.leases.release(conn, board)?;
         Self::grant(&mut inner, &[board.to_string()]);
@@ -209,19 +212,19 @@ impl Shared {
     }
 
     /// Ok when a host uid holds the lease on a board; else who does.
-    pub fn host_lease(&self, uid: u32, board: &str) -> Result<(), String> {
+    pub fn host_lease(&self, uid: u32, board: &str) -> Result<(), Refusal> {
         let inner = self.inner.lock().unwrap();
         if inner.leases.host_uid_holds(uid, board) {
             return Ok(());
         }
-        Err(match inner.leases.holder(board) {
+        Err(Refusal::new(ErrorCode::NotHeld, match inner.leases.holder(board) {
             Some(l) => format!(
                 "{board} is leased to {} since {}; wait for it with `devshim lease --board {board} -- COMMAND`",
                 l.client.describe(),
                 humantime::format_rfc3339_seconds(l.since)
             ),
             None => format!("{board} is not leased to you: take it with `devshim lease --board {board} -- COMMAND`"),
-        })
+        }))
     }
 
     /// The boards a client may use (every board for the admin: `None`).
@@ -275,14 +278,14 @@ impl Shared {
         inner: &Inner,
         client: Option<&Client>,
         board: &str,
-    ) -> Result<Hold, String> {
+    ) -> Result<Hold, Refusal> {
         let Some(c) = client else {
             return inner.board(board).map(|_| Hold::Always);
         };
         if !crate::lease::allowed(&inner.config, board, c) {
-            return Err(crate::lease::not_available(
-                &Want::Board(board.to_string()),
-                c,
+            return Err(Refusal::new(
+                ErrorCode::NotAvailable,
+                crate::lease::not_available(&Want::Board(board.to_string()), c),
             ));
         }
         let b = inner.board(board)?;
@@ -293,16 +296,16 @@ impl Shared {
         }
         match inner.leases.holder(board) {
             Some(l) if l.client.key() == c.key() => Ok(Hold::Lease(l.id)),
-            _ => Err(format!(
+            _ => Err(Refusal::new(ErrorCode::NotHeld, format!(
                 "{} does not hold board {board}: lease it first (`devshim lease --board {board} -- COMMAND`)",
                 c.describe()
-            )),
+            ))),
         }
     }
 
     /// Ok when `client` may act on `board` now; else why not (see
     /// [`Shared::log`] and [`Shared::begin_sequence`], which check it again).
-    pub fn may_act(&self, client: Option<&Client>, board: &str) -> Result<(), String> {
+    pub fn may_act(&self, client: Option<&Client>, board: &str) -> Result<(), Refusal> {
         Self::access(&self.inner.lock().unwrap(), client, board).map(|_| ())
     }
 
@@ -314,14 +317,15 @@ impl Shared {
         &self,
         client: Option<&Client>,
         board: &str,
-    ) -> Result<(Vec<u8>, ConsoleFollow), String> {
+    ) -> Result<(Vec<u8>, ConsoleFollow), Refusal> {
         let inner = self.inner.lock().unwrap();
         let hold = Self::access(&inner, client, board)?;
-        let cap = inner
-            .captures
-            .get(board)
-            .cloned()
-            .ok_or_else(|| format!("board {board} is not in the config"))?;
+        let cap = inner.captures.get(board).cloned().ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::NotAvailable,
+                format!("board {board} is not in the config"),
+            )
+        })?;
         let from = match hold {
             Hold::Always => 0,
             Hold::Lease(id) => match inner.log_from.get(board) {

@@ -23,6 +23,8 @@ use wire::control::Reply;
 use crate::config::Config;
 use crate::lease::{ClientKey, Leases};
 use crate::plan::TtyKey;
+use crate::refusal::Refusal;
+use wire::control::ErrorCode;
 
 pub use leasing::{ConsoleFollow, LeaseOutcome, LEASE_END_GRACE};
 pub use sequences::{SequencePort, SequenceRun};
@@ -55,12 +57,17 @@ struct Inner {
 
 impl Inner {
     /// A board of the config, or an error naming it.
-    fn board(&self, name: &str) -> Result<&crate::config::Board, String> {
+    fn board(&self, name: &str) -> Result<&crate::config::Board, Refusal> {
         self.config
             .boards
             .iter()
             .find(|b| b.name == name)
-            .ok_or_else(|| format!("board {name} is not in the config"))
+            .ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::NotAvailable,
+                    format!("board {name} is not in the config"),
+                )
+            })
     }
 
     /// A configured tty's state.

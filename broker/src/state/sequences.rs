@@ -11,6 +11,8 @@ use super::{SessionGuard, Shared};
 use crate::lease::{Client, ClientKey};
 use crate::limits;
 use crate::plan::TtyKey;
+use crate::refusal::Refusal;
+use wire::control::ErrorCode;
 
 /// A sequence being run, as the state knows it.
 #[derive(Debug)]
@@ -70,7 +72,7 @@ impl Shared {
         tty: Option<&str>,
         pid: Option<i32>,
         parent: &CancellationToken,
-    ) -> Result<SequenceRun, String> {
+    ) -> Result<SequenceRun, Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let hold = Self::access(&inner, client, board)?;
         let key_of = client.map_or(ClientKey::Admin, Client::key);
@@ -80,18 +82,22 @@ impl Shared {
             .filter(|s| s.client == key_of)
             .count();
         if running >= limits::SEQUENCES {
-            return Err(format!(
-                "{} already runs a sequence; one at a time",
-                client.map_or("the admin".to_string(), Client::describe)
+            return Err(Refusal::new(
+                ErrorCode::Limit,
+                format!(
+                    "{} already runs a sequence; one at a time",
+                    client.map_or("the admin".to_string(), Client::describe)
+                ),
             ));
         }
         let b = inner.board(board)?;
         let t = match tty {
-            Some(t) => b
-                .ttys
-                .iter()
-                .find(|x| x.name == t)
-                .ok_or_else(|| format!("board {board} has no tty {t}"))?,
+            Some(t) => b.ttys.iter().find(|x| x.name == t).ok_or_else(|| {
+                Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!("board {board} has no tty {t}"),
+                )
+            })?,
             None => &b.ttys[0],
         };
         let key = TtyKey {
@@ -102,12 +108,15 @@ impl Shared {
         let st = &inner.ttys[&key];
         let adapter = st
             .adapter()
-            .ok_or_else(|| format!("{key} is not plugged in"))?;
+            .ok_or_else(|| Refusal::new(ErrorCode::Absent, format!("{key} is not plugged in")))?;
         let stop = parent.child_token();
         let port = match &st.session {
             Some(s) => {
                 let fd = s.fd.clone().ok_or_else(|| {
-                    format!("{key} is re-enumerating; try again in a few seconds")
+                    Refusal::new(
+                        ErrorCode::Absent,
+                        format!("{key} is re-enumerating; try again in a few seconds"),
+                    )
                 })?;
                 let (ended, cancel, stop2) = (s.ended.clone(), s.cancel.clone(), stop.clone());
                 tokio::spawn(async move {
@@ -144,7 +153,10 @@ impl Shared {
         // The lease may have ended while the lock was let go.
         let hold2 = Self::access(&inner, client, board)?;
         if hold2 != hold {
-            return Err(format!("the lease on {board} ended"));
+            return Err(Refusal::new(
+                ErrorCode::NotHeld,
+                format!("the lease on {board} ended"),
+            ));
         }
         inner.next_sequence += 1;
         let id = inner.next_sequence;
@@ -170,7 +182,7 @@ impl Shared {
     }
 
     /// The step text of a board's sequence: its own, else a built-in.
-    pub fn sequence_text(&self, board: &str, name: &str) -> Result<String, String> {
+    pub fn sequence_text(&self, board: &str, name: &str) -> Result<String, Refusal> {
         let inner = self.inner.lock().unwrap();
         let b = inner.board(board)?;
         if let Some(t) = b.sequences.get(name) {
@@ -183,9 +195,12 @@ impl Shared {
             .ok_or_else(|| {
                 let mut names: Vec<&str> = b.sequences.keys().map(String::as_str).collect();
                 names.extend(crate::sequence::BUILTINS.iter().map(|(n, _)| *n));
-                format!(
-                    "board {board} has no sequence {name:?}; it has {}",
-                    names.join(", ")
+                Refusal::new(
+                    ErrorCode::BadRequest,
+                    format!(
+                        "board {board} has no sequence {name:?}; it has {}",
+                        names.join(", ")
+                    ),
                 )
             })
     }

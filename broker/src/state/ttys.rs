@@ -13,6 +13,8 @@ use tokio_util::sync::CancellationToken;
 use super::{rate_of, Shared};
 use crate::adapter::Adapter;
 use crate::plan::TtyKey;
+use crate::refusal::Refusal;
+use wire::control::ErrorCode;
 
 /// Byte counters of one tty, shared with its session.
 #[derive(Debug, Default)]
@@ -297,27 +299,35 @@ impl Shared {
         who: String,
         pid: Option<i32>,
         parent: &CancellationToken,
-    ) -> Result<SessionGuard, String> {
+    ) -> Result<SessionGuard, Refusal> {
         let mut inner = self.inner.lock().unwrap();
         inner.next_session += 1;
         let id = inner.next_session;
-        let t = inner
-            .ttys
-            .get_mut(key)
-            .ok_or_else(|| format!("{key} is not in the config"))?;
+        let t = inner.ttys.get_mut(key).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::NotAvailable,
+                format!("{key} is not in the config"),
+            )
+        })?;
         let adapter = t.adapter().ok_or_else(|| {
-            if t.away {
-                format!("{key} is re-enumerating (its adapter went away moments ago); try again in a few seconds")
-            } else {
-                format!("{key} is not plugged in")
-            }
+            Refusal::new(
+                ErrorCode::Absent,
+                if t.away {
+                    format!("{key} is re-enumerating (its adapter went away moments ago); try again in a few seconds")
+                } else {
+                    format!("{key} is not plugged in")
+                },
+            )
         })?;
         if let Some(s) = &t.session {
-            return Err(format!(
-                "{key} is in use by {}{} since {}; try again when it is released",
-                s.who,
-                s.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
-                humantime::format_rfc3339_seconds(s.since)
+            return Err(Refusal::new(
+                ErrorCode::Conflict,
+                format!(
+                    "{key} is in use by {}{} since {}; try again when it is released",
+                    s.who,
+                    s.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    humantime::format_rfc3339_seconds(s.since)
+                ),
             ));
         }
         let cancel = parent.child_token();
@@ -374,6 +384,7 @@ mod tests {
         assert!(shared
             .acquire(&key, "machine m".into(), None, &root)
             .unwrap_err()
+            .message
             .contains("not plugged in"));
         let a = Adapter {
             id: "x".into(),
@@ -390,8 +401,11 @@ mod tests {
         let refusal = shared
             .acquire(&key, "machine n".into(), None, &root)
             .unwrap_err();
+        assert_eq!(refusal.code, ErrorCode::Conflict);
         assert!(
-            refusal.contains("in use by machine m (pid 7) since"),
+            refusal
+                .message
+                .contains("in use by machine m (pid 7) since"),
             "{refusal}"
         );
         assert_eq!(
