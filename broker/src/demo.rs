@@ -45,7 +45,7 @@ pub async fn run(
     let guest_dev = root.join("guest/dev");
     let config =
         crate::config::parse(Path::new("<demo>"), CONFIG).expect("the demo config is valid");
-    let user = current_user();
+    let devshim = devshim_binary()?;
 
     let board =
         FakeBoard::plug(&by_id, BOARD_LINK).context("can't make the simulated board's pty")?;
@@ -58,21 +58,26 @@ pub async fn run(
         Box::new(ByIdSource::new(&by_id)),
         shutdown.clone(),
     ));
-    let shim = tokio::spawn(devshim::serve::serve(
-        devshim::serve::Options {
-            dir: run_dir.join("machines/demo"),
-            link_root: guest_dev.clone(),
-            user,
-            state_dir: root.join("guest/run/devshim"),
-            broker_grace: devshim::serve::DEFAULT_BROKER_GRACE,
-        },
-        shutdown.clone(),
-    ));
+    // The guest side as a container runs it: the devshim binary.
+    let mut shim = tokio::process::Command::new(&devshim)
+        .arg("serve")
+        .arg("--dir")
+        .arg(run_dir.join("machines/demo"))
+        .arg("--link-root")
+        .arg(&guest_dev)
+        .arg("--user")
+        .arg(nix::unistd::getuid().as_raw().to_string())
+        .arg("--state-dir")
+        .arg(root.join("guest/run/devshim"))
+        .kill_on_drop(true)
+        .spawn()
+        .with_context(|| format!("can't start {}", devshim.display()))?;
 
     let guest_link = guest_dev.join("serial/by-id").join(BOARD_LINK);
     let t0 = Instant::now();
     while guest_link.symlink_metadata().is_err() {
-        if t0.elapsed() > Duration::from_secs(10) || broker.is_finished() || shim.is_finished() {
+        let shim_ended = shim.try_wait()?.is_some();
+        if t0.elapsed() > Duration::from_secs(10) || broker.is_finished() || shim_ended {
             shutdown.cancel();
             let _ = broker.await?;
             anyhow::bail!("the guest link did not appear; see the log above");
@@ -102,22 +107,45 @@ pub async fn run(
         }
         None => shutdown.cancelled().await,
     }
+    if let Some(pid) = shim.id() {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid as i32),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+    }
+    let stopped = tokio::time::timeout(Duration::from_secs(5), shim.wait()).await;
     let r1 = broker.await?;
-    let r2 = shim.await?;
     let _ = board_task.await?;
     drop(tmp);
     println!("devbroker demo stopped; {} removed.", root.display());
-    r1.and(r2)
+    match stopped {
+        Ok(Ok(s)) if s.success() => r1,
+        Ok(Ok(s)) => r1.and(Err(anyhow::anyhow!("devshim ended with {s}"))),
+        Ok(Err(e)) => r1.and(Err(e.into())),
+        Err(_) => r1.and(Err(anyhow::anyhow!("devshim did not stop within 5 s"))),
+    }
 }
 
-/// The user running the demo, as devshim's owner of the guest pty.
-fn current_user() -> devshim::users::User {
-    let uid = nix::unistd::getuid().as_raw();
-    let gid = nix::unistd::getgid().as_raw();
-    devshim::users::lookup(Path::new("/"), &uid.to_string()).unwrap_or(devshim::users::User {
-        name: uid.to_string(),
-        uid,
-        gid,
-        home: "/".into(),
-    })
+/// The devshim the demo runs: `DEVBROKER_DEVSHIM`, else the one next to
+/// this devbroker (a cargo build puts both in `target/<profile>/`, the
+/// package in `/usr/lib/devbroker`).
+fn devshim_binary() -> anyhow::Result<std::path::PathBuf> {
+    if let Some(p) = std::env::var_os("DEVBROKER_DEVSHIM") {
+        return Ok(p.into());
+    }
+    let exe = std::env::current_exe().context("can't find this program's path")?;
+    let candidates = [
+        exe.with_file_name("devshim"),
+        std::path::PathBuf::from("/usr/lib/devbroker/devshim"),
+    ];
+    candidates
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .with_context(|| {
+            format!(
+                "devshim is not next to devbroker ({}): build it too (`cargo build --release -p devshim`), or set DEVBROKER_DEVSHIM",
+                candidates[0].display()
+            )
+        })
 }

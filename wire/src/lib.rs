@@ -9,7 +9,9 @@
 //! - [`control`]: versioned JSON-line messages of the control sockets.
 //! - [`manifest`]: the index of a machine directory that tells devshim each tty's by-id name.
 //! - [`termios`]: Linux `termios2` read and written as RFC 2217 line settings.
+//! - [`accounts`]: users and groups from `passwd` and `group` text.
 
+pub mod accounts;
 pub mod control;
 pub mod manifest;
 pub mod names;
