@@ -20,21 +20,10 @@ pub const UDEV_RULES: &[&str] = &[
     "80-drivers.rules",
 ];
 
-/// True under CI, where missing prerequisites are a failure.
-pub fn under_ci() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
-}
-
-/// Says why a test can't run here: prints `skipped: REASON` and returns, or
-/// panics under CI.
+/// Says why a test can't run here, with what to install: the suite's
+/// [`devbroker_tests::skip`] (fails under CI).
 pub fn skip(reason: &str) {
-    if under_ci() {
-        panic!(
-            "{reason}\nCI=true: this test must run here, not skip. Install what it needs: \
-             apt-get install -y {PACKAGES}"
-        );
-    }
-    println!("skipped: {reason}");
+    devbroker_tests::skip(&format!("{reason} (apt-get install -y {PACKAGES})"));
 }
 
 /// The host's tools and files the guest is made of.

@@ -40,7 +40,9 @@ impl ControlClient {
         self.w.write_all(bytes).unwrap();
     }
 
-    /// Reads the next reply line.
+    /// Reads the next reply line (blocking; not an iterator: a closed
+    /// connection fails the test).
+    #[allow(clippy::should_implement_trait)]
     pub fn next(&mut self) -> Value {
         let mut line = String::new();
         self.r.read_line(&mut line).expect("a reply line");

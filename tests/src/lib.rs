@@ -15,6 +15,7 @@ pub mod control;
 
 pub use devbroker::fakeboard::FakeBoard;
 pub mod container;
+pub mod static_devshim;
 pub mod umockdev;
 
 /// A binary of this workspace, next to the running test's directory.
@@ -33,9 +34,26 @@ pub fn bin(name: &str) -> PathBuf {
     p
 }
 
-/// The static devshim that ships into containers (built by this crate's build script).
+/// The static devshim that ships into containers (built on first use).
 pub fn devshim() -> PathBuf {
-    PathBuf::from(env!("DEVSHIM_STATIC"))
+    static_devshim::path()
+}
+
+/// True under CI (`CI=true`), where every test must run.
+pub fn under_ci() -> bool {
+    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+}
+
+/// Says why a test can't run here and lets it return: prints
+/// `skipped: REASON` — or, under CI, fails, since CI installs and starts
+/// everything the suite needs (`.ci/run`) and a skip there would hide a test
+/// that never ran.
+pub fn skip(reason: &str) {
+    assert!(
+        !under_ci(),
+        "{reason}\nCI=true: this test must run here, not skip (see .ci/run for what the suite needs)"
+    );
+    println!("skipped: {reason}");
 }
 
 /// Polls `cond` every 5 ms until it holds or `limit` passes.

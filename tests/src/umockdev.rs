@@ -247,7 +247,7 @@ fn run_child(name: &str) {
     let preload = match preload_path() {
         Ok(p) => p,
         Err(why) => {
-            println!("skipped: {name}: {why}");
+            crate::skip(&format!("{name}: {why}"));
             return;
         }
     };

@@ -11,7 +11,7 @@ use std::time::Instant;
 fn skip() -> bool {
     match container::skip_reason() {
         Some(r) => {
-            println!("skipped: {r}");
+            devbroker_tests::skip(&r);
             true
         }
         None => false,

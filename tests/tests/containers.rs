@@ -14,7 +14,7 @@ const FTDI: &str = "usb-FTDI_FT232R_USB_UART_C0NTA1-if00-port0";
 fn unavailable() -> bool {
     let why = container::skip_reason();
     if let Some(why) = &why {
-        println!("skipped: {why}");
+        skip(why);
     }
     why.is_some()
 }

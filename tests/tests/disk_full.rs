@@ -18,7 +18,7 @@ struct Tmpfs(PathBuf);
 impl Tmpfs {
     fn mount(dir: &Path, kib: u32) -> Option<Tmpfs> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: mounting a small tmpfs to fill needs root (run the suite as root, as CI does)");
+            skip("mounting a small tmpfs to fill needs root (run the suite as root, as CI does)");
             return None;
         }
         fs::create_dir_all(dir).unwrap();

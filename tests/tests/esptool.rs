@@ -176,7 +176,7 @@ fn esptool_read_mac_at_460800_through_the_endpoint() {
     let venv = match esptool_venv() {
         Ok(v) => v,
         Err(e) => {
-            println!("skipped: esptool can't be installed here: {e}");
+            skip(&format!("esptool can't be installed here: {e}"));
             return;
         }
     };

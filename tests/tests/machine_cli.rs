@@ -21,7 +21,7 @@ struct Host {
 impl Host {
     fn new() -> Option<Host> {
         if !nix::unistd::geteuid().is_root() {
-            eprintln!("skipped: machine setup chowns files and needs root (run the suite as root, as CI does)");
+            skip("machine setup chowns files and needs root (run the suite as root, as CI does)");
             return None;
         }
         let h = Host {

@@ -222,7 +222,7 @@ fn policy_decides_who_gets_a_socket() {
     let host_sock = w.run.join("host/hil1.console.sock");
     wait_for(2 * S, "the host socket", || host_sock.exists());
     if !nix::unistd::geteuid().is_root() {
-        eprintln!("skipped the host-group half: connecting as another user needs root (run the suite as root, as CI does)");
+        skip("the host-group half: connecting as another user needs root (run the suite as root, as CI does)");
         return;
     }
     let group = std::fs::read_to_string("/etc/group").unwrap();

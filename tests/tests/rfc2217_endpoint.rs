@@ -720,9 +720,7 @@ print("sent")
 #[test]
 fn only_the_job_user_and_root_may_use_the_endpoint() {
     if !nix::unistd::geteuid().is_root() {
-        println!(
-            "skipped: connecting as other users needs root (run the suite as root, as CI does)"
-        );
+        skip("connecting as other users needs root (run the suite as root, as CI does)");
         return;
     }
     // The job user is `daemon`, whom every Debian has; 4242 is anybody else.

@@ -644,42 +644,8 @@ fn rules_file_sets_0660_and_the_group_never_0666() {
     assert!(skips("ENV{ID_BUS}", "usb"));
     assert!(skips("KERNEL", "ttyUSB[0-9]*|ttyACM[0-9]*"));
 
-    // udevadm verify (systemd 254 and later) checks the syntax for real.
-    let path = std::env::var("PATH").unwrap_or_default();
-    let Some(udevadm) = path
-        .split(':')
-        .chain(["/usr/bin", "/bin", "/usr/sbin", "/sbin"])
-        .map(|d| Path::new(d).join("udevadm"))
-        .find(|p| p.is_file())
-    else {
-        println!("skipped: udevadm verify: udevadm is not installed");
-        return;
-    };
-    let udevadm = udevadm.as_path();
-    let help = Command::new(udevadm)
-        .args(["verify", "--help"])
-        .output()
-        .unwrap();
-    if !help.status.success() {
-        let version = Command::new(udevadm).arg("--version").output().unwrap();
-        println!(
-            "skipped: udevadm verify: udevadm {} has no verify subcommand (systemd 254 added it)",
-            String::from_utf8_lossy(&version.stdout).trim()
-        );
-        return;
-    }
-    // Group names are not resolved: the devbroker group need not exist here.
-    let out = Command::new(udevadm)
-        .args(["verify", "--resolve-names=never"])
-        .arg(rules_file())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "udevadm verify: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // Real udevd applies the file in hw-tests (tier 4): the adapter's node
+    // is group devbroker, mode 0660 there.
 }
 
 #[test]

@@ -1,26 +1,47 @@
-//! Builds devshim as the static binary that ships into containers, so the
-//! suite tests exactly that artifact (and `ldd` can check it is static).
+//! The static devshim that ships into containers, built for the suite when
+//! a test first asks for it — not by a build script, so `cargo check`,
+//! clippy and editors never start a second build.
 //!
 //! A nested cargo with an explicit `--target` applies `+crt-static` to the
 //! target artifacts only, not to build scripts and proc macros, and keeps its
-//! own target directory so it never waits on the outer build's lock.
+//! own target directory so it never waits on the outer build's lock. Cargo
+//! finds it up to date in a moment after the first time.
 
 use std::path::PathBuf;
 use std::process::Command;
+use std::sync::OnceLock;
 
-fn main() {
-    let manifest_dir = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR").unwrap());
-    let root = manifest_dir.parent().unwrap().to_path_buf();
-    for dir in [
-        "guest-shim/src",
-        "wire/src",
-        "guest-shim/Cargo.toml",
-        "wire/Cargo.toml",
-        "Cargo.lock",
-    ] {
-        println!("cargo:rerun-if-changed={}", root.join(dir).display());
-    }
-    let target = std::env::var("TARGET").unwrap();
+/// The workspace's root.
+fn workspace() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the tests crate is in the workspace")
+        .to_path_buf()
+}
+
+/// The host's target triple (`x86_64-unknown-linux-gnu`), from rustc.
+fn host_triple() -> String {
+    let out = Command::new("rustc")
+        .arg("-vV")
+        .output()
+        .expect("rustc -vV");
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find_map(|l| l.strip_prefix("host: "))
+        .expect("rustc names its host")
+        .trim()
+        .to_string()
+}
+
+/// Builds (once per process) and returns the static devshim.
+pub fn path() -> PathBuf {
+    static PATH: OnceLock<PathBuf> = OnceLock::new();
+    PATH.get_or_init(build).clone()
+}
+
+fn build() -> PathBuf {
+    let root = workspace();
+    let target = host_triple();
     let out_root = std::env::var("DEVBROKER_STATIC_TARGET_DIR")
         .map(PathBuf::from)
         .unwrap_or_else(|_| root.join("target/devshim-static"));
@@ -62,6 +83,5 @@ fn main() {
     );
     let status = cmd.status().expect("run cargo for the static devshim");
     assert!(status.success(), "building the static devshim failed");
-    let bin = out_root.join(&target).join("release/devshim");
-    println!("cargo:rustc-env=DEVSHIM_STATIC={}", bin.display());
+    out_root.join(&target).join("release/devshim")
 }
