@@ -54,6 +54,7 @@ pub async fn run(
         config,
         server::Options {
             run_dir: run_dir.clone(),
+            config: None,
         },
         Box::new(ByIdSource::new(&by_id)),
         shutdown.clone(),

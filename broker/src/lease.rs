@@ -94,6 +94,7 @@ pub struct Lease {
 struct Waiter {
     conn: u64,
     client: Client,
+    want: Want,
     /// The boards it may be given, in config order.
     candidates: Vec<String>,
 }
@@ -236,6 +237,7 @@ impl Leases {
             Waiter {
                 conn,
                 client,
+                want,
                 candidates: cands,
             },
         );
@@ -371,6 +373,38 @@ impl Leases {
             });
         }
         grants
+    }
+
+    /// Takes a new config: leases on boards that are gone, or that their
+    /// holder may no longer use, end; waiting requests are filed anew under
+    /// the boards the config now gives them (keeping their place), and a
+    /// request no board fits any more waits with no candidates until its
+    /// connection gives up. Returns the boards freed.
+    pub fn reconfigure(&mut self, config: &Config) -> Vec<String> {
+        let gone: Vec<String> = self
+            .held
+            .iter()
+            .filter(|(b, l)| !allowed(config, b, &l.client))
+            .map(|(b, _)| b.clone())
+            .collect();
+        for b in &gone {
+            if let Some(l) = self.held.remove(b) {
+                if let Some(h) = self.holding.get_mut(&l.conn) {
+                    h.remove(b);
+                    if h.is_empty() {
+                        self.holding.remove(&l.conn);
+                    }
+                }
+            }
+        }
+        self.queues.clear();
+        for (seq, w) in self.waiters.iter_mut() {
+            w.candidates = candidates(config, &w.want, &w.client);
+            for b in &w.candidates {
+                self.queues.entry(b.clone()).or_default().insert(*seq);
+            }
+        }
+        gone
     }
 
     /// Boards someone waits for: what to try granting when adapters change.

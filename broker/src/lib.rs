@@ -16,6 +16,8 @@ pub mod drain;
 pub mod fakeboard;
 pub mod lease;
 pub mod limits;
+pub mod logging;
+pub mod notify;
 pub mod line;
 pub mod machine;
 pub mod peer;

@@ -7,13 +7,7 @@ use devbroker::cli::{Cli, Cmd};
 use devbroker::{config, demo, server, shutdown, status};
 
 fn main() -> ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_env("DEVBROKER_LOG")
-                .unwrap_or_else(|_| "info".into()),
-        )
-        .with_writer(std::io::stderr)
-        .init();
+    devbroker::logging::init("DEVBROKER_LOG");
     let cli = Cli::parse();
     match run(cli) {
         Ok(code) => code,
@@ -49,7 +43,16 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             server::raise_fd_limit();
             runtime()?.block_on(async {
                 let stop = shutdown::on_signals()?;
-                server::run(cfg, server::Options { run_dir }, src, stop).await
+                server::run(
+                    cfg,
+                    server::Options {
+                        run_dir,
+                        config: Some(path),
+                    },
+                    src,
+                    stop,
+                )
+                .await
             })?;
             Ok(ExitCode::SUCCESS)
         }

@@ -24,6 +24,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::io::{self, Write};
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 
 use anyhow::{bail, Context};
 use rustix::fs::{AtFlags, FileType, Mode, OFlags};
@@ -46,10 +47,12 @@ pub enum Place {
 #[derive(Debug)]
 pub struct RunDir {
     path: PathBuf,
-    top: OwnedFd,
+    top: Arc<OwnedFd>,
     staging: OwnedFd,
-    host: OwnedFd,
-    machines: BTreeMap<String, OwnedFd>,
+    host: Arc<OwnedFd>,
+    /// `RUN/machines`, for machines a reload adds.
+    machines_dir: OwnedFd,
+    machines: Mutex<BTreeMap<String, Arc<OwnedFd>>>,
     _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
@@ -190,27 +193,46 @@ impl RunDir {
         clean(&host);
         clean(&top);
         let machines_fd = own_dir(&top, "machines", 0o700, &run.join("machines"))?;
-        let mut dirs = BTreeMap::new();
+        let rd = RunDir {
+            path: run.to_path_buf(),
+            top: Arc::new(top),
+            staging,
+            host: Arc::new(host),
+            machines_dir: machines_fd,
+            machines: Mutex::new(BTreeMap::new()),
+            _lock: lock,
+        };
         for m in machines {
-            let shown = run.join("machines").join(m);
-            match own_dir(&machines_fd, m, 0o755, &shown) {
-                Ok(fd) => {
-                    clean(&fd);
-                    dirs.insert(m.clone(), fd);
-                }
-                Err(e) => {
-                    warn!(machine = %m, "{e:#}; machine {m} gets no boards until it is fixed")
-                }
+            rd.add_machine(m);
+        }
+        Ok(rd)
+    }
+
+    /// Makes (or takes back) a machine's directory and empties it of what a
+    /// broker left; false, with an error logged, if it can't be made safe.
+    pub fn add_machine(&self, m: &str) -> bool {
+        let shown = self.path.join("machines").join(m);
+        match own_dir(&self.machines_dir, m, 0o755, &shown) {
+            Ok(fd) => {
+                clean(&fd);
+                self.machines
+                    .lock()
+                    .unwrap()
+                    .insert(m.to_string(), Arc::new(fd));
+                true
+            }
+            Err(e) => {
+                warn!(machine = %m, "{e:#}; machine {m} gets no boards until it is fixed");
+                false
             }
         }
-        Ok(RunDir {
-            path: run.to_path_buf(),
-            top,
-            staging,
-            host,
-            machines: dirs,
-            _lock: lock,
-        })
+    }
+
+    /// Forgets a machine a reload removed: its index goes, its directory
+    /// stays (its container may have it bound).
+    pub fn remove_machine(&self, m: &str) {
+        self.remove_index(m);
+        self.machines.lock().unwrap().remove(m);
     }
 
     /// The run directory's path, for messages.
@@ -219,20 +241,26 @@ impl RunDir {
     }
 
     /// Machines whose directory is ready.
-    pub fn machines(&self) -> impl Iterator<Item = &String> {
-        self.machines.keys()
+    pub fn machines(&self) -> BTreeSet<String> {
+        self.machines.lock().unwrap().keys().cloned().collect()
     }
 
-    fn dir(&self, place: &Place) -> io::Result<&OwnedFd> {
+    fn dir(&self, place: &Place) -> io::Result<Arc<OwnedFd>> {
         match place {
-            Place::Top => Ok(&self.top),
-            Place::Host => Ok(&self.host),
-            Place::Machine(m) => self.machines.get(m).ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::NotFound,
-                    format!("machine {m} has no usable directory"),
-                )
-            }),
+            Place::Top => Ok(self.top.clone()),
+            Place::Host => Ok(self.host.clone()),
+            Place::Machine(m) => self
+                .machines
+                .lock()
+                .unwrap()
+                .get(m)
+                .cloned()
+                .ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::NotFound,
+                        format!("machine {m} has no usable directory"),
+                    )
+                }),
         }
     }
 
@@ -258,7 +286,7 @@ impl RunDir {
     /// Removes a machine's index.
     pub fn remove_index(&self, machine: &str) {
         if let Ok(d) = self.dir(&Place::Machine(machine.to_string())) {
-            let _ = rustix::fs::unlinkat(d, MANIFEST, AtFlags::empty());
+            let _ = rustix::fs::unlinkat(&*d, MANIFEST, AtFlags::empty());
         }
     }
 
@@ -281,7 +309,7 @@ impl RunDir {
             Mode::from_raw_mode(mode),
             AtFlags::empty(),
         )
-        .and_then(|()| rustix::fs::renameat(&self.staging, staged.as_str(), dir, name));
+        .and_then(|()| rustix::fs::renameat(&self.staging, staged.as_str(), &*dir, name));
         if let Err(e) = placed {
             let _ = rustix::fs::unlinkat(&self.staging, staged.as_str(), AtFlags::empty());
             return Err(e.into());
@@ -293,9 +321,9 @@ impl RunDir {
     /// followed.
     pub fn unbind(&self, place: &Place, name: &str) {
         if let Ok(d) = self.dir(place) {
-            match rustix::fs::statat(d, name, AtFlags::SYMLINK_NOFOLLOW) {
+            match rustix::fs::statat(&*d, name, AtFlags::SYMLINK_NOFOLLOW) {
                 Ok(st) if FileType::from_raw_mode(st.st_mode) == FileType::Socket => {
-                    let _ = rustix::fs::unlinkat(d, name, AtFlags::empty());
+                    let _ = rustix::fs::unlinkat(&*d, name, AtFlags::empty());
                 }
                 _ => {}
             }
@@ -395,7 +423,7 @@ mod tests {
         let rd = RunDir::prepare(&run, &machines(&["m1", "m3"])).unwrap();
         let m = std::fs::metadata(run.join("machines/m1")).unwrap();
         assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
-        assert_eq!(rd.machines().collect::<Vec<_>>(), ["m1"]);
+        assert_eq!(rd.machines().into_iter().collect::<Vec<_>>(), ["m1"]);
         assert!(std::fs::symlink_metadata(run.join("machines/m3"))
             .unwrap()
             .file_type()

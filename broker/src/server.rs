@@ -15,7 +15,7 @@ use anyhow::Context;
 use futures_util::StreamExt;
 use tokio::net::{UnixListener, UnixStream};
 use tokio_util::sync::CancellationToken;
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 use wire::manifest::{Manifest, CONTROL_SOCKET};
 
 use crate::adapter::Adapter;
@@ -38,10 +38,12 @@ pub const ADMIN_SOCKET: &str = "broker.sock";
 /// How soon an index that could not be written (a full disk) is tried again.
 const INDEX_RETRY: Duration = Duration::from_secs(1);
 
-/// Where the broker keeps its sockets.
+/// Where the broker keeps its sockets, and the config file a reload reads.
 #[derive(Debug, Clone)]
 pub struct Options {
     pub run_dir: PathBuf,
+    /// Read again on SIGHUP; `None` (the demo): nothing to reload.
+    pub config: Option<PathBuf>,
 }
 
 /// A socket being served; dropping it stops accepting and removes the file.
@@ -95,110 +97,106 @@ pub fn raise_fd_limit() {
     }
 }
 
-/// Runs the broker until `shutdown` is cancelled, then removes what it made
-/// (sockets and indexes; machine directories stay, as containers bind them).
-pub async fn run(
+/// The broker at work: its config, run directory, sockets and what it
+/// knows of adapters. [`run`] drives it.
+struct Server {
     config: Config,
-    opts: Options,
-    source: Box<dyn Source>,
+    dir: Arc<RunDir>,
+    shared: Shared,
     shutdown: CancellationToken,
-) -> anyhow::Result<()> {
-    let machines = plan::machines(&config);
-    let dir = Arc::new(RunDir::prepare(&opts.run_dir, &machines)?);
-    let shared = Shared::new(config.clone());
-    let mut fixed = Vec::new();
-    let mut control = |place: Place, mode: u32, scope: Scope| -> anyhow::Result<()> {
-        let name = match place {
-            Place::Top => ADMIN_SOCKET,
-            _ => CONTROL_SOCKET,
+    /// Control sockets: the admin's, the host's and one per machine.
+    control: BTreeMap<Place, Listener>,
+    /// Tty sockets, by path relative to the run directory.
+    listeners: BTreeMap<PathBuf, Listener>,
+    /// The index each machine has on disk; a machine missing here is
+    /// written (again) at the next pass.
+    manifests: BTreeMap<String, Manifest>,
+    adapters: BTreeMap<String, Adapter>,
+    away: Away,
+    /// When to try writing indexes again after a failure.
+    retry_at: Option<tokio::time::Instant>,
+}
+
+impl Server {
+    /// Serves a control socket.
+    fn serve_control(&mut self, place: Place) -> anyhow::Result<()> {
+        let (name, mode, scope) = match &place {
+            Place::Top => (ADMIN_SOCKET, 0o600, Scope::Admin),
+            Place::Host => (CONTROL_SOCKET, 0o666, Scope::Host),
+            Place::Machine(m) => (CONTROL_SOCKET, 0o666, Scope::Machine(m.clone())),
         };
-        let l = dir
+        let l = self
+            .dir
             .bind(&place, name, mode)
-            .with_context(|| format!("can't serve {}", dir.shown(&place, name).display()))?;
-        let cancel = shutdown.child_token();
-        tokio::spawn(control::serve(l, scope, shared.clone(), cancel.clone()));
-        fixed.push(Listener {
-            dir: dir.clone(),
-            place,
-            name: name.to_string(),
-            cancel,
-            retired: false,
-        });
+            .with_context(|| format!("can't serve {}", self.dir.shown(&place, name).display()))?;
+        let cancel = self.shutdown.child_token();
+        tokio::spawn(control::serve(
+            l,
+            scope,
+            self.shared.clone(),
+            cancel.clone(),
+        ));
+        self.control.insert(
+            place.clone(),
+            Listener {
+                dir: self.dir.clone(),
+                place,
+                name: name.to_string(),
+                cancel,
+                retired: false,
+            },
+        );
         Ok(())
-    };
-    control(Place::Host, 0o666, Scope::Host)?;
-    let empty = Manifest {
-        version: 1,
-        ttys: vec![],
-    };
-    let ready: Vec<String> = dir.machines().cloned().collect();
-    // The index each machine has on disk; a machine missing here is written
-    // (again) at the next pass.
-    let mut manifests: BTreeMap<String, Manifest> = BTreeMap::new();
-    for m in &ready {
-        match dir.write_index(m, &empty) {
+    }
+
+    /// Starts serving a machine: its directory, an empty index, its
+    /// control socket.
+    fn add_machine(&mut self, m: &str) -> anyhow::Result<()> {
+        if !self.dir.add_machine(m) {
+            return Ok(());
+        }
+        let empty = Manifest {
+            version: 1,
+            ttys: vec![],
+        };
+        match self.dir.write_index(m, &empty) {
             Ok(()) => {
-                manifests.insert(m.clone(), empty.clone());
+                self.manifests.insert(m.to_string(), empty);
             }
             Err(e) => warn!(machine = %m, "can't write the index: {e}; trying again"),
         }
-        control(Place::Machine(m.clone()), 0o666, Scope::Machine(m.clone()))?;
+        self.serve_control(Place::Machine(m.to_string()))
     }
-    // Last: once the admin socket answers, every control socket is there.
-    control(Place::Top, 0o600, Scope::Admin)?;
 
-    info!("watching {}", source.describe());
-    let mut stream = source.watch().context("can't start the discovery source")?;
-    let mut adapters: BTreeMap<String, Adapter> = BTreeMap::new();
-    let mut listeners: BTreeMap<PathBuf, Listener> = BTreeMap::new();
-    let mut away = Away::default();
-    let mut retry_at: Option<tokio::time::Instant> = None;
-    info!(run_dir = %opts.run_dir.display(), boards = config.boards.len(), machines = machines.len(), "devbroker ready");
-    let result = loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => break Ok(()),
-            // Leases moved: re-plan who has which sockets.
-            _ = shared.changed.notified() => {}
-            // A re-enumeration grace ran out.
-            _ = away.expiry() => {}
-            // An index could not be written: try again.
-            _ = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {
-                retry_at = None;
-            }
-            ev = stream.next() => match ev {
-                Some(Ok(SourceEvent::Added(a))) => {
-                    debug!(adapter = %a.id, "added");
-                    adapters.insert(a.id.clone(), a);
-                }
-                Some(Ok(SourceEvent::Removed(id))) => {
-                    debug!(adapter = %id, "removed");
-                    adapters.remove(&id);
-                }
-                Some(Err(e)) => break Err(anyhow::Error::new(e).context("the discovery source failed")),
-                None => break Err(anyhow::anyhow!("the discovery source stopped")),
-            },
-        }
-        let (present, warnings) = plan::assign(&config, &adapters);
+    /// Plans from what is known now and does what the plan asks: shares the
+    /// adapters with the state, keeps `always` consoles drained, withdraws
+    /// and serves tty sockets, writes indexes.
+    fn reconcile(&mut self) {
+        let (present, warnings) = plan::assign(&self.config, &self.adapters);
         for w in warnings {
             warn!("{w}");
         }
         // A tty whose adapter is away within its grace keeps its sockets
         // and its session; it is planned as if still present.
-        let away_keys = away.update(&config, &present, tokio::time::Instant::now());
-        shared.set_present(&present, &away_keys);
-        let present = away.with_away(&present);
+        let away_keys = self
+            .away
+            .update(&self.config, &present, tokio::time::Instant::now());
+        self.shared.set_present(&present, &away_keys);
+        let present = self.away.with_away(&present);
         // Consoles captured `always`: keep their ports open between sessions.
-        for (key, device, rate, capture) in shared.drains_needed() {
+        for (key, device, rate, capture) in self.shared.drains_needed() {
             match crate::port::open(&device, rate) {
                 Ok(p) => {
                     info!("capturing the console of {key}");
-                    shared.start_drain(key, p, capture);
+                    self.shared.start_drain(key, p, capture);
                 }
                 Err(e) => warn!("can't open {} to capture {key}: {e}", device.display()),
             }
         }
+        let ready = self.dir.machines();
+        let shared = &self.shared;
         let has = |m: &str, b: &str| shared.machine_has(m, b);
-        let want: BTreeMap<PathBuf, SocketSpec> = plan::sockets(&config, &present, &has)
+        let want: BTreeMap<PathBuf, SocketSpec> = plan::sockets(&self.config, &present, &has)
             .into_iter()
             .filter(|(_, spec)| match &spec.access {
                 Access::Machine(m) => ready.contains(m),
@@ -207,54 +205,54 @@ pub async fn run(
             .collect();
         let indexes: BTreeMap<String, Manifest> = ready
             .iter()
-            .map(|m| (m.clone(), plan::manifest(&config, &present, m, &has)))
+            .map(|m| (m.clone(), plan::manifest(&self.config, &present, m, &has)))
             .collect();
-        let served: BTreeSet<PathBuf> = listeners.keys().cloned().collect();
-        let steps = reconcile::steps(&served, &want, &manifests, &indexes);
+        let served: BTreeSet<PathBuf> = self.listeners.keys().cloned().collect();
+        let steps = reconcile::steps(&served, &want, &self.manifests, &indexes);
         for rel in steps.withdraw {
-            if let Some(l) = listeners.remove(&rel) {
+            if let Some(l) = self.listeners.remove(&rel) {
                 l.retire();
             }
         }
         for (m, man) in steps.write {
-            match dir.write_index(&m, &man) {
+            match self.dir.write_index(&m, &man) {
                 Ok(()) => {
-                    manifests.insert(m, man);
+                    self.manifests.insert(m, man);
                 }
                 Err(e) => {
                     // Not noted as written: tried again, and the machine
                     // gets no new socket meanwhile.
-                    if manifests.remove(&m).is_some() || retry_at.is_none() {
+                    if self.manifests.remove(&m).is_some() || self.retry_at.is_none() {
                         warn!(machine = %m, "can't write the index: {e}; trying again every {}s", INDEX_RETRY.as_secs());
                     }
-                    retry_at = Some(tokio::time::Instant::now() + INDEX_RETRY);
+                    self.retry_at = Some(tokio::time::Instant::now() + INDEX_RETRY);
                 }
             }
         }
         for (rel, spec) in steps.serve {
             let place = match &spec.access {
-                Access::Machine(m) if manifests.get(m) == indexes.get(m) => {
+                Access::Machine(m) if self.manifests.get(m) == indexes.get(m) => {
                     Place::Machine(m.clone())
                 }
                 Access::Machine(_) => continue,
                 Access::HostGroups(_) => Place::Host,
             };
             let name = wire::names::socket_name(&spec.tty.board, &spec.tty.tty);
-            let shown = dir.shown(&place, &name);
-            match dir.bind(&place, &name, 0o666) {
+            let shown = self.dir.shown(&place, &name);
+            match self.dir.bind(&place, &name, 0o666) {
                 Ok(l) => {
-                    let cancel = shutdown.child_token();
+                    let cancel = self.shutdown.child_token();
                     info!(socket = %shown.display(), "serving {}", spec.tty);
                     let ctx = Ctx {
                         spec,
-                        shared: shared.clone(),
+                        shared: self.shared.clone(),
                         sessions: cancel.clone(),
                     };
                     tokio::spawn(accept_loop(l, ctx, cancel.clone()));
-                    listeners.insert(
+                    self.listeners.insert(
                         rel,
                         Listener {
-                            dir: dir.clone(),
+                            dir: self.dir.clone(),
                             place,
                             name,
                             cancel,
@@ -265,16 +263,155 @@ pub async fn run(
                 Err(e) => warn!(socket = %shown.display(), "can't serve: {e}"),
             }
         }
+    }
+
+    /// Reloads the config from `path` (SIGHUP): a config with problems is
+    /// refused, its problems logged, and the running one kept. Otherwise
+    /// boards added, removed or changed take effect — sessions on boards
+    /// that did not change go on — and machines come and go.
+    fn reload(&mut self, path: &std::path::Path) {
+        crate::notify::reloading();
+        let new = match crate::config::load(path) {
+            Ok(c) => c,
+            Err(problems) => {
+                for p in &problems.0 {
+                    error!("{p}");
+                }
+                error!(
+                    "reload refused: {} has {} problems (above); still running with the config loaded before",
+                    path.display(),
+                    problems.0.len()
+                );
+                crate::notify::ready(&self.shared);
+                return;
+            }
+        };
+        let before = plan::machines(&self.config);
+        let after = plan::machines(&new);
+        let r = self.shared.reconfigure(new.clone());
+        self.config = new;
+        // Ttys of boards that went or changed are not away any more.
+        self.away = Away::default();
+        for m in before.difference(&after) {
+            self.control.remove(&Place::Machine(m.clone()));
+            self.manifests.remove(m);
+            self.dir.remove_machine(m);
+            info!(machine = %m, "no longer served (its directory stays)");
+        }
+        for m in after.difference(&before) {
+            if let Err(e) = self.add_machine(m) {
+                warn!(machine = %m, "{e:#}");
+            }
+        }
+        info!(
+            added = ?r.added,
+            removed = ?r.removed,
+            changed = ?r.changed,
+            "config reloaded from {}",
+            path.display()
+        );
+        self.reconcile();
+        crate::notify::ready(&self.shared);
+    }
+}
+
+/// Runs the broker until `shutdown` is cancelled, then removes what it made
+/// (sockets and indexes; machine directories stay, as containers bind them).
+/// SIGHUP reloads the config from `opts.config` (when there is one).
+pub async fn run(
+    config: Config,
+    opts: Options,
+    source: Box<dyn Source>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let machines = plan::machines(&config);
+    let dir = Arc::new(RunDir::prepare(&opts.run_dir, &BTreeSet::new())?);
+    let shared = Shared::new(config.clone());
+    let mut server = Server {
+        config,
+        dir,
+        shared: shared.clone(),
+        shutdown: shutdown.clone(),
+        control: BTreeMap::new(),
+        listeners: BTreeMap::new(),
+        manifests: BTreeMap::new(),
+        adapters: BTreeMap::new(),
+        away: Away::default(),
+        retry_at: None,
     };
+    server.serve_control(Place::Host)?;
+    for m in &machines {
+        server.add_machine(m)?;
+    }
+    // Last: once the admin socket answers, every control socket is there.
+    server.serve_control(Place::Top)?;
+    tokio::spawn(crate::notify::keep_status(shared.clone()));
+    tokio::spawn(crate::notify::watchdog());
+
+    info!("watching {}", source.describe());
+    let mut stream = source.watch().context("can't start the discovery source")?;
+    // Ready once the adapters present at the start are served.
+    let (mut settled, mut ready) = (false, false);
+    let result = loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => break Ok(()),
+            // Leases moved: re-plan who has which sockets.
+            _ = shared.changed.notified() => {}
+            // A re-enumeration grace ran out.
+            _ = server.away.expiry() => {}
+            // An index could not be written: try again.
+            _ = tokio::time::sleep_until(server.retry_at.unwrap_or_else(tokio::time::Instant::now)), if server.retry_at.is_some() => {
+                server.retry_at = None;
+            }
+            _ = hangup.recv() => {
+                match &opts.config {
+                    Some(path) => server.reload(path),
+                    None => warn!("SIGHUP: this broker has no config file to reload"),
+                }
+                continue;
+            }
+            ev = stream.next() => match ev {
+                Some(Ok(SourceEvent::Added(a))) => {
+                    debug!(adapter = %a.id, "added");
+                    server.adapters.insert(a.id.clone(), a);
+                }
+                Some(Ok(SourceEvent::Removed(id))) => {
+                    debug!(adapter = %id, "removed");
+                    server.adapters.remove(&id);
+                }
+                Some(Ok(SourceEvent::Settled)) => settled = true,
+                Some(Err(e)) => break Err(anyhow::Error::new(e).context("the discovery source failed")),
+                None => break Err(anyhow::anyhow!("the discovery source stopped")),
+            },
+        }
+        server.reconcile();
+        if settled && !ready {
+            ready = true;
+            crate::notify::ready(&shared);
+            info!(
+                run_dir = %opts.run_dir.display(),
+                boards = server.config.boards.len(),
+                machines = server.dir.machines().len(),
+                "devbroker ready"
+            );
+        }
+    };
+    let Server {
+        control,
+        listeners,
+        dir,
+        ..
+    } = server;
     // Control sockets first: devshim sees the broker leave before its
     // sessions end, and keeps the tools' ptys for the broker's return.
-    drop(fixed);
+    drop(control);
     // Shutdown cancelled every connection at once: let the control
     // connections close before the tty sockets go.
     tokio::time::sleep(std::time::Duration::from_millis(50)).await;
     drop(listeners);
-    for m in &ready {
-        dir.remove_index(m);
+    for m in dir.machines() {
+        dir.remove_index(&m);
     }
     result
 }

@@ -481,3 +481,76 @@ fn broker_stops_cleanly_on_sigterm() {
     wait_for(3 * S, "devshim to take the link down", || !exists(&link));
     assert!(s.stop().success());
 }
+
+/// SIGHUP reloads the config: a board added is served, one removed goes,
+/// a session on a board that did not change goes on moving bytes, and a
+/// config with problems is refused with the running one kept.
+#[test]
+fn sighup_reloads_the_config_and_keeps_unchanged_sessions() {
+    let one = format!(
+        "[[board]]\nname = \"b1\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"{FTDI}\" }}\n"
+    );
+    let w = World::new(&one);
+    let board = w.plug(FTDI);
+    let b2 = w.plug("usb-Second_Board-if00");
+    let broker = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", FTDI);
+    wait_for(5 * S, "b1's link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    wait_for(5 * S, "the session", || w.holder("b1").is_some());
+    let hup = || {
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(broker.pid()),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .unwrap()
+    };
+    let reloads = || {
+        std::fs::read_to_string(w.path("broker.log"))
+            .unwrap_or_default()
+            .matches("config reloaded")
+            .count()
+    };
+    let bytes_flow = |tag: &[u8]| {
+        tool.write_all(tag).unwrap();
+        assert_eq!(read_exact_timeout(board.master_fd(), tag.len(), 5 * S).unwrap(), tag);
+        write_all_fd(board.master_fd(), tag).unwrap();
+        assert_eq!(read_exact_timeout(tool.fd.as_raw_fd(), tag.len(), 5 * S).unwrap(), tag);
+    };
+    bytes_flow(b"before");
+
+    // Add a board: served after the reload; b1's session never noticed.
+    let two = format!(
+        "{one}\n[[board]]\nname = \"b2\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"usb-Second_Board-if00\" }}\n"
+    );
+    std::fs::write(&w.config, &two).unwrap();
+    hup();
+    wait_for(5 * S, "the reload", || reloads() == 1);
+    wait_for(5 * S, "b2's socket", || {
+        exists(&w.run.join("machines/ci1/b2.console.sock"))
+    });
+    bytes_flow(b"after adding b2");
+    assert!(w.holder("b1").is_some(), "b1's session went on");
+
+    // A config with problems: refused, b2 still served.
+    std::fs::write(&w.config, "[[board]]\nname = \"b1\"\nrate = \"fast\"\n").unwrap();
+    hup();
+    wait_for(5 * S, "the refusal", || {
+        std::fs::read_to_string(w.path("broker.log"))
+            .unwrap_or_default()
+            .contains("reload refused")
+    });
+    assert!(exists(&w.run.join("machines/ci1/b2.console.sock")));
+    bytes_flow(b"after a bad config");
+
+    // Remove b2 again: its socket goes, b1's session still moves bytes.
+    std::fs::write(&w.config, &one).unwrap();
+    hup();
+    wait_for(5 * S, "the second reload", || reloads() == 2);
+    wait_for(5 * S, "b2's socket to go", || {
+        !exists(&w.run.join("machines/ci1/b2.console.sock"))
+    });
+    bytes_flow(b"after removing b2");
+    drop(b2);
+}

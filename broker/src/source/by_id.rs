@@ -63,6 +63,7 @@ async fn run(
     let mut watches = events.watches();
     let mut armed: Vec<WatchDescriptor> = Vec::new();
     let mut known: BTreeMap<String, Adapter> = BTreeMap::new();
+    let mut settled = false;
     loop {
         if let Err(e) = arm(&mut watches, &mut armed, &src.dir) {
             let _ = tx.send(Err(e)).await;
@@ -75,6 +76,12 @@ async fn run(
             }
         }
         known = now;
+        if !settled {
+            settled = true;
+            if tx.send(Ok(SourceEvent::Settled)).await.is_err() {
+                return;
+            }
+        }
         match events.next().await {
             Some(Ok(_)) => {}
             Some(Err(e)) => {

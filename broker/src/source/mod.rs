@@ -1,7 +1,8 @@
 //! Discovery sources: where the broker learns which adapters are plugged in.
 //!
 //! A source is one small trait: it turns into a stream of [`SourceEvent`]s,
-//! starting with an `Added` for every adapter present when it starts. The rest
+//! starting with an `Added` for every adapter present when it starts, then
+//! one `Settled`. The rest
 //! of the broker sees only this stream, so a new source (udev) slots in
 //! without touching it.
 
@@ -21,6 +22,9 @@ pub enum SourceEvent {
     Added(Adapter),
     /// The adapter with this [`Adapter::id`] is gone.
     Removed(String),
+    /// Every adapter present at the start has been reported (sent once):
+    /// the broker is ready when it has served them.
+    Settled,
 }
 
 /// The stream a source turns into. It ends only when the source fails for

@@ -108,6 +108,9 @@ async fn run(
             return;
         }
     }
+    if tx.send(Ok(SourceEvent::Settled)).await.is_err() {
+        return;
+    }
     loop {
         let mut guard = match monitor.ready.readable().await {
             Ok(g) => g,

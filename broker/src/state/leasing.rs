@@ -84,6 +84,7 @@ impl Shared {
         Self::grant(&mut inner, &freed);
         drop(inner);
         self.changed.notify_one();
+        self.activity.notify_one();
     }
 
     fn granted(inner: &Inner, board: &str, client: &Client) -> Granted {
@@ -166,6 +167,7 @@ impl Shared {
             let g = Self::granted(&inner, &board, &client);
             drop(inner);
             self.changed.notify_one();
+            self.activity.notify_one();
             return Ok(LeaseOutcome::Granted(g));
         }
         let pos = inner.leases.position(conn).expect("just queued");
@@ -191,6 +193,7 @@ impl Shared {
         Self::grant(&mut inner, &[board.to_string()]);
         drop(inner);
         self.changed.notify_one();
+        self.activity.notify_one();
         Ok(())
     }
 

@@ -117,36 +117,129 @@ pub struct Shared {
     inner: Arc<Mutex<Inner>>,
     /// Woken when leases change, so the server loop re-plans the sockets.
     pub changed: Arc<Notify>,
+    /// Woken when sessions, leases or adapters change, for the status line
+    /// systemd shows ([`crate::notify`]).
+    pub activity: Arc<Notify>,
+}
+
+/// What a reload changed, by board name.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+}
+
+impl Inner {
+    /// Takes a board's ttys and capture in.
+    fn add_board(&mut self, b: &crate::config::Board) {
+        for t in &b.ttys {
+            self.ttys.insert(
+                TtyKey {
+                    board: b.name.clone(),
+                    tty: t.name.clone(),
+                },
+                TtyState::new(b.reenumerate_grace),
+            );
+        }
+        self.captures.insert(
+            b.name.clone(),
+            Arc::new(crate::capture::Capture::new(b.console.clone())),
+        );
+    }
+
+    /// Lets a board go: its sessions end, its ttys and capture are dropped.
+    fn remove_board(&mut self, board: &str) {
+        self.ttys.retain(|k, t| {
+            if k.board != board {
+                return true;
+            }
+            if let Some(s) = &t.session {
+                s.cancel.cancel();
+            }
+            false
+        });
+        self.captures.remove(board);
+        self.log_from.remove(board);
+    }
 }
 
 impl Shared {
     pub fn new(config: Config) -> Shared {
         let mut inner = Inner::default();
         for b in &config.boards {
-            for t in &b.ttys {
-                inner.ttys.insert(
-                    TtyKey {
-                        board: b.name.clone(),
-                        tty: t.name.clone(),
-                    },
-                    TtyState::new(b.reenumerate_grace),
-                );
-            }
-        }
-        for b in &config.boards {
-            inner.captures.insert(
-                b.name.clone(),
-                Arc::new(crate::capture::Capture::new(b.console.clone())),
-            );
+            inner.add_board(b);
         }
         inner.config = config;
         Shared {
             inner: Arc::new(Mutex::new(inner)),
             changed: Arc::new(Notify::new()),
+            activity: Arc::new(Notify::new()),
         }
     }
 
+    /// Takes a new config (a reload). A board whose entry is the same keeps
+    /// everything: its sessions go on moving bytes, its lease and capture
+    /// stay. A removed board's sessions end and its lease goes; a changed
+    /// board starts afresh (its sessions end; its lease stays if its holder
+    /// may still use it). Waiting requests are filed anew under the boards
+    /// the new config gives them.
+    pub fn reconfigure(&self, config: Config) -> Reconfigured {
+        let mut inner = self.inner.lock().unwrap();
+        let old = std::mem::take(&mut inner.config.boards);
+        let mut r = Reconfigured::default();
+        for b in &old {
+            match config.boards.iter().find(|n| n.name == b.name) {
+                None => r.removed.push(b.name.clone()),
+                Some(n) if n != b => r.changed.push(b.name.clone()),
+                Some(_) => {}
+            }
+        }
+        for n in &config.boards {
+            if !old.iter().any(|b| b.name == n.name) {
+                r.added.push(n.name.clone());
+            }
+        }
+        for name in r.removed.iter().chain(&r.changed) {
+            inner.remove_board(name);
+        }
+        for name in r.added.iter().chain(&r.changed) {
+            let b = config
+                .boards
+                .iter()
+                .find(|b| &b.name == name)
+                .expect("named from the config")
+                .clone();
+            inner.add_board(&b);
+        }
+        inner.config = config;
+        let Inner { leases, config, .. } = &mut *inner;
+        let freed = leases.reconfigure(config);
+        let wanted: Vec<String> = freed.into_iter().chain(leases.wanted_boards()).collect();
+        Self::grant(&mut inner, &wanted);
+        drop(inner);
+        self.changed.notify_one();
+        self.activity.notify_one();
+        r
+    }
+
     /// The config the broker runs with.
+    /// One line of what the broker serves, for `systemctl status`.
+    pub fn summary(&self) -> String {
+        let inner = self.inner.lock().unwrap();
+        let boards = inner.config.boards.len();
+        let present = inner
+            .config
+            .boards
+            .iter()
+            .filter(|b| inner.board_present(&b.name))
+            .count();
+        let sessions = inner.ttys.values().filter(|t| t.session.is_some()).count();
+        let leases = inner.leases.leases().count();
+        let waiting = inner.leases.queued().count();
+        format!("{present} of {boards} boards present, {sessions} sessions, {leases} leases, {waiting} waiting")
+    }
+
     pub fn config(&self) -> Config {
         self.inner.lock().unwrap().config.clone()
     }

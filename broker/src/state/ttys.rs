@@ -173,6 +173,7 @@ impl SessionGuard {
 
 impl Drop for SessionGuard {
     fn drop(&mut self) {
+        self.shared.activity.notify_one();
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(t) = inner.ttys.get_mut(&self.key) {
             if t.session.as_ref().is_some_and(|s| s.id == self.id) {
@@ -290,6 +291,7 @@ impl Shared {
         // A board that came back may be what someone waits for.
         let wanted = inner.leases.wanted_boards();
         Self::grant(&mut inner, &wanted);
+        self.activity.notify_one();
     }
 
     /// Takes the tty for a new session, or says who has it.
@@ -349,6 +351,7 @@ impl Shared {
             ended: CancellationToken::new(),
             fd: None,
         });
+        self.activity.notify_one();
         Ok(SessionGuard {
             shared: self.clone(),
             key: key.clone(),
