@@ -153,14 +153,18 @@ pub struct ConfigError {
 
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(
-            f,
-            "{}:{}:{}: {}",
-            self.file.display(),
-            self.line,
-            self.col,
-            self.message
-        )?;
+        if self.line == 0 {
+            write!(f, "{}: {}", self.file.display(), self.message)?;
+        } else {
+            write!(
+                f,
+                "{}:{}:{}: {}",
+                self.file.display(),
+                self.line,
+                self.col,
+                self.message
+            )?;
+        }
         if let Some(h) = &self.help {
             write!(f, "\n  help: {h}")?;
         }
@@ -189,15 +193,103 @@ impl std::error::Error for ConfigErrors {}
 /// Reads and checks a config file.
 pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
     let text = std::fs::read_to_string(path).map_err(|e| {
+        let (why, help) = unreadable(&e);
         ConfigErrors(vec![ConfigError {
             file: path.to_owned(),
             line: 0,
             col: 0,
-            message: format!("can't read the config: {e}"),
-            help: Some(format!("write one (see devbroker.example.toml) or pass --config; the default is {DEFAULT_PATH}")),
+            message: format!("can't read the config: {why}"),
+            help: Some(help),
         }])
     })?;
     parse(path, &text)
+}
+
+/// Why a config can't be read, and what to do about it.
+fn unreadable(e: &std::io::Error) -> (String, String) {
+    use std::io::ErrorKind;
+    match (e.kind(), e.raw_os_error()) {
+        (ErrorKind::NotFound, _) => (
+            "there is no such file".into(),
+            format!("write one (see devbroker.example.toml) or pass --config; the default is {DEFAULT_PATH}"),
+        ),
+        (ErrorKind::PermissionDenied, _) => (
+            "permission denied".into(),
+            "run this as root, or as a user who may read the file and every directory above it".into(),
+        ),
+        (_, Some(libc::EISDIR)) => (
+            "it is a directory".into(),
+            "pass the config file itself, e.g. --config /etc/devbroker/devbroker.toml".into(),
+        ),
+        (ErrorKind::InvalidData, _) => (
+            "it is not UTF-8 text".into(),
+            "save it as UTF-8 (TOML files are UTF-8)".into(),
+        ),
+        _ => (e.to_string(), "check the file and the disk it is on".into()),
+    }
+}
+
+/// Things a config allows that are likely mistakes: a board nobody may use,
+/// a config with no boards. `check` prints them; the broker logs them.
+pub fn warnings(config: &Config) -> Vec<String> {
+    let mut out = Vec::new();
+    if config.boards.is_empty() {
+        out.push("the config names no boards: the broker will serve nothing (add [[board]] entries; `devbroker boards --suggest` writes them)".into());
+    }
+    for b in &config.boards {
+        if b.machines.is_empty() && b.host_groups.is_empty() {
+            out.push(format!(
+                "board {:?}: no machine and no host group may use it; add machines = [\"...\"] or host-groups = [\"...\"]",
+                b.name
+            ));
+        }
+    }
+    out
+}
+
+/// A scalar of the file that may have the wrong type (`rate = "fast"`):
+/// kept with its place and what was wrong, so a type mistake is reported
+/// among every other problem of the file instead of ending the check.
+#[derive(Debug, Clone)]
+struct Typed<T> {
+    span: Range<usize>,
+    value: Result<T, String>,
+}
+
+impl<'de, T: serde::de::DeserializeOwned> Deserialize<'de> for Typed<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = Spanned::<toml::Value>::deserialize(d)?;
+        let span = v.span();
+        let value = v.into_inner();
+        let shown = value.to_string();
+        Ok(Typed {
+            span,
+            value: T::deserialize(value).map_err(|_| shown),
+        })
+    }
+}
+
+impl<T: Clone> Typed<T> {
+    /// The value with its place, or, reported, `None`: `key` names the
+    /// setting and `want` says what it takes.
+    fn ok(&self, cx: &mut Ctx, key: &str, want: &str) -> Option<Spanned<T>> {
+        match &self.value {
+            Ok(v) => Some(Spanned::new(self.span.clone(), v.clone())),
+            Err(shown) => {
+                cx.err(
+                    self.span.clone(),
+                    format!("{key} = {shown} has the wrong type: {key} takes {want}"),
+                    Some(format!("write e.g. {key} = {}", example(want))),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// The example at the end of a [`Typed::ok`] `want` ("..., e.g. 115200").
+fn example(want: &str) -> &str {
+    want.rsplit("e.g. ").next().unwrap_or(want)
 }
 
 #[derive(Deserialize)]
@@ -213,8 +305,8 @@ struct RawConfig {
 #[serde(deny_unknown_fields)]
 struct RawMachine {
     name: Spanned<String>,
-    tree: Option<Spanned<String>>,
-    user: Option<Spanned<String>>,
+    tree: Option<Typed<String>>,
+    user: Option<Typed<String>>,
 }
 
 #[derive(Deserialize)]
@@ -233,20 +325,20 @@ struct RawBoard {
     sequences: BTreeMap<String, Spanned<String>>,
     console: Option<RawConsole>,
     #[serde(rename = "reenumerate-grace")]
-    reenumerate_grace: Option<Spanned<String>>,
+    reenumerate_grace: Option<Typed<String>>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConsole {
-    tty: Option<Spanned<String>>,
-    mode: Option<Spanned<String>>,
-    ring: Option<Spanned<i64>>,
-    log: Option<Spanned<String>>,
+    tty: Option<Typed<String>>,
+    mode: Option<Typed<String>>,
+    ring: Option<Typed<i64>>,
+    log: Option<Typed<String>>,
     #[serde(rename = "log-max")]
-    log_max: Option<Spanned<i64>>,
+    log_max: Option<Typed<i64>>,
     #[serde(rename = "log-keep")]
-    log_keep: Option<Spanned<i64>>,
+    log_keep: Option<Typed<i64>>,
 }
 
 fn validate_console(
@@ -264,7 +356,24 @@ fn validate_console(
         log_keep: DEFAULT_LOG_KEEP,
     };
     let Some(raw) = raw else { return c };
-    if let Some(t) = &raw.tty {
+    const NAME: &str = "a tty name in quotes, e.g. \"console\"";
+    const TEXT: &str = "text in quotes, e.g. \"/var/log/devbroker/esp1.log\"";
+    const MODE: &str = "\"session\" or \"always\", e.g. \"always\"";
+    const BYTES: &str = "a whole number of bytes, e.g. 262144";
+    const COUNT: &str = "a whole number, e.g. 3";
+    let tty = raw.tty.as_ref().and_then(|t| t.ok(cx, "tty", NAME));
+    let mode = raw.mode.as_ref().and_then(|t| t.ok(cx, "mode", MODE));
+    let ring = raw.ring.as_ref().and_then(|t| t.ok(cx, "ring", BYTES));
+    let log = raw.log.as_ref().and_then(|t| t.ok(cx, "log", TEXT));
+    let log_max = raw
+        .log_max
+        .as_ref()
+        .and_then(|t| t.ok(cx, "log-max", BYTES));
+    let log_keep = raw
+        .log_keep
+        .as_ref()
+        .and_then(|t| t.ok(cx, "log-keep", COUNT));
+    if let Some(t) = &tty {
         if ttys.iter().any(|x| &x.name == t.get_ref()) {
             c.tty = t.get_ref().clone();
         } else {
@@ -284,7 +393,7 @@ fn validate_console(
             );
         }
     }
-    if let Some(m) = &raw.mode {
+    if let Some(m) = &mode {
         match m.get_ref().as_str() {
             "session" => c.mode = Mode::Session,
             "always" => c.mode = Mode::Always,
@@ -304,16 +413,16 @@ fn validate_console(
             None
         }
     };
-    if let Some(r) = num(&raw.ring, "ring", 1024, 64 << 20) {
+    if let Some(r) = num(&ring, "ring", 1024, 64 << 20) {
         c.ring = r as usize;
     }
-    if let Some(r) = num(&raw.log_max, "log-max", 4096, 1 << 40) {
+    if let Some(r) = num(&log_max, "log-max", 4096, 1 << 40) {
         c.log_max = r as u64;
     }
-    if let Some(r) = num(&raw.log_keep, "log-keep", 0, 100) {
+    if let Some(r) = num(&log_keep, "log-keep", 0, 100) {
         c.log_keep = r as u32;
     }
-    if let Some(l) = &raw.log {
+    if let Some(l) = &log {
         if l.get_ref().starts_with('/') {
             c.log = Some(PathBuf::from(l.get_ref()));
         } else {
@@ -330,8 +439,10 @@ fn validate_console(
 /// The longest re-enumeration grace: past a minute, a board is unplugged.
 pub const MAX_REENUMERATE_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
-fn validate_grace(cx: &mut Ctx, raw: Option<&Spanned<String>>) -> std::time::Duration {
-    let Some(raw) = raw else {
+fn validate_grace(cx: &mut Ctx, raw: Option<&Typed<String>>) -> std::time::Duration {
+    let Some(raw) =
+        raw.and_then(|r| r.ok(cx, "reenumerate-grace", "a duration in quotes, e.g. \"3s\""))
+    else {
         return std::time::Duration::ZERO;
     };
     match humantime::parse_duration(raw.get_ref().trim()) {
@@ -358,7 +469,7 @@ fn validate_grace(cx: &mut Ctx, raw: Option<&Spanned<String>>) -> std::time::Dur
 #[serde(deny_unknown_fields)]
 struct RawTty {
     name: Spanned<String>,
-    rate: Option<Spanned<i64>>,
+    rate: Option<Typed<i64>>,
     #[serde(rename = "match")]
     matcher: Spanned<RawMatch>,
 }
@@ -441,6 +552,8 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
     if cx.errors.is_empty() {
         Ok(config)
     } else {
+        // In the order of the file.
+        cx.errors.sort_by_key(|e| (e.line, e.col));
         Err(ConfigErrors(cx.errors))
     }
 }
@@ -510,7 +623,18 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
         if !machine_once(cx, &mut seen, &m.name) {
             continue;
         }
-        let tree = match &m.tree {
+        let tree = m.tree.as_ref().and_then(|t| {
+            t.ok(
+                cx,
+                "tree",
+                "an absolute path in quotes, e.g. \"/var/lib/machines/ci1\"",
+            )
+        });
+        let user = m
+            .user
+            .as_ref()
+            .and_then(|u| u.ok(cx, "user", "NAME:UID in quotes, e.g. \"sai:883\""));
+        let tree = match &tree {
             Some(t) if !t.get_ref().starts_with('/') => {
                 cx.err(
                     t.span(),
@@ -522,7 +646,7 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
             Some(t) => PathBuf::from(t.get_ref()),
             None => PathBuf::from("/var/lib/machines").join(&name),
         };
-        let (user, uid) = match &m.user {
+        let (user, uid) = match &user {
             None => parse_job_user(DEFAULT_JOB_USER).expect("default is valid"),
             Some(u) => match parse_job_user(u.get_ref()) {
                 Ok(x) => x,
@@ -637,7 +761,11 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
                     );
                 }
             }
-            let rate = match rt.rate {
+            let rate = match rt
+                .rate
+                .as_ref()
+                .and_then(|r| r.ok(cx, "rate", "a whole number of bits per second, e.g. 115200"))
+            {
                 None => DEFAULT_RATE,
                 Some(r) => {
                     let v = *r.get_ref();

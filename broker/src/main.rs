@@ -82,6 +82,9 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Check { config: path } => {
             let c = config::load(&path)?;
+            for w in config::warnings(&c) {
+                eprintln!("{}: warning: {w}", path.display());
+            }
             let ttys: usize = c.boards.iter().map(|b| b.ttys.len()).sum();
             println!(
                 "{}: ok, {} boards, {} ttys, {} machines",

@@ -325,6 +325,9 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    for w in crate::config::warnings(&config) {
+        warn!("{w}");
+    }
     let machines = plan::machines(&config);
     let dir = Arc::new(RunDir::prepare(&opts.run_dir, &BTreeSet::new())?);
     let shared = Shared::new(config.clone());

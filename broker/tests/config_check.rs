@@ -277,3 +277,73 @@ fn reenumerate_grace() {
     ));
     assert!(ok, "{m}");
 }
+
+/// A value of the wrong type is one problem among the others, with its
+/// place and what to write, not the end of the check.
+#[test]
+fn wrong_types_are_reported_with_every_other_problem() {
+    let m = rejected(
+        "[[board]]\nname = \"esp1\"\nmachines = [\"ci1\"]\nreenumerate-grace = 3\n[board.console]\nring = \"big\"\n[[board.tty]]\nname = \"console\"\nrate = \"fast\"\nmatch = { by-id = \"usb-A\" }\n\n[[board]]\nname = \"Bad_Name\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = { by-id = \"usb-B\" }\n",
+    );
+    let lines: Vec<&str> = m.lines().filter(|l| l.starts_with("FILE:")).collect();
+    assert_eq!(lines.len(), 4, "{m}");
+    assert!(
+        lines[0].starts_with("FILE:4:21: reenumerate-grace = 3 has the wrong type"),
+        "{m}"
+    );
+    assert!(
+        lines[1].starts_with(
+            "FILE:6:8: ring = \"big\" has the wrong type: ring takes a whole number of bytes"
+        ),
+        "{m}"
+    );
+    assert!(lines[2].starts_with("FILE:9:8: rate = \"fast\" has the wrong type: rate takes a whole number of bits per second"), "{m}");
+    assert!(
+        lines[3].starts_with("FILE:13:8: board name \"Bad_Name\" is not allowed"),
+        "{m}"
+    );
+    assert!(m.contains("help: write e.g. rate = 115200"), "{m}");
+}
+
+#[test]
+fn check_warns_of_likely_mistakes() {
+    let (ok, m) = check("");
+    assert!(ok, "{m}");
+    assert!(
+        m.contains("FILE: warning: the config names no boards"),
+        "{m}"
+    );
+    let (ok, m) = check(&format!("[[board]]\nname = \"lonely\"\n{TTY}"));
+    assert!(ok, "{m}");
+    assert!(
+        m.contains("warning: board \"lonely\": no machine and no host group may use it"),
+        "{m}"
+    );
+}
+
+#[test]
+fn an_unreadable_config_says_why() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |p: &std::path::Path| {
+        let out = Command::new(env!("CARGO_BIN_EXE_devbroker"))
+            .args(["check", "--config"])
+            .arg(p)
+            .output()
+            .unwrap();
+        assert_eq!(out.status.code(), Some(2));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let m = run(&dir.path().join("missing.toml"));
+    assert!(
+        m.contains("can't read the config: there is no such file"),
+        "{m}"
+    );
+    let m = run(dir.path());
+    assert!(
+        m.contains("can't read the config: it is a directory"),
+        "{m}"
+    );
+    let bin = dir.path().join("bin.toml");
+    std::fs::write(&bin, [0xff, 0xfe, 0x00]).unwrap();
+    assert!(run(&bin).contains("it is not UTF-8 text"));
+}
