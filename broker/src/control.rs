@@ -83,7 +83,6 @@ impl Drop for Registration {
 
 /// One connection's state.
 struct Conn {
-    scope: Scope,
     client: Option<Client>,
     /// The peer's pid, for `status` while a sequence holds a tty.
     pid: Option<i32>,
@@ -160,7 +159,6 @@ async fn connection(
         conn,
     };
     let mut c = Conn {
-        scope,
         client,
         pid,
         conn,
@@ -417,13 +415,7 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
         _ if !c.greeted => {
             err("send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}")
         }
-        Request::Status {} => Reply::Status(match (&c.scope, &c.client) {
-            (Scope::Admin, _) | (_, None) => shared.status(|_| true),
-            (_, Some(client)) => {
-                let config = shared.config();
-                shared.status(|b| crate::lease::allowed(&config, &b.name, client))
-            }
-        }),
+        Request::Status {} => Reply::Status(shared.status(c.client.as_ref())),
         Request::List {} => Reply::Boards {
             boards: shared.list(c.client.as_ref()),
         },

@@ -95,6 +95,8 @@ struct Waiter {
     conn: u64,
     client: Client,
     want: Want,
+    /// When it got in line.
+    since: SystemTime,
     /// The boards it may be given, in config order.
     candidates: Vec<String>,
 }
@@ -104,6 +106,8 @@ struct Waiter {
 pub struct Grant {
     pub conn: u64,
     pub board: String,
+    /// How long it waited.
+    pub waited: std::time::Duration,
 }
 
 /// The host's leases and queue.
@@ -238,6 +242,7 @@ impl Leases {
                 conn,
                 client,
                 want,
+                since: SystemTime::now(),
                 candidates: cands,
             },
         );
@@ -370,6 +375,7 @@ impl Leases {
             grants.push(Grant {
                 conn: w.conn,
                 board: b.to_string(),
+                waited: w.since.elapsed().unwrap_or_default(),
             });
         }
         grants
@@ -436,12 +442,12 @@ impl Leases {
         self.held.iter()
     }
 
-    /// Waiting requests, in arrival order: who, since when is not kept here
-    /// (see the control plane), and the boards each may get.
-    pub fn queued(&self) -> impl Iterator<Item = (u64, &Client, &[String])> {
+    /// Waiting requests, in arrival order: who, since when, and the boards
+    /// each may get.
+    pub fn queued(&self) -> impl Iterator<Item = (&Client, SystemTime, &[String])> {
         self.waiters
             .values()
-            .map(|w| (w.conn, &w.client, w.candidates.as_slice()))
+            .map(|w| (&w.client, w.since, w.candidates.as_slice()))
     }
 
     /// Whether a machine holds the lease on a board.
@@ -485,6 +491,10 @@ match = { serial = "B" }
     const ALL: &dyn Fn(&str) -> bool = &|_| true;
     const MAX: usize = 100;
 
+    fn grants(g: Vec<Grant>) -> Vec<(u64, String)> {
+        g.into_iter().map(|g| (g.conn, g.board)).collect()
+    }
+
     fn m(s: &str) -> Client {
         Client::Machine(s.into())
     }
@@ -521,28 +531,19 @@ match = { serial = "B" }
         assert_eq!(l.waiting_for("esp-a"), 3);
         let freed = l.drop_connection(1);
         assert_eq!(
-            l.grant(freed.iter().map(String::as_str), ALL),
-            vec![Grant {
-                conn: 2,
-                board: "esp-a".into()
-            }]
+            grants(l.grant(freed.iter().map(String::as_str), ALL)),
+            [(2, "esp-a".to_string())]
         );
         l.release(2, "esp-a").unwrap();
         assert_eq!(
-            l.grant(["esp-a"], ALL),
-            vec![Grant {
-                conn: 3,
-                board: "esp-a".into()
-            }]
+            grants(l.grant(["esp-a"], ALL)),
+            [(3, "esp-a".to_string())]
         );
         assert!(l.host_uid_holds(1000, "esp-a"));
         let freed = l.drop_connection(3);
         assert_eq!(
-            l.grant(freed.iter().map(String::as_str), ALL),
-            vec![Grant {
-                conn: 4,
-                board: "esp-a".into()
-            }]
+            grants(l.grant(freed.iter().map(String::as_str), ALL)),
+            [(4, "esp-a".to_string())]
         );
         assert_eq!(l.waiting_for("esp-a"), 0);
     }

@@ -75,6 +75,15 @@ pub fn render(s: &Status) -> String {
                 users.join(", ")
             }
         ));
+        if let Some(l) = &b.lease {
+            out.push_str(&format!("  leased to {} since {}\n", l.who, l.since));
+        }
+        for (i, w) in b.waiting.iter().enumerate() {
+            out.push_str(&format!("  waiting #{}: {} since {}\n", i + 1, w.who, w.since));
+        }
+        if b.console == "always" {
+            out.push_str("  console captured always\n");
+        }
         for t in &b.ttys {
             let state = if t.present { "present" } else { "absent " };
             out.push_str(&format!(

@@ -454,3 +454,39 @@ fn malformed_commands_do_not_flood_the_log() {
         "the rest are summed up"
     );
 }
+
+/// `status` shows the lease and who waits since when: all of it to the
+/// admin, only its own part to a machine.
+#[test]
+fn status_shows_leases_and_waiters_as_far_as_the_viewer_may_know() {
+    let w = World::new(CONFIG);
+    let _board = w.plug(FTDI);
+    let _b = w.broker();
+    wait_for(5 * S, "the board", || w.present("shared"));
+    let mut m1 = control(&w, "m1");
+    m1.lease_board("shared");
+    let mut m2 = control(&w, "m2");
+    let r = m2.ask(json!({"request": "lease", "board": "shared"}));
+    assert_eq!(r["reply"], "waiting", "{r}");
+    let s = w.status();
+    assert_eq!(s["version"], 2, "{s}");
+    let b = &s["boards"][0];
+    assert_eq!(b["lease"]["who"], "machine m1", "{s}");
+    assert_eq!(b["waiting"][0]["who"], "machine m2", "{s}");
+    assert!(b["waiting"][0]["since"].as_str().unwrap().ends_with('Z'), "{s}");
+    assert_eq!(b["console"], "session");
+    let (ok, text) = devbroker_cli(&["status", "--run-dir", w.run.to_str().unwrap()]);
+    assert!(ok, "{text}");
+    assert!(text.contains("leased to machine m1 since"), "{text}");
+    assert!(text.contains("waiting #1: machine m2 since"), "{text}");
+    // m1 sees its lease, and nobody's place in line but its own.
+    let r = m1.ask(json!({"request": "status"}));
+    let b = &r["boards"][0];
+    assert_eq!(b["lease"]["who"], "machine m1", "{r}");
+    assert_eq!(b["waiting"], json!([]), "{r}");
+    let r = m2.ask(json!({"request": "status"}));
+    let names: Vec<&str> = r["boards"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["shared", "own"], "{r}");
+    let b = &r["boards"][0];
+    assert_eq!(b["lease"]["who"], "another client", "{r}");
+}

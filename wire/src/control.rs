@@ -205,8 +205,16 @@ pub fn request_line(req: &Request) -> Vec<u8> {
 /// What `devbroker status` shows.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct Status {
+    /// The shape of this reply ([`STATUS_VERSION`]); 0 from brokers that
+    /// sent none.
+    #[serde(default)]
+    pub version: u32,
     pub boards: Vec<BoardStatus>,
 }
+
+/// The version of the `status` reply: 2 added `version`, each board's
+/// `console`, `lease` and `waiting`.
+pub const STATUS_VERSION: u32 = 2;
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct BoardStatus {
@@ -215,6 +223,22 @@ pub struct BoardStatus {
     pub machines: Vec<String>,
     pub host_groups: Vec<String>,
     pub ttys: Vec<TtyStatus>,
+    /// How the console is captured: `session` or `always`.
+    #[serde(default)]
+    pub console: String,
+    /// The board's lease, if someone holds it.
+    #[serde(default)]
+    pub lease: Option<Since>,
+    /// Who waits for the board, first in line first.
+    #[serde(default)]
+    pub waiting: Vec<Since>,
+}
+
+/// Who holds or waits, and since when (RFC 3339).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Since {
+    pub who: String,
+    pub since: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -412,7 +412,7 @@ mod tests {
             "{refusal}"
         );
         assert_eq!(
-            shared.status(|_| true).boards[0].ttys[0]
+            shared.status(None).boards[0].ttys[0]
                 .holder
                 .as_ref()
                 .unwrap()
@@ -422,6 +422,6 @@ mod tests {
         shared.set_present(&BTreeMap::new(), &BTreeSet::new());
         assert!(g.cancel.is_cancelled(), "unplug cancels the session");
         drop(g);
-        assert!(shared.status(|_| true).boards[0].ttys[0].holder.is_none());
+        assert!(shared.status(None).boards[0].ttys[0].holder.is_none());
     }
 }
