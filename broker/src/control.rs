@@ -127,6 +127,30 @@ async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Cli
     .map_err(std::io::Error::other)
 }
 
+/// Checks an admin peer: root, or a member of the admin group (the
+/// socket's mode lets them in; this says so again, by the credentials the
+/// kernel recorded). Its pid, for `status`.
+async fn admin(sock: &UnixStream) -> Result<Option<i32>, String> {
+    let p = Peer::of(sock).map_err(|e| format!("can't read the peer's credentials: {e}"))?;
+    if p.uid == 0 {
+        return Ok(p.pid);
+    }
+    let groups = p.groups.clone();
+    let member = tokio::task::spawn_blocking(move || {
+        crate::peer::group_gid(crate::server::ADMIN_GROUP).is_some_and(|g| groups.contains(&g))
+    })
+    .await
+    .unwrap_or(false);
+    if member {
+        Ok(p.pid)
+    } else {
+        Err(format!(
+            "permission denied: the admin socket is for root and members of {}",
+            crate::server::ADMIN_GROUP
+        ))
+    }
+}
+
 async fn connection(
     mut sock: UnixStream,
     scope: Scope,
@@ -134,7 +158,16 @@ async fn connection(
     shutdown: CancellationToken,
 ) {
     let (client, pid) = match &scope {
-        Scope::Admin => (None, Peer::of(&sock).ok().and_then(|p| p.pid)),
+        Scope::Admin => match admin(&sock).await {
+            Ok(pid) => (None, pid),
+            Err(why) => {
+                debug!("admin socket: {why}");
+                let _ = sock
+                    .write_all(&reply_line(&Reply::error(ErrorCode::NotAvailable, why)))
+                    .await;
+                return;
+            }
+        },
         Scope::Machine(m) => (Some(Client::Machine(m.clone())), None),
         Scope::Host => match host_client(&sock, &shared).await {
             Ok((c, pid)) => (Some(c), pid),

@@ -535,10 +535,7 @@ match = { serial = "B" }
             [(2, "esp-a".to_string())]
         );
         l.release(2, "esp-a").unwrap();
-        assert_eq!(
-            grants(l.grant(["esp-a"], ALL)),
-            [(3, "esp-a".to_string())]
-        );
+        assert_eq!(grants(l.grant(["esp-a"], ALL)), [(3, "esp-a".to_string())]);
         assert!(l.host_uid_holds(1000, "esp-a"));
         let freed = l.drop_connection(3);
         assert_eq!(

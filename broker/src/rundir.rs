@@ -294,6 +294,18 @@ impl RunDir {
     /// stale one: bound in the staging directory, given its mode there, then
     /// renamed into place.
     pub fn bind(&self, place: &Place, name: &str, mode: u32) -> io::Result<UnixListener> {
+        self.bind_for(place, name, mode, None)
+    }
+
+    /// [`RunDir::bind`], the socket's group set to `group` (the admin
+    /// group, say) there too.
+    pub fn bind_for(
+        &self,
+        place: &Place,
+        name: &str,
+        mode: u32,
+        group: Option<u32>,
+    ) -> io::Result<UnixListener> {
         let dir = self.dir(place)?;
         let staged = format!("{}.{name}", std::process::id());
         let _ = rustix::fs::unlinkat(&self.staging, staged.as_str(), AtFlags::empty());
@@ -303,13 +315,25 @@ impl RunDir {
             self.staging.as_raw_fd()
         ));
         let l = UnixListener::bind(&at)?;
-        let placed = rustix::fs::chmodat(
-            &self.staging,
-            staged.as_str(),
-            Mode::from_raw_mode(mode),
-            AtFlags::empty(),
-        )
-        .and_then(|()| rustix::fs::renameat(&self.staging, staged.as_str(), &*dir, name));
+        let placed = group
+            .map_or(Ok(()), |g| {
+                rustix::fs::chownat(
+                    &self.staging,
+                    staged.as_str(),
+                    None,
+                    Some(rustix::fs::Gid::from_raw(g)),
+                    AtFlags::SYMLINK_NOFOLLOW,
+                )
+            })
+            .and_then(|()| {
+                rustix::fs::chmodat(
+                    &self.staging,
+                    staged.as_str(),
+                    Mode::from_raw_mode(mode),
+                    AtFlags::empty(),
+                )
+            })
+            .and_then(|()| rustix::fs::renameat(&self.staging, staged.as_str(), &*dir, name));
         if let Err(e) = placed {
             let _ = rustix::fs::unlinkat(&self.staging, staged.as_str(), AtFlags::empty());
             return Err(e.into());

@@ -34,6 +34,9 @@ use crate::throttle::Throttle;
 pub const DEFAULT_RUN_DIR: &str = "/run/devbroker";
 /// The admin's control socket, relative to the run directory.
 pub const ADMIN_SOCKET: &str = "broker.sock";
+/// The group whose members may use the admin socket (`status`, `log`,
+/// sequences on any board), besides root.
+pub const ADMIN_GROUP: &str = "devbroker-admin";
 
 /// How soon an index that could not be written (a full disk) is tried again.
 const INDEX_RETRY: Duration = Duration::from_secs(1);
@@ -120,14 +123,21 @@ struct Server {
 impl Server {
     /// Serves a control socket.
     fn serve_control(&mut self, place: Place) -> anyhow::Result<()> {
+        let admins = crate::peer::group_gid(ADMIN_GROUP);
         let (name, mode, scope) = match &place {
-            Place::Top => (ADMIN_SOCKET, 0o600, Scope::Admin),
+            // Root's, and the admin group's when the host has one.
+            Place::Top => (
+                ADMIN_SOCKET,
+                if admins.is_some() { 0o660 } else { 0o600 },
+                Scope::Admin,
+            ),
             Place::Host => (CONTROL_SOCKET, 0o666, Scope::Host),
             Place::Machine(m) => (CONTROL_SOCKET, 0o666, Scope::Machine(m.clone())),
         };
+        let group = if place == Place::Top { admins } else { None };
         let l = self
             .dir
-            .bind(&place, name, mode)
+            .bind_for(&place, name, mode, group)
             .with_context(|| format!("can't serve {}", self.dir.shown(&place, name).display()))?;
         let cancel = self.shutdown.child_token();
         tokio::spawn(control::serve(

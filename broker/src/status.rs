@@ -79,7 +79,12 @@ pub fn render(s: &Status) -> String {
             out.push_str(&format!("  leased to {} since {}\n", l.who, l.since));
         }
         for (i, w) in b.waiting.iter().enumerate() {
-            out.push_str(&format!("  waiting #{}: {} since {}\n", i + 1, w.who, w.since));
+            out.push_str(&format!(
+                "  waiting #{}: {} since {}\n",
+                i + 1,
+                w.who,
+                w.since
+            ));
         }
         if b.console == "always" {
             out.push_str("  console captured always\n");

@@ -25,7 +25,9 @@ fn a_group_only_nss_knows_lets_its_members_in() {
         return;
     }
     if !Path::new(WRAPPER).exists() {
-        skip(&format!("{WRAPPER} is missing (apt-get install libnss-wrapper)"));
+        skip(&format!(
+            "{WRAPPER} is missing (apt-get install libnss-wrapper)"
+        ));
         return;
     }
     assert!(
@@ -75,5 +77,61 @@ fn a_group_only_nss_knows_lets_its_members_in() {
             "hil1.console is for members of farmhands; host user farmer (uid 4242) is in none"
         ),
         "{refused}"
+    );
+}
+
+/// The admin socket is root's and, where the host has the group, the
+/// `devbroker-admin` group's: mode 0660, that group, and a member passes by
+/// the groups the kernel recorded; anyone else is refused.
+#[test]
+fn the_admin_group_may_use_the_admin_socket() {
+    if !nix::unistd::geteuid().is_root() {
+        skip("connecting as another user needs root (run the suite as root, as CI does)");
+        return;
+    }
+    if !Path::new(WRAPPER).exists() {
+        skip(&format!(
+            "{WRAPPER} is missing (apt-get install libnss-wrapper)"
+        ));
+        return;
+    }
+    let w = World::new(CONFIG);
+    let passwd = w.path("nss-passwd");
+    let group = w.path("nss-group");
+    std::fs::write(
+        &passwd,
+        "root:x:0:0:root:/root:/bin/sh\nops:x:4242:4242::/nonexistent:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(&group, "root:x:0:\ndevbroker-admin:x:4400:ops\n").unwrap();
+    let _b = w.broker_env(
+        &["--by-id-dir", w.by_id.to_str().unwrap()],
+        &[
+            ("LD_PRELOAD", WRAPPER),
+            ("NSS_WRAPPER_PASSWD", passwd.to_str().unwrap()),
+            ("NSS_WRAPPER_GROUP", group.to_str().unwrap()),
+        ],
+    );
+    let sock = w.run.join("broker.sock");
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(&sock).unwrap();
+    assert_eq!((m.mode() & 0o777, m.gid()), (0o660, 4400));
+    let ask = |groups: &[u32]| {
+        let script = format!(
+            "import os,socket,sys\nos.setgroups({groups:?})\nos.setgid(4242)\nos.setuid(4242)\ns=socket.socket(socket.AF_UNIX)\ns.connect({:?})\ns.sendall(b'{{\"request\":\"hello\",\"version\":1,\"client\":\"t\"}}\\n{{\"request\":\"status\"}}\\n')\nf=s.makefile()\nprint(f.readline().strip())\nprint(f.readline().strip())\n",
+            sock.display().to_string()
+        );
+        let out = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr)
+    };
+    let member = ask(&[4400]);
+    assert!(member.contains("\"reply\":\"status\""), "{member}");
+    let outsider = ask(&[4242]);
+    assert!(
+        outsider.contains("Permission denied") || outsider.contains("permission denied"),
+        "{outsider}"
     );
 }

@@ -270,7 +270,9 @@ fn a_sequence_ends_with_its_lease_and_its_connection() {
     let got = read_exact_timeout(board.master_fd(), 15, 5 * S).unwrap();
     assert_eq!(got, b"m2 got the port");
     drop(tool);
-    wait_for(5 * S, "the tool's session to end", || w.holder("shared").is_none());
+    wait_for(5 * S, "the tool's session to end", || {
+        w.holder("shared").is_none()
+    });
 
     // A sequence running when the lease is released stops too.
     let mut m2b = control(&w, "m2");
@@ -473,7 +475,10 @@ fn status_shows_leases_and_waiters_as_far_as_the_viewer_may_know() {
     let b = &s["boards"][0];
     assert_eq!(b["lease"]["who"], "machine m1", "{s}");
     assert_eq!(b["waiting"][0]["who"], "machine m2", "{s}");
-    assert!(b["waiting"][0]["since"].as_str().unwrap().ends_with('Z'), "{s}");
+    assert!(
+        b["waiting"][0]["since"].as_str().unwrap().ends_with('Z'),
+        "{s}"
+    );
     assert_eq!(b["console"], "session");
     let (ok, text) = devbroker_cli(&["status", "--run-dir", w.run.to_str().unwrap()]);
     assert!(ok, "{text}");
@@ -485,7 +490,12 @@ fn status_shows_leases_and_waiters_as_far_as_the_viewer_may_know() {
     assert_eq!(b["lease"]["who"], "machine m1", "{r}");
     assert_eq!(b["waiting"], json!([]), "{r}");
     let r = m2.ask(json!({"request": "status"}));
-    let names: Vec<&str> = r["boards"].as_array().unwrap().iter().map(|b| b["name"].as_str().unwrap()).collect();
+    let names: Vec<&str> = r["boards"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|b| b["name"].as_str().unwrap())
+        .collect();
     assert_eq!(names, ["shared", "own"], "{r}");
     let b = &r["boards"][0];
     assert_eq!(b["lease"]["who"], "another client", "{r}");
