@@ -56,6 +56,9 @@ pub enum Cmd {
         /// the config does not name: the output can be appended to the config.
         #[arg(long)]
         suggest: bool,
+        /// Print the listing as JSON.
+        #[arg(long, conflicts_with = "suggest")]
+        json: bool,
         #[arg(long, default_value = config::DEFAULT_PATH)]
         config: PathBuf,
         #[command(flatten)]

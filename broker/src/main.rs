@@ -63,6 +63,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         }
         Cmd::Boards {
             suggest,
+            json,
             config: path,
             adapters,
         } => {
@@ -77,7 +78,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             let present = adapters.present()?;
             let report = devbroker::suggest::report(&present, &cfg);
-            print!("{}", report.render(suggest));
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report.to_json())?);
+            } else {
+                print!("{}", report.render(suggest));
+            }
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Check { config: path } => {

@@ -389,6 +389,28 @@ impl Report {
 
     /// The listing; with `suggest`, as TOML comments followed by the
     /// suggested entries, so the whole output can be appended to the config.
+    /// The listing as JSON (`boards --json`), for scripts: each adapter
+    /// with its identities, the ttys it matches and serves, and the entry
+    /// suggested for it; the configured ttys no adapter serves.
+    pub fn to_json(&self) -> serde_json::Value {
+        let key = |k: &TtyKey| k.to_string();
+        serde_json::json!({
+            "version": 1,
+            "adapters": self.adapters.iter().map(|r| serde_json::json!({
+                "device": r.adapter.device.display().to_string(),
+                "by_id": r.adapter.by_id,
+                "serial": r.adapter.serial,
+                "path": r.adapter.path,
+                "usb": r.adapter.usb.map(|u| u.to_string()),
+                "matches": r.matches.iter().map(key).collect::<Vec<_>>(),
+                "serves": r.serves.iter().map(key).collect::<Vec<_>>(),
+                "suggestion": r.suggestion.as_ref().map(|s| s.toml.clone()),
+                "note": r.note,
+            })).collect::<Vec<_>>(),
+            "missing": self.missing.iter().map(key).collect::<Vec<_>>(),
+        })
+    }
+
     pub fn render(&self, suggest: bool) -> String {
         let mut l: Vec<String> = Vec::new();
         match self.adapters.len() {

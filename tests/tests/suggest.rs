@@ -194,6 +194,23 @@ fn by_id_fake_boards_get_entries_that_parse() {
             assert_eq!(hits[0].id, r.adapter.id);
         }
     }
+    // The same through `devbroker boards --json`, for scripts.
+    std::fs::write(w.path("boards.toml"), CONFIG).unwrap();
+    let out = std::process::Command::new(bin("devbroker"))
+        .args(["boards", "--json", "--source", "by-id", "--by-id-dir"])
+        .arg(&w.by_id)
+        .arg("--config")
+        .arg(w.path("boards.toml"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(j["version"], 1);
+    let listed = j["adapters"].as_array().unwrap();
+    assert_eq!(listed.len(), 5, "{j}");
+    let esp = listed.iter().find(|a| a["by_id"] == FTDI).unwrap();
+    assert_eq!(esp["serves"], serde_json::json!(["esp1.console"]), "{j}");
+    assert!(listed.iter().any(|a| a["suggestion"].is_string()), "{j}");
 }
 
 #[test]
