@@ -26,6 +26,37 @@ pub struct Config {
     /// Containers the broker keeps a directory for even before any board is
     /// allowed there, and that `machine setup` can set up by name.
     pub machines: Vec<Machine>,
+    /// Where the Prometheus metrics are served, if anywhere (`[metrics]`).
+    pub metrics: Option<MetricsListen>,
+}
+
+/// Where `[metrics] listen` serves the metrics.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MetricsListen {
+    /// A TCP address, e.g. `127.0.0.1:9477`.
+    Tcp(std::net::SocketAddr),
+    /// A unix socket path (`unix:/run/devbroker/metrics.sock`).
+    Unix(PathBuf),
+}
+
+impl MetricsListen {
+    /// Parses `HOST:PORT` or `unix:/ABSOLUTE/PATH`.
+    pub fn parse(s: &str) -> Option<MetricsListen> {
+        match s.strip_prefix("unix:") {
+            Some(p) if p.starts_with('/') => Some(MetricsListen::Unix(p.into())),
+            Some(_) => None,
+            None => s.parse().ok().map(MetricsListen::Tcp),
+        }
+    }
+}
+
+impl fmt::Display for MetricsListen {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            MetricsListen::Tcp(a) => write!(f, "{a}"),
+            MetricsListen::Unix(p) => write!(f, "unix:{}", p.display()),
+        }
+    }
 }
 
 /// A container, from a `[[machine]]` entry.
@@ -299,6 +330,13 @@ struct RawConfig {
     board: Vec<RawBoard>,
     #[serde(default)]
     machine: Vec<RawMachine>,
+    metrics: Option<RawMetrics>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetrics {
+    listen: Typed<String>,
 }
 
 #[derive(Deserialize)]
@@ -529,7 +567,7 @@ pub fn parse(file: &Path, text: &str) -> Result<Config, ConfigErrors> {
             let span = e.span().unwrap_or(0..0);
             let mut msg = e.message().trim().to_string();
             let mut help = if msg.contains("unknown field") {
-                Some("remove the key or fix its spelling; top-level tables are [[board]] and [[machine]]; board keys are name, compatible, machines, host-groups, tty, sequences, console, reenumerate-grace; console keys are tty, mode, ring, log, log-max, log-keep; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
+                Some("remove the key or fix its spelling; top-level tables are [[board]], [[machine]] and [metrics] (key listen); board keys are name, compatible, machines, host-groups, tty, sequences, console, reenumerate-grace; console keys are tty, mode, ring, log, log-max, log-keep; tty keys are name, rate, match; match keys are by-id, serial, path, usb; machine keys are name, tree, user".into())
             } else {
                 None
             };
@@ -670,7 +708,25 @@ fn validate_machines(cx: &mut Ctx, raw: Vec<RawMachine>) -> Vec<Machine> {
     out
 }
 
+fn validate_metrics(cx: &mut Ctx, raw: Option<&RawMetrics>) -> Option<MetricsListen> {
+    let l = raw?.listen.ok(
+        cx,
+        "listen",
+        "an address in quotes, e.g. \"127.0.0.1:9477\"",
+    )?;
+    let parsed = MetricsListen::parse(l.get_ref());
+    if parsed.is_none() {
+        cx.err(
+            l.span(),
+            format!("metrics listen {:?} is not HOST:PORT or unix:/PATH", l.get_ref()),
+            Some("write e.g. listen = \"127.0.0.1:9477\" or listen = \"unix:/run/devbroker/metrics.sock\"".into()),
+        );
+    }
+    parsed
+}
+
 fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
+    let metrics = validate_metrics(cx, raw.metrics.as_ref());
     let machines = validate_machines(cx, raw.machine);
     let mut boards = Vec::new();
     let mut board_names: BTreeMap<String, Range<usize>> = BTreeMap::new();
@@ -849,7 +905,11 @@ fn validate(cx: &mut Ctx, raw: RawConfig) -> Config {
             }
         }
     }
-    Config { boards, machines }
+    Config {
+        boards,
+        machines,
+        metrics,
+    }
 }
 
 fn validate_match(cx: &mut Ctx, m: &Spanned<RawMatch>) -> Match {

@@ -118,9 +118,30 @@ struct Server {
     away: Away,
     /// When to try writing indexes again after a failure.
     retry_at: Option<tokio::time::Instant>,
+    /// The metrics server, if the config asks for one.
+    metrics: Option<(crate::config::MetricsListen, CancellationToken)>,
 }
 
 impl Server {
+    /// Serves the metrics where the config says (and only there).
+    fn serve_metrics(&mut self) {
+        if self.metrics.as_ref().map(|(l, _)| l) == self.config.metrics.as_ref() {
+            return;
+        }
+        if let Some((_, cancel)) = self.metrics.take() {
+            cancel.cancel();
+        }
+        if let Some(listen) = self.config.metrics.clone() {
+            let cancel = self.shutdown.child_token();
+            tokio::spawn(crate::metrics::serve(
+                listen.clone(),
+                self.shared.clone(),
+                cancel.clone(),
+            ));
+            self.metrics = Some((listen, cancel));
+        }
+    }
+
     /// Serves a control socket.
     fn serve_control(&mut self, place: Place) -> anyhow::Result<()> {
         let admins = crate::peer::group_gid(ADMIN_GROUP);
@@ -313,6 +334,7 @@ impl Server {
                 warn!(machine = %m, "{e:#}");
             }
         }
+        self.serve_metrics();
         info!(
             added = ?r.added,
             removed = ?r.removed,
@@ -352,7 +374,9 @@ pub async fn run(
         adapters: BTreeMap::new(),
         away: Away::default(),
         retry_at: None,
+        metrics: None,
     };
+    server.serve_metrics();
     server.serve_control(Place::Host)?;
     for m in &machines {
         server.add_machine(m)?;
@@ -488,6 +512,7 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
                 });
             if let Err(why) = allowed {
                 info!(tty = %label, "refused {who}: {why}");
+                ctx.shared.refused(&ctx.spec.tty);
                 return session::refuse(sock, &why).await;
             }
             who
@@ -502,6 +527,7 @@ async fn connection(sock: UnixStream, ctx: Ctx) {
         }
         Err(why) => {
             info!(tty = %label, "refused: {why}");
+            ctx.shared.refused(&ctx.spec.tty);
             session::refuse(sock, &why.message).await;
         }
     }

@@ -203,7 +203,11 @@ fn by_id_fake_boards_get_entries_that_parse() {
         .arg(w.path("boards.toml"))
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(j["version"], 1);
     let listed = j["adapters"].as_array().unwrap();

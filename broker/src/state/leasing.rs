@@ -131,6 +131,9 @@ impl Shared {
         };
         for g in grants {
             inner.lease_began(&g.board);
+            let w = inner.lease_waits.entry(g.board.clone()).or_default();
+            w.0 += 1;
+            w.1 += g.waited;
             let client = inner
                 .leases
                 .holder(&g.board)

@@ -50,6 +50,9 @@ struct Inner {
     /// and the capture's stream position when it was granted.
     log_from: BTreeMap<String, (u64, u64)>,
     next_drain: u64,
+    /// Lease waits per board: how many were granted after waiting, and the
+    /// time they waited in all.
+    lease_waits: BTreeMap<String, (u64, std::time::Duration)>,
     /// Sequences running, to stop those whose lease ended.
     sequences: BTreeMap<u64, RunningSequence>,
     next_sequence: u64,

@@ -15,6 +15,43 @@ fn rfc3339(t: SystemTime) -> String {
 }
 
 impl Shared {
+    /// The figures the metrics are made of.
+    pub fn figures(&self) -> crate::metrics::Figures {
+        use crate::metrics::{BoardFigures, Figures, TtyFigures};
+        let inner = self.inner.lock().unwrap();
+        let ttys = inner
+            .ttys
+            .iter()
+            .map(|(k, t)| TtyFigures {
+                board: k.board.clone(),
+                tty: k.tty.clone(),
+                to_board: t.counters.to_board.load(Ordering::Relaxed),
+                from_board: t.counters.from_board.load(Ordering::Relaxed),
+                sessions: t.counters.sessions.load(Ordering::Relaxed),
+                refusals: t.counters.refusals.load(Ordering::Relaxed),
+                reenumerations: t.counters.reenumerations.load(Ordering::Relaxed),
+                present: t.adapter().is_some(),
+                in_session: t.session.is_some(),
+            })
+            .collect();
+        let boards = inner
+            .config
+            .boards
+            .iter()
+            .map(|b| {
+                let (waits, waited) = inner.lease_waits.get(&b.name).copied().unwrap_or_default();
+                BoardFigures {
+                    board: b.name.clone(),
+                    leased: inner.leases.holder(&b.name).is_some(),
+                    waiting: inner.leases.waiting_for(&b.name),
+                    waits,
+                    wait_seconds: waited.as_secs_f64(),
+                }
+            })
+            .collect();
+        Figures { ttys, boards }
+    }
+
     /// The status as `viewer` may see it (`None`: the admin).
     pub fn status(&self, viewer: Option<&Client>) -> Status {
         let inner = self.inner.lock().unwrap();

@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::OwnedFd;
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::SystemTime;
 
@@ -21,6 +21,12 @@ use wire::control::ErrorCode;
 pub struct Counters {
     pub to_board: AtomicU64,
     pub from_board: AtomicU64,
+    /// Sessions started.
+    pub sessions: AtomicU64,
+    /// Times the adapter came back within the re-enumeration grace.
+    pub reenumerations: AtomicU64,
+    /// Connections refused (busy, absent, not allowed, not leased).
+    pub refusals: AtomicU64,
 }
 
 #[derive(Debug)]
@@ -269,7 +275,11 @@ impl Shared {
         for (key, t) in inner.ttys.iter_mut() {
             let now = present.get(key).cloned();
             let keep = !t.grace.is_zero() && (now.is_some() || away.contains(key));
+            let was_away = t.away;
             t.away = now.is_none() && away.contains(key);
+            if was_away && now.is_some() {
+                t.counters.reenumerations.fetch_add(1, Ordering::Relaxed);
+            }
             let had = t.adapter();
             if now != had {
                 if !keep {
@@ -295,6 +305,13 @@ impl Shared {
     }
 
     /// Takes the tty for a new session, or says who has it.
+    /// Counts a connection to a tty's socket that was refused.
+    pub fn refused(&self, key: &TtyKey) {
+        if let Some(t) = self.inner.lock().unwrap().ttys.get(key) {
+            t.counters.refusals.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     pub fn acquire(
         &self,
         key: &TtyKey,
@@ -352,6 +369,7 @@ impl Shared {
             fd: None,
         });
         self.activity.notify_one();
+        t.counters.sessions.fetch_add(1, Ordering::Relaxed);
         Ok(SessionGuard {
             shared: self.clone(),
             key: key.clone(),
