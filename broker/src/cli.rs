@@ -1,13 +1,16 @@
 //! The command line, as data: `main.rs` parses it and dispatches, and the
-//! packaging build renders man pages and shell completions from it.
+//! packaging build renders man pages and shell completions from it — so this
+//! file uses nothing of the crate but itself (the build script includes it).
 
 use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
 
-use crate::source::{by_id, udev, Source};
-use crate::{config, server};
+/// Where the broker looks for its config when `--config` is not given.
+pub const DEFAULT_CONFIG: &str = "/etc/devbroker/devbroker.toml";
+/// The default run directory.
+pub const DEFAULT_RUN_DIR: &str = "/run/devbroker";
 
 /// `devbroker`.
 #[derive(Parser)]
@@ -26,16 +29,16 @@ pub struct Cli {
 pub enum Cmd {
     /// Run the broker.
     Run {
-        #[arg(long, default_value = config::DEFAULT_PATH)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
         adapters: SourceArgs,
-        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
     /// Show each board and tty: present or not, who holds it since when, bytes each way.
     Status {
-        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -46,7 +49,7 @@ pub enum Cmd {
         board: String,
         #[arg(long, short)]
         follow: bool,
-        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
     },
     /// List the USB serial adapters plugged in, their identities and the
@@ -59,14 +62,14 @@ pub enum Cmd {
         /// Print the listing as JSON.
         #[arg(long, conflicts_with = "suggest")]
         json: bool,
-        #[arg(long, default_value = config::DEFAULT_PATH)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
         #[command(flatten)]
         adapters: SourceArgs,
     },
     /// Check a config file and print what it says.
     Check {
-        #[arg(long, default_value = config::DEFAULT_PATH)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Set up, check or remove a systemd-nspawn machine (container).
@@ -106,7 +109,7 @@ pub enum MachineCmd {
         /// Also run the host-side NetworkManager and firewalld steps.
         #[arg(long)]
         apply_host_network: bool,
-        #[arg(long, default_value = server::DEFAULT_RUN_DIR)]
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
         run_dir: PathBuf,
         /// The static devshim to install [default: `devshim` next to devbroker].
         #[arg(long)]
@@ -118,7 +121,7 @@ pub enum MachineCmd {
         #[arg(long, default_value = "/var/lib/machines")]
         machines_dir: PathBuf,
         /// Read [[machine]] entries from this config, if it exists.
-        #[arg(long, default_value = config::DEFAULT_PATH)]
+        #[arg(long, default_value = DEFAULT_CONFIG)]
         config: PathBuf,
     },
     /// Find leftovers of binding devices by hand (DeviceAllow=, Bind=/dev/tty*, MODE="0666").
@@ -153,45 +156,6 @@ pub struct SourceArgs {
     /// The directory of by-id links for the by-id source [default: /dev/serial/by-id].
     #[arg(long)]
     pub by_id_dir: Option<PathBuf>,
-}
-
-impl SourceArgs {
-    fn kind(&self) -> anyhow::Result<SourceKind> {
-        let kind = self
-            .source
-            .unwrap_or(if self.by_id_dir.is_some() || !udev::udev_running() {
-                SourceKind::ById
-            } else {
-                SourceKind::Udev
-            });
-        if kind == SourceKind::Udev && self.by_id_dir.is_some() {
-            anyhow::bail!("--by-id-dir applies to --source by-id only");
-        }
-        Ok(kind)
-    }
-
-    fn dir(&self) -> PathBuf {
-        self.by_id_dir
-            .clone()
-            .unwrap_or_else(|| by_id::DEFAULT_DIR.into())
-    }
-
-    /// The source `run` watches.
-    pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
-        Ok(match self.kind()? {
-            SourceKind::Udev => Box::new(udev::UdevSource::new()),
-            SourceKind::ById => Box::new(by_id::ByIdSource::new(self.dir())),
-        })
-    }
-
-    /// The adapters present now, for `boards`.
-    pub fn present(&self) -> anyhow::Result<Vec<crate::adapter::Adapter>> {
-        Ok(match self.kind()? {
-            SourceKind::Udev => crate::suggest::present_udev()
-                .map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
-            SourceKind::ById => crate::suggest::present_by_id(&self.dir()),
-        })
-    }
 }
 
 /// Where the broker learns about adapters.

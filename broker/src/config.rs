@@ -15,7 +15,7 @@ use toml::Spanned;
 use wire::names::{check_link_name, check_name, socket_name, suggest_name};
 
 /// Where the broker looks for its config when `--config` is not given.
-pub const DEFAULT_PATH: &str = "/etc/devbroker/devbroker.toml";
+pub const DEFAULT_PATH: &str = crate::cli::DEFAULT_CONFIG;
 /// Rate a tty gets when the config does not give one.
 pub const DEFAULT_RATE: u32 = 115_200;
 

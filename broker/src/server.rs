@@ -31,7 +31,7 @@ use crate::state::Shared;
 use crate::throttle::Throttle;
 
 /// Default run directory.
-pub const DEFAULT_RUN_DIR: &str = "/run/devbroker";
+pub const DEFAULT_RUN_DIR: &str = crate::cli::DEFAULT_RUN_DIR;
 /// The admin's control socket, relative to the run directory.
 pub const ADMIN_SOCKET: &str = "broker.sock";
 /// The group whose members may use the admin socket (`status`, `log`,

@@ -7,6 +7,7 @@
 //! without touching it.
 
 use std::collections::BTreeMap;
+use std::path::PathBuf;
 use std::pin::Pin;
 
 use futures_util::Stream;
@@ -68,6 +69,46 @@ pub fn diff(old: &BTreeMap<String, Adapter>, new: &BTreeMap<String, Adapter>) ->
         }
     }
     evs
+}
+
+/// Which source the command line asks for.
+impl crate::cli::SourceArgs {
+    fn kind(&self) -> anyhow::Result<crate::cli::SourceKind> {
+        let kind = self
+            .source
+            .unwrap_or(if self.by_id_dir.is_some() || !udev::udev_running() {
+                crate::cli::SourceKind::ById
+            } else {
+                crate::cli::SourceKind::Udev
+            });
+        if kind == crate::cli::SourceKind::Udev && self.by_id_dir.is_some() {
+            anyhow::bail!("--by-id-dir applies to --source by-id only");
+        }
+        Ok(kind)
+    }
+
+    fn dir(&self) -> PathBuf {
+        self.by_id_dir
+            .clone()
+            .unwrap_or_else(|| by_id::DEFAULT_DIR.into())
+    }
+
+    /// The source `run` watches.
+    pub fn source(&self) -> anyhow::Result<Box<dyn Source>> {
+        Ok(match self.kind()? {
+            crate::cli::SourceKind::Udev => Box::new(udev::UdevSource::new()),
+            crate::cli::SourceKind::ById => Box::new(by_id::ByIdSource::new(self.dir())),
+        })
+    }
+
+    /// The adapters present now, for `boards`.
+    pub fn present(&self) -> anyhow::Result<Vec<crate::adapter::Adapter>> {
+        Ok(match self.kind()? {
+            crate::cli::SourceKind::Udev => crate::suggest::present_udev()
+                .map_err(|e| anyhow::anyhow!("can't list udev's tty devices: {e}"))?,
+            crate::cli::SourceKind::ById => crate::suggest::present_by_id(&self.dir()),
+        })
+    }
 }
 
 #[cfg(test)]
