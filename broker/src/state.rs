@@ -716,6 +716,11 @@ impl Shared {
                 .map(|t| {
                     let st = inner.tty(&b.name, &t.name);
                     let adapter = st.adapter();
+                    let lines = st
+                        .session
+                        .as_ref()
+                        .and_then(|s| s.fd)
+                        .and_then(crate::port::modem_outputs);
                     TtyStatus {
                         name: t.name.clone(),
                         present: adapter.is_some(),
@@ -728,6 +733,8 @@ impl Shared {
                         }),
                         bytes_to_board: st.counters.to_board.load(Ordering::Relaxed),
                         bytes_from_board: st.counters.from_board.load(Ordering::Relaxed),
+                        dtr: lines.map(|l| l.0),
+                        rts: lines.map(|l| l.1),
                     }
                 })
                 .collect();

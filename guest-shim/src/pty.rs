@@ -152,6 +152,34 @@ impl Pty {
         }
     }
 
+    /// The identity of the pty's slave (`/dev/pts/N`): what a tool's
+    /// descriptor of it `fstat`s to.
+    pub fn id(&self) -> io::Result<crate::linesock::PtyId> {
+        use std::os::fd::AsFd;
+        crate::linesock::id_of(self.slave.as_fd())
+    }
+
+    /// Writes what fits of `data` now, without waiting: how much was written.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        match nix::unistd::write(self.master.get_ref(), data) {
+            Ok(n) => Ok(n),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until some of `data` can be written, writes it and returns how much.
+    pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     /// Writes all of `data` to the tool, waiting while its input queue is full.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {

@@ -15,6 +15,7 @@ pub mod control;
 
 pub use devbroker::fakeboard::FakeBoard;
 pub mod container;
+pub mod stepped;
 pub mod umockdev;
 
 /// A binary of this workspace, next to the running test's directory.
