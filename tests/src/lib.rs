@@ -15,6 +15,7 @@ pub mod control;
 
 pub use devbroker::fakeboard::FakeBoard;
 pub mod container;
+pub mod esptool;
 pub mod stepped;
 pub mod umockdev;
 
