@@ -55,9 +55,9 @@ SPI_SET_PARAMS, SPI_ATTACH, CHANGE_BAUDRATE = 0x0B, 0x0D, 0x0F
 FLASH_BEGIN, FLASH_DATA, FLASH_END = 0x02, 0x03, 0x04
 FLASH_DEFL_BEGIN, FLASH_DEFL_DATA, FLASH_DEFL_END, SPI_FLASH_MD5 = 0x10, 0x11, 0x12, 0x13
 FLASH_SIZE = 4 * 1024 * 1024
-# How long EN must be high before the chip samples IO0 (the RC on EN: 1 ms
-# or more on real boards).
-EN_DELAY_NS = 2_000_000
+# How long EN must be high before the chip samples IO0: the RC on EN
+# (10 kOhm and 1 uF on common dev boards: ~10 ms to the threshold).
+EN_DELAY_NS = 10_000_000
 
 EFUSE = 0x3FF5A000
 SPI_BASE = 0x3FF42000
@@ -212,6 +212,7 @@ def main():
         return not (rts and not dtr)
 
     def edge(t, dtr, rts):
+        note("edge", t, int(dtr), int(rts))
         settle(t)
         was = en_high(chip["dtr"], chip["rts"])
         chip["dtr"], chip["rts"] = dtr, rts

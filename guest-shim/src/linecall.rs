@@ -119,10 +119,9 @@ pub fn classify(req: u32, arg: u64) -> Option<Call> {
     })
 }
 
-/// What the supervisor asks `devshim serve` for one pty (the pty itself
-/// travels with the request, as proof the caller has it open).
+/// What the supervisor asks `devshim serve` for one pty.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "request", rename_all = "kebab-case")]
+#[serde(tag = "call", rename_all = "kebab-case")]
 pub enum LineRequest {
     /// The modem bits now: DTR and RTS as last set, CTS, DSR, RI and CD as
     /// the port reports them.
@@ -140,11 +139,36 @@ pub enum LineRequest {
     },
     /// Everything written so far has reached the port.
     Drain,
-    /// The tool set termios with this `c_cflag` (`Some`), already applied to
-    /// the pty; or a query (`None`). Either way the reply carries the framing.
-    Termios {
-        cflag: Option<u32>,
+    /// The tool's `TCSETS*` (`req`) with its struct: serve applies it to
+    /// the pty and keeps the data size and parity the pty drops.
+    SetTermios {
+        req: u32,
+        termios: Vec<u8>,
     },
+    /// The tool's `TCGETS*` (`req`): the pty's settings with those put back.
+    GetTermios {
+        req: u32,
+    },
+}
+
+/// Which process's descriptor a request is about, when the supervisor
+/// could not get a duplicate of it to send (`pidfd_getfd` denied, as by
+/// systemd-nspawn's seccomp filter): serve then checks for itself that
+/// process `pid` has the pty open as `fd`, and that the asker is it (same
+/// uid) or root.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Target {
+    pub pid: u32,
+    pub fd: i32,
+}
+
+/// One packet on the line socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Packet {
+    pub request: LineRequest,
+    /// Set when no descriptor came with the packet.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub target: Option<Target>,
 }
 
 /// `devshim serve`'s answer, once the port has what was asked.
@@ -156,9 +180,35 @@ pub struct LineReply {
     pub modem: i32,
     /// The tool's data size and parity bits ([`FRAMING`]), if it set any.
     pub framing: Option<u32>,
+    /// For `GetTermios`: the struct to give the tool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub termios: Option<Vec<u8>>,
     /// Why it failed, for the supervisor's warning.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub why: Option<String>,
+}
+
+/// The length of the struct a `TCGETS*`/`TCSETS*` request carries.
+pub fn termios_len(req: u32) -> Option<usize> {
+    match req as libc::c_ulong {
+        libc::TCGETS | libc::TCSETS | libc::TCSETSW | libc::TCSETSF => Some(TERMIOS_LEN),
+        libc::TCGETS2 | libc::TCSETS2 | libc::TCSETSW2 | libc::TCSETSF2 => Some(TERMIOS2_LEN),
+        _ => None,
+    }
+}
+
+/// How serve applies a tool's `TCSETS*` on its own side of the pty, after
+/// moving out everything the tool wrote (so the output is drained): the
+/// plain set of the same struct size, and whether to discard the tool's
+/// input first (`TCSETSF*`).
+pub fn set_after_drain(req: u32) -> Option<(libc::c_ulong, bool)> {
+    Some(match req as libc::c_ulong {
+        libc::TCSETS | libc::TCSETSW => (libc::TCSETS, false),
+        libc::TCSETSF => (libc::TCSETS, true),
+        libc::TCSETS2 | libc::TCSETSW2 => (libc::TCSETS2, false),
+        libc::TCSETSF2 => (libc::TCSETS2, true),
+        _ => return None,
+    })
 }
 
 /// The DTR/RTS a modem request leaves, from the present ones: `(dtr, rts)`,
@@ -172,6 +222,17 @@ pub fn modem_change(op: ModemOp, bits: i32, dtr: bool, rts: bool) -> ((bool, boo
         ModemOp::Bis => ((dtr || d, rts || r), (d, r)),
         ModemOp::Bic => ((dtr && !d, rts && !r), (d, r)),
     }
+}
+
+/// Whether RTS is written before DTR when a request changes both: a UART
+/// writes them in one register write, RFC 2217 in two commands, so the line
+/// passes through one of the two mixed states for a moment. It is kept out
+/// of DTR off + RTS on — the state that holds an ESP32 (EN low through the
+/// common auto-reset circuit) or a board wired like it in reset — unless
+/// that is where the line goes.
+pub fn rts_first(from: (bool, bool), to: (bool, bool)) -> bool {
+    let dtr_first_passes = (to.0, from.1);
+    dtr_first_passes == (false, true) && to != (false, true)
 }
 
 /// The `TIOCM_*` bits from DTR/RTS and RFC 2217 modem state (CTS, DSR, RI, CD).
@@ -312,6 +373,48 @@ mod tests {
             modem_change(ModemOp::Set, libc::TIOCM_CTS, true, true),
             ((false, false), (true, true))
         );
+    }
+
+    #[test]
+    fn termios_requests_and_their_structs() {
+        assert_eq!(termios_len(libc::TCGETS as u32), Some(36));
+        assert_eq!(termios_len(libc::TCSETSF2 as u32), Some(44));
+        assert_eq!(termios_len(libc::TIOCMGET as u32), None);
+        assert_eq!(
+            set_after_drain(libc::TCSETSW as u32),
+            Some((libc::TCSETS, false))
+        );
+        assert_eq!(
+            set_after_drain(libc::TCSETSF2 as u32),
+            Some((libc::TCSETS2, true))
+        );
+        assert_eq!(set_after_drain(libc::TCGETS as u32), None);
+    }
+
+    #[test]
+    fn packets_on_the_wire() {
+        let p = Packet {
+            request: LineRequest::Modem {
+                op: ModemOp::Bis,
+                bits: libc::TIOCM_DTR,
+            },
+            target: None,
+        };
+        let text = serde_json::to_string(&p).unwrap();
+        assert_eq!(text, r#"{"request":{"call":"modem","op":"Bis","bits":2}}"#);
+        assert_eq!(serde_json::from_str::<Packet>(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn a_two_line_change_avoids_holding_the_chip_in_reset() {
+        // (DTR, RTS): both on to both off goes through DTR on, RTS off.
+        assert!(rts_first((true, true), (false, false)));
+        // Both off to both on goes through DTR on, RTS off too.
+        assert!(!rts_first((false, false), (true, true)));
+        // esptool's release from reset with IO0 low: either way is safe.
+        assert!(!rts_first((false, true), (true, false)));
+        // Into reset on purpose.
+        assert!(!rts_first((true, false), (false, true)));
     }
 
     #[test]

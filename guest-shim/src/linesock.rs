@@ -3,11 +3,17 @@
 //!
 //! A `SOCK_SEQPACKET` unix socket in devshim's state directory
 //! (`line.<pid>.sock`, named in `ports.json`), mode 0666. Each request is
-//! one packet of JSON ([`LineRequest`]) with the tool's pty descriptor
-//! attached (`SCM_RIGHTS`); the reply is one packet ([`LineReply`]). The
-//! descriptor is the credential: serve `fstat`s it and acts only if it is
-//! the slave of one of its own ptys, so nobody can drive the line of a pty
-//! they can't open, and no uid checks are needed.
+//! one packet of JSON ([`Packet`]) with the tool's pty descriptor attached
+//! (`SCM_RIGHTS`); the reply is one packet ([`LineReply`]). The descriptor
+//! is the credential: serve `fstat`s it and acts only if it is the slave of
+//! one of its own ptys, so nobody can drive the line of a pty they can't
+//! open, and no uid checks are needed.
+//!
+//! Where the supervisor can't get the descriptor (systemd-nspawn's seccomp
+//! filter denies `pidfd_getfd`), the packet names the tool's process and
+//! descriptor instead ([`Target`]); serve checks through `/proc` that the
+//! process has the pty open, and that the asker (`SO_PEERCRED`) is root or
+//! has that process's uid — who could take over the process anyway.
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -24,7 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, warn};
 
-use crate::linecall::{LineReply, LineRequest};
+use crate::linecall::{LineReply, LineRequest, Packet, Target};
 
 /// Largest request or reply packet.
 const MAX_PACKET: usize = 4096;
@@ -141,15 +147,24 @@ impl Client {
         Ok(self.sock.as_ref().unwrap().as_raw_fd())
     }
 
-    /// Sends `req` with `pty` and waits for the answer (as long as the
-    /// port takes: a break lasts its time).
-    pub fn call(&mut self, pty: BorrowedFd<'_>, req: &LineRequest) -> io::Result<LineReply> {
-        let body = serde_json::to_vec(req).map_err(io::Error::other)?;
+    /// Sends `req` about the tool's pty — its descriptor, or else the
+    /// process and descriptor number — and waits for the answer (as long as
+    /// the port takes: a break lasts its time).
+    pub fn call(
+        &mut self,
+        pty: Result<BorrowedFd<'_>, Target>,
+        req: &LineRequest,
+    ) -> io::Result<LineReply> {
+        let packet = Packet {
+            request: req.clone(),
+            target: pty.err(),
+        };
+        let body = serde_json::to_vec(&packet).map_err(io::Error::other)?;
         let mut last = None;
         // A connection serve closed (it restarted) is made again once.
         for _ in 0..2 {
             let r = self.connected().and_then(|s| {
-                send_packet(s, &body, Some(pty.as_raw_fd()))?;
+                send_packet(s, &body, pty.ok().map(|p| p.as_raw_fd()))?;
                 let mut buf = vec![0u8; MAX_PACKET];
                 let (n, _) = recv_packet(s, &mut buf)?;
                 if n == 0 {
@@ -236,7 +251,7 @@ async fn connection(conn: AsyncFd<OwnedFd>, registry: Registry, cancel: Cancella
             Ok((0, _)) | Err(_) => return,
             Ok(x) => x,
         };
-        let reply = answer(&buf[..n], fd, &registry).await;
+        let reply = answer(&buf[..n], fd, conn.get_ref().as_fd(), &registry).await;
         let body = serde_json::to_vec(&reply).expect("replies serialize");
         if send_packet(conn.get_ref().as_raw_fd(), &body, None).is_err() {
             return;
@@ -252,20 +267,74 @@ fn refused(errno: i32, why: impl Into<String>) -> LineReply {
     }
 }
 
-/// One request: checks the pty that came with it, and waits for its actor.
-async fn answer(packet: &[u8], fd: Option<OwnedFd>, registry: &Registry) -> LineReply {
-    let req: LineRequest = match serde_json::from_slice(packet) {
+/// The pty a request is about: the descriptor that came with it (opened
+/// for reading or writing: an `O_PATH` descriptor proves nothing), or the
+/// target process's, checked through `/proc`.
+fn pty_of(
+    fd: Option<OwnedFd>,
+    target: Option<Target>,
+    conn: BorrowedFd<'_>,
+) -> Result<PtyId, LineReply> {
+    if let Some(fd) = fd {
+        let fl = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+            .map_err(|e| refused(libc::EBADF, e.to_string()))?;
+        if fl & libc::O_PATH != 0 {
+            return Err(refused(libc::EBADF, "an O_PATH descriptor"));
+        }
+        return id_of(fd.as_fd()).map_err(|e| refused(libc::EBADF, e.to_string()));
+    }
+    let Some(t) = target else {
+        return Err(refused(libc::EBADF, "no pty came with the request"));
+    };
+    let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials)
+        .map_err(|e| refused(libc::EPERM, e.to_string()))?;
+    let st =
+        nix::sys::stat::stat(format!("/proc/{}/fd/{}", t.pid, t.fd).as_str()).map_err(|e| {
+            refused(
+                libc::EBADF,
+                format!("process {} descriptor {}: {e}", t.pid, t.fd),
+            )
+        })?;
+    if peer.uid() != 0 && !uids_of(t.pid).contains(&peer.uid()) {
+        return Err(refused(
+            libc::EPERM,
+            format!("uid {} may not act for process {}", peer.uid(), t.pid),
+        ));
+    }
+    Ok((st.st_dev, st.st_ino))
+}
+
+/// A process's real and effective uids.
+fn uids_of(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| {
+                v.split_whitespace()
+                    .take(2)
+                    .filter_map(|u| u.parse().ok())
+                    .collect()
+            })
+        })
+        .unwrap_or_default()
+}
+
+/// One request: checks the pty it is about, and waits for its actor.
+async fn answer(
+    packet: &[u8],
+    fd: Option<OwnedFd>,
+    conn: BorrowedFd<'_>,
+    registry: &Registry,
+) -> LineReply {
+    let packet: Packet = match serde_json::from_slice(packet) {
         Ok(r) => r,
         Err(e) => return refused(libc::EINVAL, format!("bad request: {e}")),
     };
-    let Some(fd) = fd else {
-        return refused(libc::EBADF, "no pty came with the request");
-    };
-    let id = match id_of(fd.as_fd()) {
+    let id = match pty_of(fd, packet.target, conn) {
         Ok(id) => id,
-        Err(e) => return refused(libc::EBADF, e.to_string()),
+        Err(r) => return r,
     };
-    drop(fd);
+    let req = packet.request;
     // A pty serve no longer has (hung up, replaced): what the kernel
     // answers on a hung-up tty.
     let Some(tx) = registry.get(id) else {

@@ -159,6 +159,30 @@ impl Pty {
         crate::linesock::id_of(self.slave.as_fd())
     }
 
+    /// Runs a tool's `TCGETS*`/`TCSETS*` (`req`, with the struct in `buf`)
+    /// on devshim's own slave descriptor: termios belong to the tty, so the
+    /// tool sees the same as if it had made the call (a set is reported on
+    /// the master as a packet-mode status byte, as the tool's would be).
+    /// `req` must not wait (no `TCSETSW*`/`TCSETSF*`).
+    pub fn slave_termios(&self, req: libc::c_ulong, buf: &mut [u8]) -> io::Result<()> {
+        debug_assert!(buf.len() >= crate::linecall::termios_len(req as u32).unwrap_or(usize::MAX));
+        // SAFETY: a TCGETS*/TCSETS* request with a buffer of its struct's size.
+        if unsafe { libc::ioctl(self.slave.as_raw_fd(), req, buf.as_mut_ptr()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Discards the tool's unread input as its `tcflush(TCIFLUSH)` would
+    /// (reported on the master, so the port's receive buffer is purged too).
+    pub fn flush_input_as_tool(&self) -> io::Result<()> {
+        // SAFETY: TCFLSH takes an int argument by value.
+        if unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TCFLSH, libc::TCIFLUSH) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Writes what fits of `data` now, without waiting: how much was written.
     pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
         match nix::unistd::write(self.master.get_ref(), data) {

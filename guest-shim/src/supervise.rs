@@ -39,7 +39,7 @@ use nix::unistd::Pid;
 use tracing::debug;
 
 use crate::bpf;
-use crate::linecall::{self, Call, LineReply, LineRequest};
+use crate::linecall::{self, Call, LineReply, LineRequest, Target};
 use crate::linesock;
 
 /// `DEVSHIM_SUPERVISE=off` runs commands unsupervised.
@@ -78,23 +78,31 @@ pub fn unavailable() -> Option<String> {
             _ => format!("seccomp is denied here: {e}"),
         });
     }
-    let me = match pidfd_open(std::process::id() as i32) {
-        Ok(fd) => fd,
-        Err(e) => return Some(pidfd_why("pidfd_open", "5.3", &e)),
-    };
-    if let Err(e) = pidfd_getfd(me.as_fd(), me.as_raw_fd()) {
-        return Some(pidfd_why("pidfd_getfd", "5.6", &e));
+    // SECCOMP_USER_NOTIF_FLAG_CONTINUE came in 5.5: an older kernel would
+    // refuse our "go on" answers and leave the tool blocked.
+    if let Some((major, minor)) = kernel_version() {
+        if (major, minor) < (5, 5) {
+            return Some(format!(
+                "Linux {major}.{minor} can't let a call go on from a supervisor (5.5 or later needed)"
+            ));
+        }
     }
     None
 }
 
-fn pidfd_why(call: &str, version: &str, e: &io::Error) -> String {
-    match e.raw_os_error() {
-        Some(libc::ENOSYS) => {
-            format!("this kernel has no {call} (Linux {version} or later needed)")
-        }
-        _ => format!("{call} is denied here: {e}"),
+/// The running kernel's `(major, minor)`.
+fn kernel_version() -> Option<(u32, u32)> {
+    // SAFETY: uname fills the struct we pass.
+    let mut u: libc::utsname = unsafe { std::mem::zeroed() };
+    if unsafe { libc::uname(&mut u) } != 0 {
+        return None;
     }
+    // SAFETY: the kernel NUL-terminates `release`.
+    let r = unsafe { std::ffi::CStr::from_ptr(u.release.as_ptr()) }
+        .to_str()
+        .ok()?;
+    let mut it = r.split(|c: char| !c.is_ascii_digit());
+    Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
 fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
@@ -375,6 +383,8 @@ struct Supervisor {
     clients: HashMap<PathBuf, linesock::Client>,
     /// Line sockets already warned about.
     warned: std::collections::HashSet<PathBuf>,
+    /// Whether `pidfd_getfd` works here (until it is refused once).
+    pidfd_getfd: bool,
 }
 
 /// pty slave majors (`UNIX98_PTY_SLAVE_MAJOR` and the ones after it).
@@ -393,6 +403,7 @@ impl Supervisor {
             },
             clients: HashMap::new(),
             warned: Default::default(),
+            pidfd_getfd: true,
         }
     }
 
@@ -455,28 +466,59 @@ impl Supervisor {
         }
     }
 
+    /// The tool's descriptor `fd`, for the pty `id`, as a duplicate of its
+    /// open file (`pidfd_getfd`, Linux 5.6), which leaves serve's open
+    /// counting alone. Where that is denied (systemd-nspawn's own seccomp
+    /// filter refuses `pidfd_getfd` with `EPERM`) or missing, the process
+    /// and descriptor number, for serve to check through `/proc` — never a
+    /// new open of the pty, which serve would count as a tool coming and
+    /// going.
+    fn target_fd(&mut self, tid: u32, fd: RawFd, id: linesock::PtyId) -> Result<OwnedFd, Target> {
+        let target = Target { pid: tid, fd };
+        if !self.pidfd_getfd {
+            return Err(target);
+        }
+        match pidfd_of_thread(tid).and_then(|p| pidfd_getfd(p.as_fd(), fd)) {
+            // The descriptor may have been replaced meanwhile.
+            Ok(d) if linesock::id_of(d.as_fd()).ok() == Some(id) => Ok(d),
+            Ok(_) => Err(target),
+            Err(e) => {
+                if matches!(e.raw_os_error(), Some(libc::EPERM | libc::ENOSYS)) {
+                    debug!("pidfd_getfd: {e}; naming the process to serve instead");
+                    self.pidfd_getfd = false;
+                }
+                Err(target)
+            }
+        }
+    }
+
     fn handle(&mut self, n: &libc::seccomp_notif) -> Answer {
         let req = n.data.args[1] as u32;
         let Some(call) = linecall::classify(req, n.data.args[2]) else {
             return Answer::Continue;
         };
         let fd = n.data.args[0] as RawFd;
-        // The tool's descriptor, as a duplicate of its open file.
-        let Ok(dup) = pidfd_of_thread(n.pid).and_then(|p| pidfd_getfd(p.as_fd(), fd)) else {
-            return Answer::Continue;
-        };
-        let Ok(st) = nix::sys::stat::fstat(dup.as_raw_fd()) else {
+        // What the descriptor is open on, without opening anything.
+        let Ok(st) = nix::sys::stat::stat(format!("/proc/{}/fd/{fd}", n.pid).as_str()) else {
             return Answer::Continue;
         };
         if st.st_mode & libc::S_IFMT != libc::S_IFCHR || !is_pty_slave(st.st_rdev) {
             return Answer::Continue;
         }
-        let Some(sock) = self.ports.line_socket((st.st_dev, st.st_ino)) else {
+        let id = (st.st_dev, st.st_ino);
+        let Some(sock) = self.ports.line_socket(id) else {
             return Answer::Continue;
         };
+        let pty = self.target_fd(n.pid, fd, id);
         let pid = Pid::from_raw(n.pid as i32);
         let t0 = std::time::Instant::now();
-        let answer = self.carry(call, pid, n.id, dup.as_fd(), &sock);
+        let answer = self.carry(
+            call,
+            pid,
+            n.id,
+            pty.as_ref().map(|d| d.as_fd()).map_err(|t| *t),
+            &sock,
+        );
         debug!(
             "ioctl {req:#x} on a devshim pty: {answer:?} in {:?}",
             t0.elapsed()
@@ -485,7 +527,14 @@ impl Supervisor {
     }
 
     /// Carries one call on a devshim pty to serve.
-    fn carry(&mut self, call: Call, pid: Pid, id: u64, pty: BorrowedFd<'_>, sock: &Path) -> Answer {
+    fn carry(
+        &mut self,
+        call: Call,
+        pid: Pid,
+        id: u64,
+        pty: Result<BorrowedFd<'_>, Target>,
+        sock: &Path,
+    ) -> Answer {
         let ask = |me: &mut Self, req: LineRequest| -> Option<LineReply> {
             let client = me
                 .clients
@@ -539,50 +588,35 @@ impl Supervisor {
                 r => done(r),
             },
             Call::SetTermios { req, from, len } => {
-                let Ok(mut t) = read_mem(pid, from, len) else {
+                let Ok(termios) = read_mem(pid, from, len) else {
                     return Answer::Errno(libc::EFAULT);
                 };
                 if !self.still_waiting(id) {
                     return Answer::Continue;
                 }
-                // The pty takes it as it would have (rate, flags, flush or
-                // drain), then serve the data size and parity it drops.
-                // SAFETY: a TCSETS* request with a buffer of its struct's size.
-                if unsafe { libc::ioctl(pty.as_raw_fd(), req as libc::c_ulong, t.as_mut_ptr()) } < 0
-                {
-                    return Answer::Errno(
-                        io::Error::last_os_error()
-                            .raw_os_error()
-                            .unwrap_or(libc::EIO),
-                    );
-                }
-                let cflag = linecall::cflag_of(&t);
-                // Without serve the pty has the rest: the tool goes on.
-                match ask(self, LineRequest::Termios { cflag }) {
+                // Serve applies it to the pty as the tool would have (rate,
+                // flags, flush), keeps the data size and parity the pty
+                // drops, and answers when the port has them. Without serve
+                // the kernel applies what the pty can take.
+                match ask(self, LineRequest::SetTermios { req, termios }) {
                     Some(r) if r.errno != 0 => Answer::Errno(r.errno),
-                    _ => Answer::Value(0),
+                    Some(_) => Answer::Value(0),
+                    None => Answer::Continue,
                 }
             }
             Call::GetTermios { req, out, len } => {
-                let mut t = vec![0u8; len];
-                // SAFETY: a TCGETS* request with a buffer of its struct's size.
-                if unsafe { libc::ioctl(pty.as_raw_fd(), req as libc::c_ulong, t.as_mut_ptr()) } < 0
-                {
-                    return Answer::Errno(
-                        io::Error::last_os_error()
-                            .raw_os_error()
-                            .unwrap_or(libc::EIO),
-                    );
-                }
-                let Some(r) = ask(self, LineRequest::Termios { cflag: None }) else {
+                let Some(r) = ask(self, LineRequest::GetTermios { req }) else {
                     return Answer::Continue;
                 };
-                if let (Some(c), Some(_)) = (linecall::cflag_of(&t), r.framing) {
-                    linecall::set_cflag(&mut t, linecall::patch_cflag(c, r.framing));
+                if r.errno != 0 {
+                    return Answer::Errno(r.errno);
                 }
-                match write_mem(pid, out, &t) {
-                    Ok(()) => Answer::Value(0),
-                    Err(_) => Answer::Errno(libc::EFAULT),
+                match r.termios.filter(|t| t.len() == len) {
+                    Some(t) => match write_mem(pid, out, &t) {
+                        Ok(()) => Answer::Value(0),
+                        Err(_) => Answer::Errno(libc::EFAULT),
+                    },
+                    None => Answer::Continue,
                 }
             }
         }

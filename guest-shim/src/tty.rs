@@ -624,9 +624,22 @@ async fn line_call(
             .map_err(|_| io::Error::other("the session ended"))
     }
     out.clear();
-    if req != (LineRequest::Termios { cflag: None }) {
-        drain_pty(pty, buf, out, last, line.framing)?;
+    if let LineRequest::GetTermios { req } = req {
+        // Nothing for the port: the pty's settings, with the tool's framing.
+        let len = linecall::termios_len(req).unwrap_or(linecall::TERMIOS2_LEN);
+        let mut t = vec![0u8; len];
+        if let Err(e) = pty.slave_termios(req.into(), &mut t) {
+            return Ok(errno_reply(&e));
+        }
+        if let Some(c) = linecall::cflag_of(&t) {
+            linecall::set_cflag(&mut t, linecall::patch_cflag(c, line.framing));
+        }
+        return Ok(LineReply {
+            termios: Some(t),
+            ..reply(line, fences)
+        });
     }
+    drain_pty(pty, buf, out, last, line.framing)?;
     let onoff = |on: bool| if on { "on" } else { "off" };
     match req {
         LineRequest::GetModem => {
@@ -637,25 +650,23 @@ async fn line_call(
         LineRequest::Modem { op, bits } => {
             let ((dtr, rts), (named_dtr, named_rts)) =
                 linecall::modem_change(op, bits, line.dtr, line.rts);
-            if named_dtr {
-                send(
-                    Command::SetControl(if dtr {
-                        control::DTR_ON
-                    } else {
-                        control::DTR_OFF
-                    }),
-                    out,
-                );
-            }
-            if named_rts {
-                send(
-                    Command::SetControl(if rts {
-                        control::RTS_ON
-                    } else {
-                        control::RTS_OFF
-                    }),
-                    out,
-                );
+            let dtr_cmd = named_dtr.then_some(if dtr {
+                control::DTR_ON
+            } else {
+                control::DTR_OFF
+            });
+            let rts_cmd = named_rts.then_some(if rts {
+                control::RTS_ON
+            } else {
+                control::RTS_OFF
+            });
+            let order = if linecall::rts_first((line.dtr, line.rts), (dtr, rts)) {
+                [rts_cmd, dtr_cmd]
+            } else {
+                [dtr_cmd, rts_cmd]
+            };
+            for c in order.into_iter().flatten() {
+                send(Command::SetControl(c), out);
             }
             debug!("tool set DTR {} RTS {}", onoff(dtr), onoff(rts));
             (line.dtr, line.rts) = (dtr, rts);
@@ -682,18 +693,48 @@ async fn line_call(
             applied(out, fences, wr).await?;
         }
         LineRequest::Drain => applied(out, fences, wr).await?,
-        LineRequest::Termios { cflag: Some(c) } => {
-            line.framing = Some(c & linecall::FRAMING);
+        LineRequest::SetTermios { req, mut termios } => {
+            // What the tool wrote is out of the pty: a drain has nothing
+            // left to wait for.
+            let (set, flush) = match (linecall::set_after_drain(req), linecall::termios_len(req)) {
+                (Some(s), Some(len)) if termios.len() >= len => s,
+                _ => return Ok(errno_reply(&io::Error::from_raw_os_error(libc::EINVAL))),
+            };
+            if flush {
+                pty.flush_input_as_tool()?;
+            }
+            if let Err(e) = pty.slave_termios(set, &mut termios) {
+                return Ok(errno_reply(&e));
+            }
+            line.framing = linecall::cflag_of(&termios).map(|c| c & linecall::FRAMING);
+            pty.ensure_extproc()?;
+            // The status bytes the change made, then whatever changed.
+            drain_pty(pty, buf, out, last, line.framing)?;
             settings_changed(pty, out, last, line.framing)?;
             applied(out, fences, wr).await?;
         }
-        LineRequest::Termios { cflag: None } => {}
+        LineRequest::GetTermios { .. } => unreachable!("answered above"),
     }
+    Ok(reply(line, fences))
+}
+
+/// The reply to a call that went through: the modem bits and framing now.
+fn reply(line: &LineState, fences: &Fences) -> LineReply {
     let ms = fences.modemstate.load(Ordering::Relaxed);
-    Ok(LineReply {
+    LineReply {
         errno: 0,
         modem: linecall::modem_bits(line.dtr, line.rts, ms),
         framing: line.framing,
+        termios: None,
         why: None,
-    })
+    }
+}
+
+/// The reply to a call the pty refused, with the kernel's errno.
+fn errno_reply(e: &io::Error) -> LineReply {
+    LineReply {
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+        why: Some(e.to_string()),
+        ..LineReply::default()
+    }
 }

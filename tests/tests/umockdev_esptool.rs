@@ -10,10 +10,11 @@
 //! runs its firmware and ignores esptool. Without the supervisor esptool
 //! warns "Chip was NOT reset" and fails to connect.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
+use devbroker_tests::container::{self, Machine};
 use devbroker_tests::esptool;
 use devbroker_tests::umockdev::{self, testdata};
 use devbroker_tests::*;
@@ -23,46 +24,62 @@ const NODE: &str = "/dev/ttyUSB0";
 const MAC: &str = "24:0a:c4:12:34:56";
 const S: Duration = Duration::from_secs(1);
 
-const CONFIG: &str = r#"
+/// The board, for `machine` only.
+fn config(machine: &str) -> String {
+    format!(
+        r#"
 [[board]]
 name = "esp1"
 compatible = ["esp32"]
-machines = ["ci1"]
+machines = ["{machine}"]
 
 [[board.tty]]
 name = "console"
-match = { usb = "0403:6001", serial = "A1B2C3" }
-"#;
+match = {{ usb = "0403:6001", serial = "A1B2C3" }}
 
-/// An emulated ESP32 behind the emulated FT232R, served to machine ci1.
+[[machine]]
+name = "{machine}"
+"#
+    )
+}
+
+/// An emulated ESP32 behind the emulated FT232R, served to a machine.
 struct Rig {
     w: World,
     venv: PathBuf,
+    /// The guest link of a devshim serve on the host (machine ci1).
     link: PathBuf,
     log: PathBuf,
-    _tb: umockdev::UMockdev,
-    _broker: Proc,
-    _shim: Proc,
+    _shim: Option<Proc>,
+    broker: Option<Proc>,
     _chip: Proc,
+    _tb: umockdev::UMockdev,
 }
 
 impl Rig {
-    /// `None` (test skipped) when esptool can't be installed here.
-    fn new(tb: umockdev::UMockdev) -> Option<Rig> {
-        let venv = match esptool::venv(esptool::V5) {
-            Ok(v) => v,
+    /// The esptool 5 venv; `None` (test skipped) when esptool can't be
+    /// installed here.
+    fn venv() -> Option<PathBuf> {
+        match esptool::venv(esptool::V5) {
+            Ok(v) => Some(v),
             Err(e) if std::env::var_os("CI").is_some() => panic!("esptool {}: {e}", esptool::V5),
             Err(e) => {
                 println!("skipped: esptool can't be installed here: {e}");
-                return None;
+                None
             }
-        };
+        }
+    }
+
+    /// The board for machine ci1 with a devshim serve on the host, or (with
+    /// `machine`) for that machine, whose devshim runs in its container.
+    fn new(tb: umockdev::UMockdev, machine: Option<&str>) -> Option<Rig> {
+        let venv = Rig::venv()?;
         tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
             .unwrap();
         let line = tb.emulate_serial(NODE, &[&format!("/dev/serial/by-id/{BY_ID}")]);
         let (edges_r, edges_w) = nix::unistd::pipe().unwrap();
         line.tell_edges(edges_w);
-        let w = World::new(CONFIG);
+        let w = World::new(&config(machine.unwrap_or("ci1")));
         let log = w.path("chip.log");
         let board = tb.dev_fd(NODE).expect("the adapter's pty");
         use std::os::fd::AsRawFd;
@@ -74,11 +91,15 @@ impl Rig {
             &w.path("chip-stderr.log"),
         );
         drop(edges_r);
-        let broker = w.broker_udev();
-        let shim = w.shim("ci1");
+        // A container's machine is set up before the broker starts.
+        let broker = machine.is_none().then(|| w.broker_udev());
         let link = w.guest_link("ci1", BY_ID);
-        wait_for(5 * S, "the guest link", || exists(&link));
-        w.endpoint_port("ci1", &link);
+        let shim = machine.is_none().then(|| {
+            let shim = w.shim("ci1");
+            wait_for(5 * S, "the guest link", || exists(&link));
+            w.endpoint_port("ci1", &link);
+            shim
+        });
         let said = || std::fs::read_to_string(&log).unwrap_or_default();
         wait_for(10 * S, "the chip to start", || said().contains("ready"));
         Some(Rig {
@@ -86,10 +107,10 @@ impl Rig {
             venv,
             link,
             log,
-            _tb: tb,
-            _broker: broker,
             _shim: shim,
+            broker,
             _chip: chip,
+            _tb: tb,
         })
     }
 
@@ -99,7 +120,9 @@ impl Rig {
             .unwrap_or_default()
             .lines()
             .filter(|l| {
-                !l.starts_with("read_reg") && !l.starts_with("write_reg") && !l.starts_with("mem_")
+                !["read_reg", "write_reg", "mem_", "edge"]
+                    .iter()
+                    .any(|p| l.starts_with(p))
             })
             .map(str::to_owned)
             .collect()
@@ -170,6 +193,17 @@ impl Rig {
             out.status
         );
         assert!(!report.contains("NOT reset"), "{report}");
+        // The chip boots its firmware once EN has been up for its RC delay,
+        // after esptool's hard reset returned.
+        let t0 = Instant::now();
+        while !self
+            .chip_said()
+            .last()
+            .is_some_and(|l| l.starts_with("boot"))
+            && t0.elapsed() < S
+        {
+            std::thread::sleep(Duration::from_millis(5));
+        }
         let said = self.chip_said()[since..].to_vec();
         let boots: Vec<&str> = said
             .iter()
@@ -182,12 +216,11 @@ impl Rig {
             boots.ends_with(&["reset", "boot download", "reset", "boot firmware"]),
             "boots {boots:?}\n{report}"
         );
-        let rom = said.iter().position(|l| l == "boot download").unwrap();
-        assert_eq!(
-            said.get(rom + 1).map(String::as_str),
-            Some("sync"),
-            "{report}"
-        );
+        // In the ROM loader it answered esptool's sync first (requests
+        // before were ignored: it ran its firmware or sat in reset).
+        let rom = said.iter().rposition(|l| l == "boot download").unwrap();
+        let first = said[rom + 1..].iter().find(|l| !l.starts_with("ignored"));
+        assert_eq!(first.map(String::as_str), Some("sync"), "{report}");
         stdout
     }
 }
@@ -196,7 +229,9 @@ impl Rig {
 fn esptool5_read_mac_and_write_flash_under_devshim_run() {
     let tb = umockdev::testbed!();
     let t0 = Instant::now();
-    let Some(rig) = Rig::new(tb) else { return };
+    let Some(rig) = Rig::new(tb, None) else {
+        return;
+    };
     let link = rig.link.display().to_string();
     let devshim_run = || {
         let mut c = Command::new(devshim());
@@ -255,7 +290,9 @@ fn esptool5_read_mac_and_write_flash_under_devshim_run() {
 #[test]
 fn esptool5_write_flash_under_sai_device() {
     let tb = umockdev::testbed!();
-    let Some(rig) = Rig::new(tb) else { return };
+    let Some(rig) = Rig::new(tb, None) else {
+        return;
+    };
     let sai = rig.w.path("bin/sai-device");
     std::fs::create_dir_all(sai.parent().unwrap()).unwrap();
     std::os::unix::fs::symlink(devshim(), &sai).unwrap();
@@ -291,7 +328,143 @@ fn esptool5_write_flash_under_sai_device() {
         "{}",
         rig.report(Some(&out))
     );
-    let _ = Path::new("");
+}
+
+/// The same jobs as the job user of a booted container (tier 3 on tier 2):
+/// the broker on the host under umockdev, devshim as the container's
+/// service, esptool 5 (the host's venv, bound read-only) under `devshim
+/// run` and under `sai-device` — inside nspawn's own seccomp filter, and
+/// with `-U` in the other test.
+fn esptool5_in_a_booted_container(tb: umockdev::UMockdev, private_users: bool) {
+    let name = format!(
+        "dbe{}{}",
+        u8::from(private_users),
+        std::process::id() % 10000
+    );
+    let Some(rig) = Rig::new(tb, Some(&name)) else {
+        return;
+    };
+    let mut rig = rig;
+    let m = Machine::setup(&rig.w, &name);
+    rig.broker = Some(rig.w.broker_udev());
+    let job_dir = rig.w.path("job");
+    std::fs::create_dir_all(&job_dir).unwrap();
+    let data = random_bytes(8 * 1024, 8);
+    std::fs::write(job_dir.join("app.bin"), &data).unwrap();
+    // The admin's own binds, next to the one setup made (a --bind on the
+    // command line would override the file's).
+    let mut nspawn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&m.nspawn_file)
+        .unwrap();
+    use std::io::Write;
+    write!(
+        nspawn,
+        "\n[Files]\nBindReadOnly={}:/opt/esptool5\nBindReadOnly={}:/srv/job\n",
+        rig.venv.display(),
+        job_dir.display()
+    )
+    .unwrap();
+    let c = m.boot(private_users, &[]);
+    let link = format!("/dev/serial/by-id/{BY_ID}");
+    let t0 = Instant::now();
+    while !c.exec(&["test", "-e", &link]).unwrap().status.success() {
+        assert!(
+            t0.elapsed() < 10 * S,
+            "no {link} inside:\n{}\n{}\n{}",
+            c.log(),
+            {
+                let o = c.exec(&["sh", "-c", "exec 2>&1; journalctl -u devshim --no-pager; ls -la /run/devbroker /dev/serial/by-id; findmnt /run/devbroker; cat /proc/37/status | grep -i seccomp"]).unwrap();
+                String::from_utf8_lossy(&o.stdout).into_owned()
+            },
+            rig.w.logs()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let ln = c
+        .exec(&["ln", "-sf", "devshim", "/usr/local/bin/sai-device"])
+        .unwrap();
+    assert!(ln.status.success());
+    let esptool = "/opt/esptool5/bin/python -m esptool";
+
+    // devshim run, as a shell that took no lease would.
+    let since = rig.chip_said().len();
+    let out = c
+        .exec_as(
+            "sai",
+            &[
+                "devshim",
+                "run",
+                "--",
+                "sh",
+                "-c",
+                &format!("{esptool} -p {link} read-mac"),
+            ],
+        )
+        .unwrap();
+    let stdout = rig.check(&out, since);
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.starts_with("MAC:") && l.trim_end().ends_with(MAC)),
+        "{}\n{}",
+        rig.report(Some(&out)),
+        c.log()
+    );
+
+    // The Sai job of the README, esptool in place of idf.py.
+    let since = rig.chip_said().len();
+    let job = format!("{esptool} -p \"$ESPPORT\" write-flash 0x10000 /srv/job/app.bin");
+    let out = c
+        .exec_as(
+            "sai",
+            &["sai-device", "esp32", "ESPPORT=0", "sh", "-c", &job],
+        )
+        .unwrap();
+    let stdout = rig.check(&out, since);
+    assert!(
+        stdout.contains("Hash of data verified"),
+        "{}",
+        rig.report(Some(&out))
+    );
+    let md5 = format!("{:x}", md5(&data));
+    assert!(
+        rig.chip_said()
+            .iter()
+            .any(|l| l == &format!("flash_md5 0x10000 {} {md5}", data.len())),
+        "{}",
+        rig.report(Some(&out))
+    );
+    drop(c);
+}
+
+/// Whether containers can be booted here and esptool had; the tree and
+/// the venv are made (once, cached) before the child under umockdev runs.
+fn container_prerequisites() -> bool {
+    if let Some(why) = container::skip_reason() {
+        println!("skipped: {why}");
+        return false;
+    }
+    container::base_tree().expect("the container tree");
+    Rig::venv().is_some()
+}
+
+#[test]
+fn esptool5_in_a_booted_container_job() {
+    if !container_prerequisites() {
+        return;
+    }
+    let tb = umockdev::testbed!();
+    esptool5_in_a_booted_container(tb, false);
+}
+
+#[test]
+fn esptool5_in_a_booted_container_with_private_users() {
+    if !container_prerequisites() {
+        return;
+    }
+    let tb = umockdev::testbed!();
+    esptool5_in_a_booted_container(tb, true);
 }
 
 /// MD5 by `md5sum`, to check the chip's flash without a crate for it.
