@@ -172,7 +172,7 @@ fn lib() -> Result<&'static Lib, String> {
 }
 
 /// The preload library's path, or why it can't be had.
-fn preload_path() -> Result<PathBuf, String> {
+pub fn preload_path() -> Result<PathBuf, String> {
     let l = lib()?;
     let beside = l.dir.join(PRELOAD);
     if beside.exists() {
