@@ -125,6 +125,36 @@ pub fn set_control(fd: RawFd, value: u8) -> io::Result<u8> {
     }
 }
 
+/// A SET-CONTROL value's name, for logs.
+pub fn control_name(value: u8) -> &'static str {
+    match value {
+        control::FLOW_REQUEST => "flow?",
+        control::FLOW_NONE => "flow none",
+        control::FLOW_XONXOFF => "flow XON/XOFF",
+        control::FLOW_HARDWARE => "flow RTS/CTS",
+        control::BREAK_REQUEST => "break?",
+        control::BREAK_ON => "break on",
+        control::BREAK_OFF => "break off",
+        control::DTR_REQUEST => "DTR?",
+        control::DTR_ON => "DTR on",
+        control::DTR_OFF => "DTR off",
+        control::RTS_REQUEST => "RTS?",
+        control::RTS_ON => "RTS on",
+        control::RTS_OFF => "RTS off",
+        _ => "other",
+    }
+}
+
+/// DTR and RTS as the port has them now, if it has modem lines.
+pub fn modem_outputs(fd: RawFd) -> Option<(bool, bool)> {
+    let mut bits: libc::c_int = 0;
+    // SAFETY: TIOCMGET writes one int.
+    if unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) } < 0 {
+        return None;
+    }
+    Some((bits & libc::TIOCM_DTR != 0, bits & libc::TIOCM_RTS != 0))
+}
+
 /// Modem-state bits in RFC 2217 form, if the device has modem lines.
 pub fn modem_state(fd: RawFd) -> Option<u8> {
     use wire::rfc2217::modemstate as ms;

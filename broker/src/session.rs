@@ -554,7 +554,10 @@ async fn apply(
     }
     match cmd {
         Command::SetControl(v) => match port::set_control(fd, v) {
-            Ok(r) => Some(Command::SetControl(r)),
+            Ok(r) => {
+                debug!(tty = %label, "SET-CONTROL {} applied", port::control_name(v));
+                Some(Command::SetControl(r))
+            }
             Err(e) => {
                 debug!(tty = %label, "SET-CONTROL {v}: {e}");
                 // Report what the client asked: a device without modem lines
@@ -593,7 +596,10 @@ async fn apply(
             debug!(tty = %label, "client signature: {}", String::from_utf8_lossy(&s));
             None
         }
-        Command::NotifyLineState(_) | Command::NotifyModemState(_) => None,
+        // A client asking for the modem state (pyserial polls this way):
+        // read the port now.
+        Command::NotifyModemState(_) => port::modem_state(fd).map(Command::NotifyModemState),
+        Command::NotifyLineState(_) => None,
         Command::SetBaudRate(_)
         | Command::SetDataSize(_)
         | Command::SetParity(_)

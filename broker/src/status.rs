@@ -108,6 +108,14 @@ pub fn render(s: &Status) -> String {
                 )),
                 None => out.push_str("               free\n"),
             }
+            if let (Some(dtr), Some(rts)) = (t.dtr, t.rts) {
+                let onoff = |b: bool| if b { "on" } else { "off" };
+                out.push_str(&format!(
+                    "               DTR {}, RTS {}\n",
+                    onoff(dtr),
+                    onoff(rts)
+                ));
+            }
             out.push_str(&format!(
                 "               {} bytes to board, {} bytes from board\n",
                 t.bytes_to_board, t.bytes_from_board

@@ -315,7 +315,7 @@ fn run_inner(
             .join("; ")
     );
     let keeper = Keeper::start(c, control.clone(), granted.board.clone(), broker_grace());
-    let code = run_command(&args.command, &env);
+    let code = crate::run::command(&args.command, &env, state_dir);
     // A tool that wrote and exited may still have bytes on the way: give
     // devshim a moment to start their session, then let it finish (up to
     // 2 s) before the lease, and the socket, go.
@@ -443,47 +443,6 @@ fn board_held(c: &mut Control, board: &str) -> bool {
             .any(|t| t.holder.is_some()),
         _ => false,
     }
-}
-
-/// Runs the command, forwarding SIGINT, SIGTERM and SIGHUP to it.
-fn run_command(cmd: &[String], env: &[(String, String)]) -> Result<u8, (u8, String)> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-    rt.block_on(async {
-        use tokio::signal::unix::{signal, SignalKind};
-        let mut child = tokio::process::Command::new(&cmd[0])
-            .args(&cmd[1..])
-            .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
-            .spawn()
-            .map_err(|e| (127, format!("can't run {}: {e}", cmd[0])))?;
-        let pid = child.id().map(|p| nix::unistd::Pid::from_raw(p as i32));
-        let mut int =
-            signal(SignalKind::interrupt()).map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-        let mut term =
-            signal(SignalKind::terminate()).map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-        let mut hup = signal(SignalKind::hangup()).map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-        loop {
-            let sig = tokio::select! {
-                st = child.wait() => {
-                    let st = st.map_err(|e| (EXIT_NO_BOARD, e.to_string()))?;
-                    use std::os::unix::process::ExitStatusExt;
-                    return Ok(match (st.code(), st.signal()) {
-                        (Some(c), _) => c as u8,
-                        (None, Some(s)) => 128 + s as u8,
-                        _ => 1,
-                    });
-                }
-                _ = int.recv() => nix::sys::signal::Signal::SIGINT,
-                _ = term.recv() => nix::sys::signal::Signal::SIGTERM,
-                _ = hup.recv() => nix::sys::signal::Signal::SIGHUP,
-            };
-            if let Some(pid) = pid {
-                let _ = nix::sys::signal::kill(pid, sig);
-            }
-        }
-    })
 }
 
 #[cfg(test)]

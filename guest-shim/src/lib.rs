@@ -7,12 +7,17 @@
 //! 2217 on `127.0.0.1` for clients that need DTR, RTS, break, parity or data
 //! size, which a pty can't carry.
 
+pub mod bpf;
 pub mod ctl;
 pub mod endpoint;
 pub mod lease;
+pub mod linecall;
+pub mod linesock;
 pub mod links;
 pub mod ports;
 pub mod pty;
+pub mod run;
 pub mod serve;
+pub mod supervise;
 pub mod tty;
 pub mod users;

@@ -68,6 +68,20 @@ enum Cmd {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true, num_args = 1.., value_name = "[TYPE] [ENV=IDX ...] -- COMMAND")]
         rest: Vec<String>,
     },
+    /// Run COMMAND so that its DTR/RTS, break, parity and data-size calls on
+    /// devshim's ptys reach the real port (a seccomp supervisor; Linux 5.6+).
+    ///
+    /// For jobs and shells that take no lease: `devshim run -- bash`.
+    /// `devshim lease` and `sai-device` run their command the same way.
+    /// Exits with COMMAND's status.
+    Run {
+        /// Where `devshim serve` keeps its state file (ports.json).
+        #[arg(long, default_value = devshim::ports::DEFAULT_DIR)]
+        state_dir: PathBuf,
+        /// COMMAND [ARGS...]
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true, required = true, num_args = 1.., value_name = "COMMAND")]
+        command: Vec<String>,
+    },
     /// Publish a pty for every tty socket in DIR, for as long as it runs.
     Serve {
         /// The machine directory the broker fills (bind-mounted from the host).
@@ -257,6 +271,25 @@ fn main() -> ExitCode {
             }
         },
         Cmd::List { state_dir, json } => list(&state_dir, json),
+        Cmd::Run {
+            state_dir,
+            mut command,
+        } => {
+            if command.first().is_some_and(|a| a == "--") {
+                command.remove(0);
+            }
+            if command.is_empty() {
+                eprintln!("devshim: no command given: devshim run -- COMMAND [ARGS...]");
+                return ExitCode::from(2);
+            }
+            match devshim::run::command(&command, &[], &state_dir) {
+                Ok(code) => ExitCode::from(code),
+                Err((code, msg)) => {
+                    eprintln!("devshim: {msg}");
+                    ExitCode::from(code)
+                }
+            }
+        }
         Cmd::Lease {
             board,
             wait,

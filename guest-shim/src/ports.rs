@@ -35,6 +35,10 @@ pub struct PortEntry {
     pub port: u16,
     /// The devshim serving it.
     pub pid: u32,
+    /// That devshim's line socket, where `devshim run` carries a tool's
+    /// DTR/RTS, break and framing calls ([`crate::linesock`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub line: Option<PathBuf>,
 }
 
 impl PortEntry {
@@ -177,7 +181,7 @@ fn merge(old: Vec<PortEntry>, link_root: &Path, mine: &[PortEntry]) -> Vec<PortE
 }
 
 /// True while process `pid` exists (in this pid namespace).
-fn alive(pid: u32) -> bool {
+pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
@@ -199,6 +203,7 @@ mod tests {
             link: link.into(),
             port,
             pid,
+            line: None,
         }
     }
 

@@ -152,6 +152,58 @@ impl Pty {
         }
     }
 
+    /// The identity of the pty's slave (`/dev/pts/N`): what a tool's
+    /// descriptor of it `fstat`s to.
+    pub fn id(&self) -> io::Result<crate::linesock::PtyId> {
+        use std::os::fd::AsFd;
+        crate::linesock::id_of(self.slave.as_fd())
+    }
+
+    /// Runs a tool's `TCGETS*`/`TCSETS*` (`req`, with the struct in `buf`)
+    /// on devshim's own slave descriptor: termios belong to the tty, so the
+    /// tool sees the same as if it had made the call (a set is reported on
+    /// the master as a packet-mode status byte, as the tool's would be).
+    /// `req` must not wait (no `TCSETSW*`/`TCSETSF*`).
+    pub fn slave_termios(&self, req: libc::c_ulong, buf: &mut [u8]) -> io::Result<()> {
+        debug_assert!(buf.len() >= crate::linecall::termios_len(req as u32).unwrap_or(usize::MAX));
+        // SAFETY: a TCGETS*/TCSETS* request with a buffer of its struct's size.
+        if unsafe { libc::ioctl(self.slave.as_raw_fd(), req, buf.as_mut_ptr()) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Discards the tool's unread input as its `tcflush(TCIFLUSH)` would
+    /// (reported on the master, so the port's receive buffer is purged too).
+    pub fn flush_input_as_tool(&self) -> io::Result<()> {
+        // SAFETY: TCFLSH takes an int argument by value.
+        if unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TCFLSH, libc::TCIFLUSH) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
+    /// Writes what fits of `data` now, without waiting: how much was written.
+    pub fn try_write(&self, data: &[u8]) -> io::Result<usize> {
+        match nix::unistd::write(self.master.get_ref(), data) {
+            Ok(n) => Ok(n),
+            Err(nix::errno::Errno::EAGAIN) => Ok(0),
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Waits until some of `data` can be written, writes it and returns how much.
+    pub async fn write_some(&self, data: &[u8]) -> io::Result<usize> {
+        loop {
+            let mut guard = self.master.writable().await?;
+            match guard.try_io(|fd| nix::unistd::write(fd.get_ref(), data).map_err(io::Error::from))
+            {
+                Ok(r) => return r,
+                Err(_would_block) => continue,
+            }
+        }
+    }
+
     /// Writes all of `data` to the tool, waiting while its input queue is full.
     pub async fn write_all(&self, mut data: &[u8]) -> io::Result<()> {
         while !data.is_empty() {

@@ -113,6 +113,7 @@ fn port_entry(opts: &Options, entry: &Entry, port: u16) -> PortEntry {
         link: links::guest_path(&opts.link_root, entry.by_id.as_deref(), &entry.short_name()),
         port,
         pid: std::process::id(),
+        line: Some(crate::linesock::path(&opts.state_dir, std::process::id())),
     }
 }
 
@@ -266,6 +267,24 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
     let mut state_warned = false;
     let mut published: Vec<PortEntry> = Vec::new();
     write_state(&opts, &published, &mut state_warned);
+    // The line socket, for tools run under `devshim run`.
+    let registry = crate::linesock::Registry::default();
+    let line_path = crate::linesock::path(&opts.state_dir, std::process::id());
+    remove_stale_line_sockets(&opts.state_dir);
+    let line_task = match crate::linesock::listen_at(&line_path) {
+        Ok(l) => Some(tokio::spawn(crate::linesock::serve(
+            l,
+            registry.clone(),
+            shutdown.child_token(),
+        ))),
+        Err(e) => {
+            warn!(
+                "can't listen on {}: {e}; tools under `devshim run` get ENOTTY for DTR/RTS and break",
+                line_path.display()
+            );
+            None
+        }
+    };
     loop {
         if control.is_none() && control_path.exists() {
             match connect_control(&control_path).await {
@@ -346,6 +365,7 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 uid: opts.user.uid,
                 gid: opts.user.gid,
                 broker: broker_rx.clone(),
+                registry: registry.clone(),
             };
             let task = tokio::spawn(tty::run(spec, cancel.clone()));
             actors.insert(
@@ -376,7 +396,30 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         a.stop().await;
     }
     write_state(&opts, &[], &mut state_warned);
+    if let Some(t) = line_task {
+        let _ = t.await;
+    }
+    let _ = std::fs::remove_file(&line_path);
     Ok(())
+}
+
+/// Removes the line sockets of devshims that are gone (killed: they could
+/// not remove their own).
+fn remove_stale_line_sockets(state_dir: &Path) {
+    for e in std::fs::read_dir(state_dir).into_iter().flatten().flatten() {
+        let name = e.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("line."))
+            .and_then(|n| n.strip_suffix(".sock"))
+            .and_then(|n| n.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !crate::ports::alive(pid) {
+            let _ = std::fs::remove_file(e.path());
+        }
+    }
 }
 
 #[cfg(test)]

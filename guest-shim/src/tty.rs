@@ -15,16 +15,18 @@
 //! [`crate::serve`] decides how long to wait (the broker grace) and stops
 //! the actor when that runs out.
 
+use std::collections::VecDeque;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use futures_util::StreamExt;
 use inotify::{Inotify, WatchMask};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wire::manifest::Entry;
@@ -32,6 +34,8 @@ use wire::rfc2217::{control, purge, Command, Direction};
 use wire::telnet::{self, Decoder, Event, Negotiator, IAC};
 use wire::termios;
 
+use crate::linecall::{self, LineReply, LineRequest};
+use crate::linesock::{LineCall, Registry};
 use crate::links;
 use crate::pty::{pkt, Pty};
 
@@ -47,7 +51,60 @@ pub struct TtySpec {
     pub link_root: PathBuf,
     pub uid: u32,
     pub gid: u32,
+    /// Where the line socket finds this tty's pty.
+    pub registry: Registry,
 }
+
+/// The line as a tool on the pty set it through `devshim run`'s supervisor:
+/// what a pty can't keep. Lives as long as the pty, as a UART keeps its
+/// settings between opens.
+#[derive(Debug, Clone, Copy)]
+struct LineState {
+    dtr: bool,
+    rts: bool,
+    /// Data size and parity bits of `c_cflag` ([`linecall::FRAMING`]) as the
+    /// tool set them, which the pty drops; `None` until it sets any.
+    framing: Option<u32>,
+}
+
+/// What a session's two directions share for line calls: the calls waiting
+/// for the broker's answer to their fence, and the modem inputs it reported.
+#[derive(Default)]
+struct Fences {
+    waiting: Mutex<VecDeque<oneshot::Sender<()>>>,
+    /// Set when a fence is added, so a `down` that stopped reading (the tool
+    /// isn't reading the pty) reads on to find the answer.
+    added: Notify,
+    /// The latest NOTIFY-MODEMSTATE (RFC 2217 bits).
+    modemstate: AtomicU8,
+}
+
+impl Fences {
+    /// Appends a fence to `out`: an empty SIGNATURE, which the broker answers
+    /// after everything before it has been applied to the port, in order.
+    fn add(&self, out: &mut Vec<u8>) -> oneshot::Receiver<()> {
+        let (tx, rx) = oneshot::channel();
+        self.waiting.lock().unwrap().push_back(tx);
+        send(Command::Signature(Vec::new()), out);
+        self.added.notify_one();
+        rx
+    }
+
+    fn pending(&self) -> bool {
+        !self.waiting.lock().unwrap().is_empty()
+    }
+
+    /// The broker answered the oldest fence.
+    fn answered(&self) {
+        if let Some(tx) = self.waiting.lock().unwrap().pop_front() {
+            let _ = tx.send(());
+        }
+    }
+}
+
+/// While a line call waits for the broker, at most this much of what the
+/// board sent is kept for a tool that can't read it meanwhile.
+const STASH_WHILE_CALLING: usize = 4 * 1024 * 1024;
 
 /// Read size on both sides.
 const CHUNK: usize = 64 * 1024;
@@ -138,6 +195,17 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
                 return;
             }
         };
+        // Line calls for this pty (through `devshim run`'s supervisor).
+        let (line_tx, mut line_rx) = mpsc::channel::<LineCall>(8);
+        let pty_id = pty.id().ok();
+        if let Some(id) = pty_id {
+            spec.registry.insert(id, line_tx);
+        }
+        let mut line = LineState {
+            dtr: false,
+            rts: false,
+            framing: None,
+        };
         for l in &link_paths {
             if let Err(e) = links::publish(l, &pty.path, owner) {
                 warn!(tty = %short, "can't link {}: {e}", l.display());
@@ -149,7 +217,7 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
                 _ = cancel.cancelled() => break End::Cancelled,
                 r = opens.wait_open() => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
             }
-            match session(&spec, &pty, &mut opens, &cancel).await {
+            match session(&spec, &pty, &mut opens, &mut line_rx, &mut line, &cancel).await {
                 End::ToolClosed => debug!(tty = %short, "tool closed the pty"),
                 End::BrokerClosed(why) => {
                     if !broker_left(&spec).await {
@@ -167,6 +235,9 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
         };
         match end {
             End::Cancelled => {
+                if let Some(id) = pty_id {
+                    spec.registry.remove(id);
+                }
                 for l in &link_paths {
                     links::withdraw(l, &pty.path);
                 }
@@ -179,7 +250,10 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
             End::ToolClosed | End::BrokerClosed(_) => unreachable!(),
         }
         // Dropping the pty hangs up the tool; the next loop renames fresh
-        // links over the old ones.
+        // links over the old ones. Line calls on it now fail with EIO.
+        if let Some(id) = pty_id {
+            spec.registry.remove(id);
+        }
         drop(opens);
         drop(pty);
     }
@@ -233,6 +307,8 @@ async fn session(
     spec: &TtySpec,
     pty: &Pty,
     opens: &mut OpenWatch,
+    calls: &mut mpsc::Receiver<LineCall>,
+    line: &mut LineState,
     cancel: &CancellationToken,
 ) -> End {
     let sock = match UnixStream::connect(&spec.socket).await {
@@ -243,7 +319,7 @@ async fn session(
     let mut neg = Negotiator::client();
     let mut hello = neg.opening();
     let mut last = match pty.termios() {
-        Ok(t) => termios::to_settings(&t),
+        Ok(t) => linecall::with_framing(termios::to_settings(&t), line.framing),
         Err(e) => return End::Hangup(format!("can't read the pty's settings: {e}")),
     };
     for c in last.commands() {
@@ -252,11 +328,13 @@ async fn session(
     // A tool opening a real port raises DTR and RTS.
     send(Command::SetControl(control::DTR_ON), &mut hello);
     send(Command::SetControl(control::RTS_ON), &mut hello);
+    (line.dtr, line.rts) = (true, true);
     if let Err(e) = wr.write_all(&hello).await {
         return End::BrokerClosed(format!("broker socket: {e}"));
     }
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
     let closing = AtomicBool::new(false);
+    let fences = Fences::default();
 
     let up = async {
         let mut buf = vec![0u8; CHUNK + 1];
@@ -288,6 +366,16 @@ async fn session(
                     closing.store(true, Ordering::Relaxed);
                     return Ok::<End, io::Error>(End::ToolClosed);
                 }
+                c = calls.recv() => {
+                    let Some(c) = c else { continue };
+                    match line_call(c.req, pty, &mut buf, &mut out, &mut last, line, &fences, &mut wr).await {
+                        Ok(reply) => { let _ = c.reply.send(reply); }
+                        Err(e) => {
+                            let _ = c.reply.send(LineReply { errno: libc::EIO, why: Some(e.to_string()), ..LineReply::default() });
+                            return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                        }
+                    }
+                }
                 r = pty.read_packet(&mut buf) => {
                     let n = r?;
                     if n == 0 {
@@ -295,7 +383,7 @@ async fn session(
                     }
                     let status = buf[0];
                     if status != pkt::DATA {
-                        handle_status(status, pty, &mut buf, &mut out, &mut last)?;
+                        handle_status(status, pty, &mut buf, &mut out, &mut last, line.framing)?;
                     } else {
                         telnet::escape_into(&buf[1..n], &mut out);
                         // A pty hands out at most 4 KiB a read: gather what is
@@ -305,7 +393,7 @@ async fn session(
                             match pty.try_read_packet(&mut buf)? {
                                 Some(m) if m > 1 && buf[0] == pkt::DATA => telnet::escape_into(&buf[1..m], &mut out),
                                 Some(m) if m >= 1 && buf[0] != pkt::DATA => {
-                                    handle_status(buf[0], pty, &mut buf, &mut out, &mut last)?;
+                                    handle_status(buf[0], pty, &mut buf, &mut out, &mut last, line.framing)?;
                                     break;
                                 }
                                 _ => break,
@@ -326,10 +414,29 @@ async fn session(
         let mut buf = vec![0u8; CHUNK];
         let mut dec = Decoder::new();
         let mut accepted = false;
+        // What the tool has not taken yet. Normally the pty's own queue is
+        // the only buffer (a tool that doesn't read stops the broker), but
+        // while a line call waits for the broker's answer, the answer must
+        // be read past what the board sent meanwhile: the tool can't read
+        // it, it is blocked in the call.
+        let mut stash: Vec<u8> = Vec::new();
         loop {
-            let n = match rd.read(&mut buf).await {
-                Ok(n) => n,
-                Err(e) => return Ok(End::BrokerClosed(format!("broker socket: {e}"))),
+            let readable = if fences.pending() {
+                stash.len() < STASH_WHILE_CALLING
+            } else {
+                stash.is_empty()
+            };
+            let n = tokio::select! {
+                biased;
+                r = pty.write_some(&stash), if !stash.is_empty() => {
+                    stash.drain(..r?);
+                    continue;
+                }
+                _ = fences.added.notified(), if !readable => continue,
+                r = rd.read(&mut buf), if readable => match r {
+                    Ok(n) => n,
+                    Err(e) => return Ok(End::BrokerClosed(format!("broker socket: {e}"))),
+                },
             };
             if n == 0 {
                 return Ok::<End, io::Error>(End::BrokerClosed(
@@ -357,13 +464,33 @@ async fn session(
                 pos += used;
                 match ev {
                     Some(Event::Data(d)) if !closing.load(Ordering::Relaxed) => {
-                        pty.write_all(d).await?
+                        if stash.is_empty() && !fences.pending() {
+                            pty.write_all(d).await?
+                        } else {
+                            let w = if stash.is_empty() {
+                                pty.try_write(d)?
+                            } else {
+                                0
+                            };
+                            stash.extend_from_slice(&d[w..]);
+                        }
                     }
                     Some(Event::Negotiate(v, o)) => {
                         if let Some((rv, ro)) = neg.answer(v, o) {
                             let mut a = Vec::new();
                             telnet::negotiate(rv, ro, &mut a);
                             let _ = ans_tx.send(a).await;
+                        }
+                    }
+                    Some(Event::Subnegotiation(telnet::OPT_COM_PORT, payload)) => {
+                        match Command::decode(&payload) {
+                            Ok((Direction::ServerToClient, Command::Signature(_))) => {
+                                fences.answered()
+                            }
+                            Ok((Direction::ServerToClient, Command::NotifyModemState(m))) => {
+                                fences.modemstate.store(m, Ordering::Relaxed)
+                            }
+                            _ => {}
                         }
                     }
                     Some(Event::Malformed(why)) => warn!("broker sent a malformed command: {why}"),
@@ -410,6 +537,7 @@ fn handle_status(
     buf: &mut [u8],
     out: &mut Vec<u8>,
     last: &mut wire::rfc2217::LineSettings,
+    framing: Option<u32>,
 ) -> io::Result<()> {
     if status & pkt::FLUSHREAD != 0 {
         send(Command::PurgeData(purge::RECEIVE), out);
@@ -424,16 +552,189 @@ fn handle_status(
             if n > 1 && buf[0] == pkt::DATA {
                 telnet::escape_into(&buf[1..n], out);
             } else if n == 1 && buf[0] & (pkt::FLUSHREAD | pkt::FLUSHWRITE) != 0 {
-                handle_status(buf[0] & !pkt::IOCTL, pty, buf, out, last)?;
+                handle_status(buf[0] & !pkt::IOCTL, pty, buf, out, last, framing)?;
             }
         }
         pty.ensure_extproc()?;
-        let now = termios::to_settings(&pty.termios()?);
-        for c in last.changes_to(&now) {
-            debug!("tool changed the line: {c:?}");
-            send(c, out);
-        }
-        *last = now;
+        settings_changed(pty, out, last, framing)?;
     }
     Ok(())
+}
+
+/// Sends what changed between `last` and the pty's settings now (with the
+/// tool's data size and parity, which the pty dropped).
+fn settings_changed(
+    pty: &Pty,
+    out: &mut Vec<u8>,
+    last: &mut wire::rfc2217::LineSettings,
+    framing: Option<u32>,
+) -> io::Result<()> {
+    let now = linecall::with_framing(termios::to_settings(&pty.termios()?), framing);
+    for c in last.changes_to(&now) {
+        debug!("tool changed the line: {c:?}");
+        send(c, out);
+    }
+    *last = now;
+    Ok(())
+}
+
+/// Moves what the tool wrote so far (and the settings changes among it)
+/// from the pty into `out`: a line call acts after the bytes before it.
+fn drain_pty(
+    pty: &Pty,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    last: &mut wire::rfc2217::LineSettings,
+    framing: Option<u32>,
+) -> io::Result<()> {
+    while let Some(n) = pty.try_read_packet(buf)? {
+        if n > 1 && buf[0] == pkt::DATA {
+            telnet::escape_into(&buf[1..n], out);
+        } else if n >= 1 && buf[0] != pkt::DATA {
+            handle_status(buf[0], pty, buf, out, last, framing)?;
+        }
+    }
+    Ok(())
+}
+
+/// Carries out one line call: the bytes the tool wrote before it, then the
+/// RFC 2217 commands, then a fence; answers once the broker has applied
+/// them all to the port. An error is the broker's socket failing.
+#[allow(clippy::too_many_arguments)]
+async fn line_call(
+    req: LineRequest,
+    pty: &Pty,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    last: &mut wire::rfc2217::LineSettings,
+    line: &mut LineState,
+    fences: &Fences,
+    wr: &mut tokio::net::unix::OwnedWriteHalf,
+) -> io::Result<LineReply> {
+    // Sends `out` with a fence and waits for the broker's answer to it.
+    async fn applied(
+        out: &mut Vec<u8>,
+        fences: &Fences,
+        wr: &mut tokio::net::unix::OwnedWriteHalf,
+    ) -> io::Result<()> {
+        let done = fences.add(out);
+        wr.write_all(out).await?;
+        out.clear();
+        done.await
+            .map_err(|_| io::Error::other("the session ended"))
+    }
+    out.clear();
+    if let LineRequest::GetTermios { req } = req {
+        // Nothing for the port: the pty's settings, with the tool's framing.
+        let len = linecall::termios_len(req).unwrap_or(linecall::TERMIOS2_LEN);
+        let mut t = vec![0u8; len];
+        if let Err(e) = pty.slave_termios(req.into(), &mut t) {
+            return Ok(errno_reply(&e));
+        }
+        if let Some(c) = linecall::cflag_of(&t) {
+            linecall::set_cflag(&mut t, linecall::patch_cflag(c, line.framing));
+        }
+        return Ok(LineReply {
+            termios: Some(t),
+            ..reply(line, fences)
+        });
+    }
+    drain_pty(pty, buf, out, last, line.framing)?;
+    let onoff = |on: bool| if on { "on" } else { "off" };
+    match req {
+        LineRequest::GetModem => {
+            // The broker answers with the port's modem state now.
+            send(Command::NotifyModemState(0), out);
+            applied(out, fences, wr).await?;
+        }
+        LineRequest::Modem { op, bits } => {
+            let ((dtr, rts), (named_dtr, named_rts)) =
+                linecall::modem_change(op, bits, line.dtr, line.rts);
+            let dtr_cmd = named_dtr.then_some(if dtr {
+                control::DTR_ON
+            } else {
+                control::DTR_OFF
+            });
+            let rts_cmd = named_rts.then_some(if rts {
+                control::RTS_ON
+            } else {
+                control::RTS_OFF
+            });
+            let order = if linecall::rts_first((line.dtr, line.rts), (dtr, rts)) {
+                [rts_cmd, dtr_cmd]
+            } else {
+                [dtr_cmd, rts_cmd]
+            };
+            for c in order.into_iter().flatten() {
+                send(Command::SetControl(c), out);
+            }
+            debug!("tool set DTR {} RTS {}", onoff(dtr), onoff(rts));
+            (line.dtr, line.rts) = (dtr, rts);
+            applied(out, fences, wr).await?;
+        }
+        LineRequest::Break { on } => {
+            debug!("tool set break {}", onoff(on));
+            send(
+                Command::SetControl(if on {
+                    control::BREAK_ON
+                } else {
+                    control::BREAK_OFF
+                }),
+                out,
+            );
+            applied(out, fences, wr).await?;
+        }
+        LineRequest::TimedBreak { ms } => {
+            debug!("tool sent a {ms} ms break");
+            send(Command::SetControl(control::BREAK_ON), out);
+            applied(out, fences, wr).await?;
+            tokio::time::sleep(Duration::from_millis(ms.into())).await;
+            send(Command::SetControl(control::BREAK_OFF), out);
+            applied(out, fences, wr).await?;
+        }
+        LineRequest::Drain => applied(out, fences, wr).await?,
+        LineRequest::SetTermios { req, mut termios } => {
+            // What the tool wrote is out of the pty: a drain has nothing
+            // left to wait for.
+            let (set, flush) = match (linecall::set_after_drain(req), linecall::termios_len(req)) {
+                (Some(s), Some(len)) if termios.len() >= len => s,
+                _ => return Ok(errno_reply(&io::Error::from_raw_os_error(libc::EINVAL))),
+            };
+            if flush {
+                pty.flush_input_as_tool()?;
+            }
+            if let Err(e) = pty.slave_termios(set, &mut termios) {
+                return Ok(errno_reply(&e));
+            }
+            line.framing = linecall::cflag_of(&termios).map(|c| c & linecall::FRAMING);
+            pty.ensure_extproc()?;
+            // The status bytes the change made, then whatever changed.
+            drain_pty(pty, buf, out, last, line.framing)?;
+            settings_changed(pty, out, last, line.framing)?;
+            applied(out, fences, wr).await?;
+        }
+        LineRequest::GetTermios { .. } => unreachable!("answered above"),
+    }
+    Ok(reply(line, fences))
+}
+
+/// The reply to a call that went through: the modem bits and framing now.
+fn reply(line: &LineState, fences: &Fences) -> LineReply {
+    let ms = fences.modemstate.load(Ordering::Relaxed);
+    LineReply {
+        errno: 0,
+        modem: linecall::modem_bits(line.dtr, line.rts, ms),
+        framing: line.framing,
+        termios: None,
+        why: None,
+    }
+}
+
+/// The reply to a call the pty refused, with the kernel's errno.
+fn errno_reply(e: &io::Error) -> LineReply {
+    LineReply {
+        errno: e.raw_os_error().unwrap_or(libc::EIO),
+        why: Some(e.to_string()),
+        ..LineReply::default()
+    }
 }

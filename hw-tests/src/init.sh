@@ -10,7 +10,7 @@
 # never end PID 1.
 
 /bin/busybox --install -s /bin
-export PATH=/usr/local/bin:/bin
+export PATH=/usr/local/bin:/usr/bin:/bin
 mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev

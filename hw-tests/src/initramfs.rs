@@ -1,6 +1,7 @@
 //! The guest's whole userland, as an initramfs made from the host's files:
 //! busybox, udevd with the distribution's serial rules and the project's,
-//! the USB serial modules, and the binaries under test with their libraries.
+//! the USB serial modules, the binaries under test with their libraries, and
+//! python3 with pyserial (see [`crate::python`]) for unchanged tools.
 //!
 //! It is cached (see [`crate::cache`]) under a hash of every input, built
 //! once under a lock while parallel tests wait for it.
@@ -126,7 +127,9 @@ fn inputs(host: &Host, payload: &Payload, mods: &ModuleSet) -> Result<Vec<Input>
             },
         );
     };
+    let (py_modules, python) = crate::python::files()?;
     let binaries = [
+        ("usr/bin/python3".to_string(), &python, How::Program),
         ("bin/busybox".to_string(), &host.busybox, How::Program),
         ("bin/udevadm".to_string(), &host.udevadm, How::Program),
         (
@@ -152,6 +155,21 @@ fn inputs(host: &Host, payload: &Payload, mods: &ModuleSet) -> Result<Vec<Input>
             add(at, &lib, How::Program);
         }
         add(at, from, how);
+    }
+    for m in &py_modules {
+        let at = m.to_string_lossy().trim_start_matches('/').to_string();
+        if m.extension().is_some_and(|e| e == "so") {
+            for lib in libs::needed(m)? {
+                add(
+                    lib.to_string_lossy().trim_start_matches('/').to_string(),
+                    &lib,
+                    How::Program,
+                );
+            }
+            add(at, m, How::Program);
+        } else {
+            add(at, m, How::Data);
+        }
     }
     for rule in &host.rules {
         let name = rule

@@ -20,6 +20,7 @@ pub mod kernel;
 pub mod libs;
 pub mod modules;
 pub mod prereq;
+pub mod python;
 pub mod qmp;
 pub mod real;
 pub mod rig;

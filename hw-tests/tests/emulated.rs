@@ -220,3 +220,62 @@ fn hotplug_cycles() {
         Ok(())
     });
 }
+
+/// pyserial's modem calls, unchanged, on devshim's pty under `devshim run`:
+/// each line change is printed after the call returned.
+const PYSERIAL_LINES: &str = "import serial, sys
+s = serial.Serial(sys.argv[1], 115200)
+for name, on in (('dtr', 0), ('rts', 0), ('dtr', 1), ('rts', 1), ('dtr', 0)):
+    setattr(s, name, bool(on))
+    print(name, on, flush=True)
+s.close()
+";
+
+#[test]
+fn dtr_and_rts_from_an_unchanged_tool_under_devshim_run() {
+    scenario(
+        "5: DTR/RTS from pyserial under devshim run",
+        Adapter::AtBoot,
+        |rig| {
+            let seen = rig.modem_ctrl().len();
+            let script = PYSERIAL_LINES.replace('\'', "'\\''");
+            let out = rig.sh(&format!(
+                "devshim run --state-dir /run/devshim -- python3 -c '{script}' {}",
+                guest_link()
+            ))?;
+            ensure!(
+                out.contains("dtr 0\nrts 0\ndtr 1\nrts 1\ndtr 0")
+                    && !out.contains("without line control"),
+                "pyserial under devshim run printed {out:?}"
+            );
+            // Each change reached the FT232, in order, between the open (both
+            // up) and the close (both down, HUPCL).
+            let mut now = ModemCtrl::default();
+            let mut steps = Vec::new();
+            for r in &rig.modem_ctrl()[seen..] {
+                now = levels(now, std::slice::from_ref(r));
+                if steps.last() != Some(&now) {
+                    steps.push(now);
+                }
+            }
+            let lv = |dtr, rts| ModemCtrl {
+                dtr: Some(dtr),
+                rts: Some(rts),
+            };
+            let want = [
+                lv(true, true),
+                lv(false, true),
+                lv(false, false),
+                lv(true, false),
+                lv(true, true),
+                lv(false, true),
+                lv(false, false),
+            ];
+            ensure!(
+                steps == want,
+                "the FT232's lines went {steps:?}, expected {want:?}"
+            );
+            Ok(())
+        },
+    );
+}

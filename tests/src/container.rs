@@ -577,7 +577,9 @@ impl BootOptions {
 /// The cgroup hierarchies a container's nspawn is started in: `(dirs to
 /// create, the cgroup2 dir holding cgroup.kill)`.
 fn cgroup_layout() -> Result<(Vec<PathBuf>, PathBuf)> {
-    let root = Path::new("/sys/fs/cgroup");
+    // Through /proc/self/root: a test under umockdev's preload (which
+    // sends /sys paths to its testbed) reaches the real cgroup tree too.
+    let root = Path::new("/proc/self/root/sys/fs/cgroup");
     if root.join("unified/cgroup.procs").exists() && root.join("systemd/cgroup.procs").exists() {
         // Hybrid (this machine): nspawn's own cgroup is the name=systemd one.
         Ok((
@@ -1021,6 +1023,9 @@ impl Container {
             cmd.arg("-U");
         }
         cmd.args(&opts.extra_args)
+            // A test under umockdev must not hand its preload to the container.
+            .env_remove("LD_PRELOAD")
+            .env_remove("UMOCKDEV_DIR")
             .env("TERM", "dumb")
             .env("SYSTEMD_COLORS", "0")
             .stdin(Stdio::null())
@@ -1153,7 +1158,9 @@ impl Container {
     /// namespace included for -U), its root and working directory.
     fn nsenter<I: IntoIterator<Item = S>, S: AsRef<std::ffi::OsStr>>(&self, argv: I) -> Command {
         let mut c = Command::new(find_program("nsenter").unwrap_or_else(|| "nsenter".into()));
-        c.arg("-t")
+        c.env_remove("LD_PRELOAD")
+            .env_remove("UMOCKDEV_DIR")
+            .arg("-t")
             .arg(self.leader.to_string())
             .arg("-a")
             .args(argv);
@@ -1273,5 +1280,76 @@ impl Drop for Container {
             drop(pipe);
             let _ = child.wait();
         }
+    }
+}
+
+/// One machine set up by `devbroker machine setup`, its tree, and the
+/// broker's world.
+pub struct Machine {
+    pub name: String,
+    /// Mounted while the machine lives.
+    _tree: TreeCopy,
+    link: PathBuf,
+    /// `/run/systemd/nspawn/NAME.nspawn`.
+    pub nspawn_file: PathBuf,
+}
+
+impl Machine {
+    /// Sets `name` up on a fresh [`TreeCopy`] for the broker of `w`.
+    pub fn setup(w: &crate::World, name: &str) -> Machine {
+        let tree = TreeCopy::new().expect("a container tree");
+        let link = PathBuf::from("/var/lib/machines").join(name);
+        std::fs::create_dir_all("/var/lib/machines").unwrap();
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(tree.path(), &link).unwrap();
+        let state = w.path(&format!("state-{name}"));
+        let (ok, out) = crate::devbroker_cli(&[
+            "machine",
+            "setup",
+            name,
+            "--tree",
+            tree.path().to_str().unwrap(),
+            "--nspawn-dir",
+            "/run/systemd/nspawn",
+            "--run-dir",
+            w.run.to_str().unwrap(),
+            "--state-dir",
+            state.to_str().unwrap(),
+            "--devshim",
+            crate::devshim().to_str().unwrap(),
+            "--config",
+            w.config.to_str().unwrap(),
+        ]);
+        assert!(ok, "setup failed: {out}");
+        let nspawn_file = PathBuf::from(format!("/run/systemd/nspawn/{name}.nspawn"));
+        let text = std::fs::read_to_string(&nspawn_file).unwrap();
+        assert!(
+            !text.contains("DeviceAllow") && !text.contains("Bind=/dev"),
+            "{text}"
+        );
+        Machine {
+            name: name.to_string(),
+            _tree: tree,
+            link,
+            nspawn_file,
+        }
+    }
+
+    /// Boots it (with `-U` if `private_users`), `extra_args` appended.
+    pub fn boot(&self, private_users: bool, extra_args: &[String]) -> Container {
+        Container::boot(BootOptions {
+            name: self.name.clone(),
+            directory: None,
+            private_users,
+            extra_args: extra_args.to_vec(),
+        })
+        .unwrap_or_else(|e| panic!("boot {}: {e:#}", self.name))
+    }
+}
+
+impl Drop for Machine {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.link);
+        let _ = std::fs::remove_file(&self.nspawn_file);
     }
 }

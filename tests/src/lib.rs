@@ -15,7 +15,9 @@ pub mod control;
 
 pub use devbroker::fakeboard::FakeBoard;
 pub mod container;
+pub mod esptool;
 pub mod static_devshim;
+pub mod stepped;
 pub mod umockdev;
 
 /// A binary of this workspace, next to the running test's directory.

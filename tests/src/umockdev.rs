@@ -44,8 +44,8 @@ pub const CHILD_ENV: &str = "DEVBROKER_UMOCKDEV_CHILD";
 /// The library the child runs under.
 pub const PRELOAD: &str = "libumockdev-preload.so.0";
 const LIBRARY: &str = "libumockdev.so.0";
-/// How long a child may take.
-const CHILD_LIMIT: Duration = Duration::from_secs(60);
+/// How long a child may take (a booted container and a flash included).
+const CHILD_LIMIT: Duration = Duration::from_secs(180);
 
 #[repr(C)]
 struct GError {
@@ -172,7 +172,7 @@ fn lib() -> Result<&'static Lib, String> {
 }
 
 /// The preload library's path, or why it can't be had.
-fn preload_path() -> Result<PathBuf, String> {
+pub fn preload_path() -> Result<PathBuf, String> {
     let l = lib()?;
     let beside = l.dir.join(PRELOAD);
     if beside.exists() {

@@ -2,10 +2,9 @@
 //! jobs inside use fake boards plugged on the host. Needs root,
 //! systemd-container and debootstrap (.ci/run installs them).
 
-use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use devbroker_tests::container::{self, BootOptions, Container, TreeCopy};
+use devbroker_tests::container::{self, Container, Machine};
 use devbroker_tests::*;
 
 const FTDI: &str = "usb-FTDI_FT232R_USB_UART_C0NTA1-if00-port0";
@@ -44,74 +43,6 @@ def pattern(n, seed):
         out[i] = (x >> 16) & 0xff
     return bytes(out)
 ";
-
-/// One machine set up by `devbroker machine setup`, its tree, and the
-/// broker's world.
-struct Machine {
-    name: String,
-    /// Mounted while the machine lives.
-    _tree: TreeCopy,
-    link: PathBuf,
-    nspawn_file: PathBuf,
-}
-
-impl Machine {
-    fn setup(w: &World, name: &str) -> Machine {
-        let tree = TreeCopy::new().expect("a container tree");
-        let link = PathBuf::from("/var/lib/machines").join(name);
-        std::fs::create_dir_all("/var/lib/machines").unwrap();
-        let _ = std::fs::remove_file(&link);
-        std::os::unix::fs::symlink(tree.path(), &link).unwrap();
-        let state = w.path(&format!("state-{name}"));
-        let (ok, out) = devbroker_cli(&[
-            "machine",
-            "setup",
-            name,
-            "--tree",
-            tree.path().to_str().unwrap(),
-            "--nspawn-dir",
-            "/run/systemd/nspawn",
-            "--run-dir",
-            w.run.to_str().unwrap(),
-            "--state-dir",
-            state.to_str().unwrap(),
-            "--devshim",
-            devshim().to_str().unwrap(),
-            "--config",
-            w.config.to_str().unwrap(),
-        ]);
-        assert!(ok, "setup failed: {out}");
-        let nspawn_file = PathBuf::from(format!("/run/systemd/nspawn/{name}.nspawn"));
-        let text = std::fs::read_to_string(&nspawn_file).unwrap();
-        assert!(
-            !text.contains("DeviceAllow") && !text.contains("Bind=/dev"),
-            "{text}"
-        );
-        Machine {
-            name: name.to_string(),
-            _tree: tree,
-            link,
-            nspawn_file,
-        }
-    }
-
-    fn boot(&self, private_users: bool) -> Container {
-        Container::boot(BootOptions {
-            name: self.name.clone(),
-            directory: None,
-            private_users,
-            extra_args: vec![],
-        })
-        .unwrap_or_else(|e| panic!("boot {}: {e:#}", self.name))
-    }
-}
-
-impl Drop for Machine {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.link);
-        let _ = std::fs::remove_file(&self.nspawn_file);
-    }
-}
 
 fn config(machines: &[&str], allowed: &str) -> String {
     let mut c = format!(
@@ -205,7 +136,7 @@ fn job_on_a_booted_container(private_users: bool) {
     let w = World::new(&config(&[&name], &name));
     let m = Machine::setup(&w, &name);
     let _broker = w.broker();
-    let c = m.boot(private_users);
+    let c = m.boot(private_users, &[]);
     assert!(
         c.unit_active("devshim.service"),
         "devshim.service is not running:\n{}",
@@ -277,8 +208,8 @@ fn a_machine_not_allowed_gets_no_socket_and_no_link() {
     let mb = Machine::setup(&w, &b);
     let _broker = w.broker();
     let _board = w.plug(FTDI);
-    let ca = ma.boot(false);
-    let cb = mb.boot(false);
+    let ca = ma.boot(false, &[]);
+    let cb = mb.boot(false, &[]);
     let link = format!("/dev/serial/by-id/{FTDI}");
     wait_inside(&ca, &link, true, Duration::from_secs(2));
     std::thread::sleep(Duration::from_millis(300));

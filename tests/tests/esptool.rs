@@ -7,16 +7,16 @@
 //! the flash ID all go through the broker and devshim.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+use devbroker_tests::esptool;
 use devbroker_tests::*;
 
 /// The esptool the test runs, pinned so the protocol it speaks is known.
-const ESPTOOL_VERSION: &str = "4.8.1";
+const ESPTOOL_VERSION: &str = esptool::V4;
 const FTDI: &str = "usb-FTDI_FT232R_USB_UART_E5P32A-if00-port0";
 const MAC: &str = "24:0a:c4:12:34:56";
 const S: Duration = Duration::from_secs(1);
@@ -33,147 +33,10 @@ name = "console"
 match = { by-id = "usb-FTDI_FT232R_USB_UART_E5P32A-if00-port0" }
 "#;
 
-/// Runs `cmd`; on failure, says why with the last lines of its output.
-fn run(cmd: &mut Command, what: &str) -> Result<(), String> {
-    let out = cmd
-        .stdin(Stdio::null())
-        .output()
-        .map_err(|e| format!("{what}: {e}"))?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let text =
-        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr);
-    let tail: Vec<&str> = text.lines().rev().take(5).collect();
-    let tail: Vec<&str> = tail.into_iter().rev().collect();
-    Err(format!(
-        "{what} failed ({}): {}",
-        out.status,
-        tail.join(" | ")
-    ))
-}
-
-/// True when `venv`'s python imports esptool at the pinned version.
-fn venv_works(venv: &Path) -> bool {
-    Command::new(venv.join("bin/python"))
-        .args([
-            "-c",
-            &format!("import esptool, sys; sys.exit(esptool.__version__ != {ESPTOOL_VERSION:?})"),
-        ])
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
-/// A venv with esptool ESPTOOL_VERSION, made once per machine under the
-/// test cache (`$DEVBROKER_TEST_CACHE` or /var/cache/devbroker-tests, else
-/// the temp dir when that is not writable), under a file lock, built in a
-/// temp dir and renamed into place. Run it as `VENV/bin/python -m esptool`:
-/// the venv's scripts name the temp dir in their `#!` line, its python finds
-/// the venv by its own location.
-fn esptool_venv() -> Result<PathBuf, String> {
-    let mut cache = container::cache_dir();
-    if std::fs::create_dir_all(&cache).is_err()
-        || nix::unistd::access(&cache, nix::unistd::AccessFlags::W_OK).is_err()
-    {
-        cache = std::env::temp_dir().join("devbroker-tests");
-        std::fs::create_dir_all(&cache)
-            .map_err(|e| format!("creating {}: {e}", cache.display()))?;
-    }
-    let venv = cache.join(format!("esptool-venv-{ESPTOOL_VERSION}"));
-    if venv_works(&venv) {
-        return Ok(venv);
-    }
-    let _lock =
-        container::FileLock::exclusive(&cache.join(format!("esptool-venv-{ESPTOOL_VERSION}.lock")))
-            .map_err(|e| format!("{e:#}"))?;
-    if venv_works(&venv) {
-        return Ok(venv);
-    }
-    let tmp = tempfile::Builder::new()
-        .prefix(&format!(".esptool-venv-{ESPTOOL_VERSION}-"))
-        .tempdir_in(&cache)
-        .map_err(|e| format!("temp dir in {}: {e}", cache.display()))?;
-    let build = tmp.path().join("venv");
-    run(
-        Command::new("/usr/bin/python3")
-            .args(["-m", "venv"])
-            .arg(&build),
-        "/usr/bin/python3 -m venv (apt-get install python3-venv)",
-    )?;
-    run(
-        Command::new(build.join("bin/python"))
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--disable-pip-version-check",
-                "--no-input",
-                "--retries",
-                "1",
-                "--timeout",
-                "15",
-                &format!("esptool=={ESPTOOL_VERSION}"),
-            ])
-            .env("PIP_NO_INPUT", "1"),
-        &format!("pip install esptool=={ESPTOOL_VERSION}"),
-    )?;
-    if !venv_works(&build) {
-        return Err(format!(
-            "esptool {ESPTOOL_VERSION} does not import in {}",
-            build.display()
-        ));
-    }
-    // A broken leftover (the check above failed) makes way for the new one.
-    let _ = std::fs::remove_dir_all(&venv);
-    std::fs::rename(&build, &venv).map_err(|e| format!("renaming into {}: {e}", venv.display()))?;
-    if !venv_works(&venv) {
-        return Err(format!(
-            "esptool does not import from {} after the rename",
-            venv.display()
-        ));
-    }
-    Ok(venv)
-}
-
-/// The responder, with the board side of `board` as its fd 3.
-fn responder(w: &World, board: &FakeBoard, log: &Path) -> Proc {
-    use std::os::unix::process::CommandExt;
-    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("esp_rom_responder.py");
-    let fd = board.master_fd();
-    let mut cmd = Command::new("/usr/bin/python3");
-    cmd.arg(&script)
-        .arg(log)
-        .arg(MAC)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(std::fs::File::create(w.path("responder-stderr.log")).unwrap())
-        .die_with_parent();
-    // SAFETY: dup2 and fcntl are async-signal-safe.
-    unsafe {
-        cmd.pre_exec(move || {
-            if fd == 3 {
-                // dup2(3, 3) would leave close-on-exec set.
-                if libc::fcntl(3, libc::F_SETFD, 0) == -1 {
-                    return Err(std::io::Error::last_os_error());
-                }
-            } else if libc::dup2(fd, 3) == -1 {
-                return Err(std::io::Error::last_os_error());
-            }
-            Ok(())
-        });
-    }
-    Proc {
-        child: cmd.spawn().unwrap(),
-        name: "esp_rom_responder".into(),
-    }
-}
-
 #[test]
 fn esptool_read_mac_at_460800_through_the_endpoint() {
     let t0 = Instant::now();
-    let venv = match esptool_venv() {
+    let venv = match esptool::venv(ESPTOOL_VERSION) {
         Ok(v) => v,
         Err(e) => {
             skip(&format!("esptool can't be installed here: {e}"));
@@ -195,7 +58,13 @@ fn esptool_read_mac_at_460800_through_the_endpoint() {
     let port = w.endpoint_port("ci1", &link);
 
     let resp_log = w.path("responder.log");
-    let _responder = responder(&w, &board, &resp_log);
+    let _responder = esptool::responder(
+        board.master_fd(),
+        None,
+        MAC,
+        &resp_log,
+        &w.path("responder-stderr.log"),
+    );
     let said = || std::fs::read_to_string(&resp_log).unwrap_or_default();
     wait_for(10 * S, "the responder to start", || {
         said().contains("ready")

@@ -8,10 +8,9 @@
 //! A pty (tier 1) can't show any of these; here a control the broker drops
 //! or answers without applying fails the test.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use devbroker_tests::stepped::Stepped as Py;
 use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog};
 use devbroker_tests::*;
 use wire::rfc2217::parity;
@@ -64,51 +63,6 @@ s.close()
 step("closed")
 "#;
 
-/// A python3 script driven step by step: it prints a line at each step and
-/// waits for a newline on stdin before going on.
-struct Py {
-    child: Child,
-    out: BufReader<ChildStdout>,
-    stdin: ChildStdin,
-}
-
-impl Py {
-    fn start(script: &str, args: &[&str], log: &std::path::Path) -> Py {
-        let mut child = Command::new("/usr/bin/python3")
-            .args(["-c", script])
-            .args(args)
-            // pyserial needs no emulated devices.
-            .env_remove("LD_PRELOAD")
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(std::fs::File::create(log).unwrap())
-            .die_with_parent()
-            .spawn()
-            .expect("python3 with python3-serial");
-        Py {
-            out: BufReader::new(child.stdout.take().unwrap()),
-            stdin: child.stdin.take().unwrap(),
-            child,
-        }
-    }
-
-    /// The script's next line, or `None` when it ended.
-    fn next(&mut self) -> Option<String> {
-        let mut line = String::new();
-        self.out.read_line(&mut line).unwrap();
-        if line.is_empty() {
-            let _ = self.child.wait();
-            return None;
-        }
-        Some(line.trim_end().to_string())
-    }
-
-    /// Lets the script go on to its next step.
-    fn go(&mut self) {
-        writeln!(self.stdin).unwrap();
-    }
-}
-
 #[test]
 fn pyserial_line_controls_reach_the_adapter() {
     let tb = umockdev::testbed!();
@@ -128,7 +82,7 @@ fn pyserial_line_controls_reach_the_adapter() {
     );
 
     let log = w.path("pyserial.log");
-    let mut py = Py::start(FLASHER, &[&url], &log);
+    let mut py = Py::python(FLASHER, &[&url], &log);
     let why = |line: &SerialLog| {
         format!(
             "the emulated line:\n{line:?}\npyserial:\n{}\n{}",
@@ -137,7 +91,7 @@ fn pyserial_line_controls_reach_the_adapter() {
         )
     };
     let expect = |py: &mut Py, want: &str, line: &SerialLog| {
-        let got = py.next();
+        let got = py.line();
         assert_eq!(got.as_deref(), Some(want), "{}", why(line));
     };
     // Waits up to a second for the line to show `ok`.

@@ -255,6 +255,12 @@ pub struct TtyStatus {
     pub bytes_to_board: u64,
     /// Bytes read from the board since the broker started.
     pub bytes_from_board: u64,
+    /// DTR and RTS on the port, while a session has it open and the device
+    /// has modem lines.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtr: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rts: Option<bool>,
 }
 
 /// Who has a tty open through the broker.

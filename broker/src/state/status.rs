@@ -2,6 +2,7 @@
 //! The admin sees everything; a machine or host user sees only the boards
 //! it may use, and of their leases and queues only what concerns itself.
 
+use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -74,6 +75,12 @@ impl Shared {
                 .map(|t| {
                     let st = inner.tty(&b.name, &t.name);
                     let adapter = st.adapter();
+                    // DTR and RTS as the port has them, while a session has it open.
+                    let lines = st
+                        .session
+                        .as_ref()
+                        .and_then(|s| s.fd.as_ref())
+                        .and_then(|fd| crate::port::modem_outputs(fd.as_raw_fd()));
                     TtyStatus {
                         name: t.name.clone(),
                         present: adapter.is_some(),
@@ -86,6 +93,8 @@ impl Shared {
                         }),
                         bytes_to_board: st.counters.to_board.load(Ordering::Relaxed),
                         bytes_from_board: st.counters.from_board.load(Ordering::Relaxed),
+                        dtr: lines.map(|l| l.0),
+                        rts: lines.map(|l| l.1),
                     }
                 })
                 .collect();

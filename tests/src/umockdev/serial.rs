@@ -198,6 +198,9 @@ pub enum LineEvent {
 #[derive(Debug, Default)]
 struct State {
     modem: c_int,
+    /// Where each change of DTR/RTS is told, as the line
+    /// `MONOTONIC_NS DTR RTS` (0 or 1 each): a board's reset circuit.
+    edges: Option<std::fs::File>,
     /// `CSIZE` and `PARENB` as last set.
     kept_cflag: Option<libc::tcflag_t>,
     events: Vec<(Instant, LineEvent)>,
@@ -213,9 +216,49 @@ pub struct SerialLog {
     state: Arc<Mutex<State>>,
 }
 
+impl State {
+    /// Records new modem bits; a change of DTR or RTS is told to `edges`.
+    fn set_modem(&mut self, bits: c_int) {
+        let before = self.modem & OUTPUTS;
+        self.modem = bits;
+        if bits & OUTPUTS != before {
+            if let Some(f) = self.edges.as_mut() {
+                use std::io::Write;
+                let mut ts = libc::timespec {
+                    tv_sec: 0,
+                    tv_nsec: 0,
+                };
+                // SAFETY: writes one timespec.
+                unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+                let ns = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+                let _ = writeln!(
+                    f,
+                    "{ns} {} {}",
+                    u8::from(bits & libc::TIOCM_DTR != 0),
+                    u8::from(bits & libc::TIOCM_RTS != 0)
+                );
+            }
+        }
+    }
+}
+
 impl SerialLog {
     fn with<T>(&self, f: impl FnOnce(&State) -> T) -> T {
         f(&self.state.lock().unwrap())
+    }
+
+    /// Tells every change of DTR/RTS from now on to `to` (the write end of
+    /// a pipe), one line each: `CLOCK_MONOTONIC nanoseconds, DTR, RTS`.
+    /// A board emulator reads them as its reset circuit would see the lines.
+    pub fn tell_edges(&self, to: std::os::fd::OwnedFd) {
+        self.state.lock().unwrap().edges = Some(std::fs::File::from(to));
+    }
+
+    /// Sets the adapter's inputs (`TIOCM_CTS`, `TIOCM_DSR`, `TIOCM_RI`,
+    /// `TIOCM_CD`), as the board drives them.
+    pub fn set_inputs(&self, bits: c_int) {
+        let mut s = self.state.lock().unwrap();
+        s.modem = (s.modem & OUTPUTS) | (bits & !OUTPUTS);
     }
 
     /// The modem bits now (`TIOCM_*`).
@@ -374,7 +417,8 @@ unsafe extern "C" fn client_connected(_base: *mut c_void, client: *mut c_void, d
             .into_owned()
     };
     let mut s = h.state.lock().unwrap();
-    s.modem |= OUTPUTS;
+    let bits = s.modem | OUTPUTS;
+    s.set_modem(bits);
     s.events.push((Instant::now(), LineEvent::Opened(path)));
 }
 
@@ -526,12 +570,12 @@ fn serve(call: &Call, req: c_ulong, state: &Mutex<State>) -> Result<(c_long, c_i
         libc::TIOCMSET | libc::TIOCMBIS | libc::TIOCMBIC => {
             let arg = int_arg(&call.pointee(4)?)? & OUTPUTS;
             let mut s = state.lock().unwrap();
-            s.modem = match req {
+            let bits = match req {
                 libc::TIOCMSET => (s.modem & !OUTPUTS) | arg,
                 libc::TIOCMBIS => s.modem | arg,
                 _ => s.modem & !arg,
             };
-            let bits = s.modem;
+            s.set_modem(bits);
             s.events.push((now(), LineEvent::Modem(bits)));
             Ok((0, 0))
         }
