@@ -299,6 +299,15 @@ async fn broker_back(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch) -> io::Re
     }
 }
 
+/// Whether a socket's pending error is `ECONNRESET` (reading `SO_ERROR`
+/// clears it).
+fn reset_pending(fd: std::os::fd::RawFd) -> bool {
+    // SAFETY: the session's socket is open while the session runs.
+    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SocketError)
+        .is_ok_and(|e| e == libc::ECONNRESET)
+}
+
 fn send(cmd: Command, out: &mut Vec<u8>) {
     cmd.encode(Direction::ClientToServer, out);
 }
@@ -334,6 +343,14 @@ async fn session(
     }
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
     let closing = AtomicBool::new(false);
+    // The kernel resets a unix socket (`ECONNRESET`) whose peer went away
+    // with bytes it had not read: a broker killed before reading what the
+    // tool wrote. Seen on a read, or (after a failed write) in `SO_ERROR`.
+    let lost = AtomicBool::new(false);
+    let wr_fd = {
+        use std::os::fd::AsRawFd;
+        wr.as_ref().as_raw_fd()
+    };
     let fences = Fences::default();
 
     let up = async {
@@ -404,6 +421,9 @@ async fn session(
             }
             if !out.is_empty() {
                 if let Err(e) = wr.write_all(&out).await {
+                    if reset_pending(wr_fd) {
+                        lost.store(true, Ordering::Relaxed);
+                    }
                     return Ok(End::BrokerClosed(format!("broker socket: {e}")));
                 }
             }
@@ -435,7 +455,12 @@ async fn session(
                 _ = fences.added.notified(), if !readable => continue,
                 r = rd.read(&mut buf), if readable => match r {
                     Ok(n) => n,
-                    Err(e) => return Ok(End::BrokerClosed(format!("broker socket: {e}"))),
+                    Err(e) => {
+                        if e.kind() == io::ErrorKind::ConnectionReset {
+                            lost.store(true, Ordering::Relaxed);
+                        }
+                        return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                    }
                 },
             };
             if n == 0 {
@@ -506,6 +531,17 @@ async fn session(
         r = &mut up => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
         r = &mut down => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
         _ = cancel.cancelled() => End::Cancelled,
+    };
+    // Bytes the tool wrote that the broker never read went with it: the
+    // tool must not go on as if they reached the board, so it is hung up
+    // (it reads EIO) instead of kept for the broker's return.
+    let end = match end {
+        End::BrokerClosed(why) if lost.load(Ordering::Relaxed) || reset_pending(wr_fd) => {
+            End::Hangup(format!(
+                "{why}; the broker went away before reading what the tool wrote last, so the tool is told"
+            ))
+        }
+        other => other,
     };
     if let End::ToolClosed = end {
         // Let the broker close the port before another session may start.

@@ -49,11 +49,18 @@ fn hold_link(rig: &mut Rig) -> Result<Duration> {
         "( exec 3<>{}; exec sleep 600 ) >/tmp/holder.log 2>&1 &\necho $! >/tmp/holder.pid",
         guest_link()
     ))?;
-    rig.wait_baud(
+    let took = rig.wait_baud(
         RATE,
         Duration::from_secs(30),
         "opening devshim's pty should start a session at the config's rate",
-    )
+    )?;
+    // The session is set up once the broker applied what devshim sends at
+    // its start (the tool's settings, then DTR and RTS raised): only then
+    // is a later change of the lines the last word.
+    rig.sh(
+        "for i in $(seq 300); do grep -q 'SET-CONTROL RTS on applied' /tmp/devbroker.log && exit 0; sleep 0.1; done; echo 'no RTS on from the session start' >&2; exit 1",
+    )?;
+    Ok(took)
 }
 
 #[test]

@@ -514,9 +514,15 @@ fn sighup_reloads_the_config_and_keeps_unchanged_sessions() {
     };
     let bytes_flow = |tag: &[u8]| {
         tool.write_all(tag).unwrap();
-        assert_eq!(read_exact_timeout(board.master_fd(), tag.len(), 5 * S).unwrap(), tag);
+        assert_eq!(
+            read_exact_timeout(board.master_fd(), tag.len(), 5 * S).unwrap(),
+            tag
+        );
         write_all_fd(board.master_fd(), tag).unwrap();
-        assert_eq!(read_exact_timeout(tool.fd.as_raw_fd(), tag.len(), 5 * S).unwrap(), tag);
+        assert_eq!(
+            read_exact_timeout(tool.fd.as_raw_fd(), tag.len(), 5 * S).unwrap(),
+            tag
+        );
     };
     bytes_flow(b"before");
 
@@ -553,4 +559,40 @@ fn sighup_reloads_the_config_and_keeps_unchanged_sessions() {
     });
     bytes_flow(b"after removing b2");
     drop(b2);
+}
+
+/// A broker killed before it read what the tool wrote took those bytes with
+/// it: the tool must see an error (EIO), not go on as if they reached the
+/// board. (A broker that read everything is bridged as always: see
+/// `broker_sigkill_and_restart_the_tool_keeps_its_pty_and_line`.)
+#[test]
+fn bytes_a_killed_broker_never_read_are_not_lost_silently() {
+    let w = World::new(CONFIG);
+    let (board, mut broker, _s, link) = attached(&w);
+    let tool = Tool::open(&link).unwrap();
+    ping(&tool, &board, &w);
+    // The broker stops reading; the tool writes on.
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(broker.pid()),
+        nix::sys::signal::Signal::SIGSTOP,
+    )
+    .unwrap();
+    tool.write_all(&random_bytes(5200, 13)).unwrap();
+    // devshim takes them from the pty into the broker's socket.
+    wait_for(5 * S, "devshim to take the tool's bytes", || {
+        let mut queued: libc::c_int = 0;
+        // SAFETY: TIOCOUTQ writes one int.
+        unsafe { libc::ioctl(tool.fd.as_raw_fd(), libc::TIOCOUTQ, &mut queued) };
+        queued == 0
+    });
+    tool.eio_after(
+        5 * S,
+        "the broker died with the tool's bytes unread",
+        || {
+            broker.kill9();
+        },
+    );
+    let _broker = w.broker();
+    let got = read_timeout(board.master_fd(), &mut [0u8; 8192], S).unwrap();
+    assert_eq!(got, None, "nothing of it reached the board");
 }
