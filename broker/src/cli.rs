@@ -44,6 +44,12 @@ pub enum Cmd {
         #[arg(long)]
         json: bool,
     },
+    /// Reload the running broker's config (what `systemctl reload` runs):
+    /// returns once it is in force, or prints why it was refused.
+    Reload {
+        #[arg(long, default_value = DEFAULT_RUN_DIR)]
+        run_dir: PathBuf,
+    },
     /// Print what a board's console sent (its capture ring); --follow keeps printing.
     Log {
         board: String,

@@ -343,6 +343,28 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
             Err(refusal) => Handled::Now(refusal.into()),
         };
     }
+    if let Request::Reload {} = req {
+        if !c.greeted {
+            return Handled::Now(Reply::error(ErrorCode::BadRequest, "send hello first"));
+        }
+        if c.client.is_some() {
+            return Handled::Now(Reply::error(
+                ErrorCode::NotAvailable,
+                "reloading the config is the admin's (RUN/broker.sock)",
+            ));
+        }
+        let shared = shared.clone();
+        return Handled::Run(Box::pin(async move {
+            match shared.reload().await {
+                Ok(r) => Reply::Reloaded {
+                    added: r.added,
+                    removed: r.removed,
+                    changed: r.changed,
+                },
+                Err(why) => Reply::error(ErrorCode::BadRequest, why),
+            }
+        }));
+    }
     Handled::Now(handle_now(req, c, shared))
 }
 
@@ -487,7 +509,7 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
             Ok(()) => Reply::Released { board },
             Err(refusal) => refusal.into(),
         },
-        Request::Run { .. } => unreachable!("handled before"),
+        Request::Run { .. } | Request::Reload {} => unreachable!("handled before"),
         Request::Log { board, follow } => match shared.log(c.client.as_ref(), &board) {
             Ok((ring, f)) => {
                 if follow {

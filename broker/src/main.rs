@@ -100,6 +100,27 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             );
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Reload { run_dir } => {
+            match status::ask(
+                &run_dir.join(server::ADMIN_SOCKET),
+                &wire::control::Request::Reload {},
+            )? {
+                wire::control::Reply::Reloaded {
+                    added,
+                    removed,
+                    changed,
+                } => {
+                    println!(
+                        "reloaded: {} boards added, {} removed, {} changed",
+                        added.len(),
+                        removed.len(),
+                        changed.len()
+                    );
+                    Ok(ExitCode::SUCCESS)
+                }
+                other => anyhow::bail!("unexpected reply: {other:?}"),
+            }
+        }
         Cmd::Machine { cmd } => devbroker::machine::command::run(cmd).map(ExitCode::from),
         Cmd::Log {
             board,

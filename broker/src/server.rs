@@ -27,7 +27,7 @@ use crate::reconcile::{self, Away};
 use crate::rundir::{Place, RunDir};
 use crate::session;
 use crate::source::{Source, SourceEvent};
-use crate::state::Shared;
+use crate::state::{Reconfigured, Shared};
 use crate::throttle::Throttle;
 
 /// Default run directory.
@@ -300,7 +300,7 @@ impl Server {
     /// refused, its problems logged, and the running one kept. Otherwise
     /// boards added, removed or changed take effect — sessions on boards
     /// that did not change go on — and machines come and go.
-    fn reload(&mut self, path: &std::path::Path) {
+    fn reload(&mut self, path: &std::path::Path) -> Result<Reconfigured, String> {
         crate::notify::reloading();
         let new = match crate::config::load(path) {
             Ok(c) => c,
@@ -308,15 +308,19 @@ impl Server {
                 for p in &problems.0 {
                     error!("{p}");
                 }
-                error!(
-                    "reload refused: {} has {} problems (above); still running with the config loaded before",
+                let why = format!(
+                    "reload refused: {} has {} problems; still running with the config loaded before",
                     path.display(),
                     problems.0.len()
                 );
+                error!("{why} (above)");
                 crate::notify::ready(&self.shared);
-                return;
+                return Err(format!("{why}:\n{problems}"));
             }
         };
+        for w in crate::config::warnings(&new) {
+            warn!("{w}");
+        }
         let before = plan::machines(&self.config);
         let after = plan::machines(&new);
         let r = self.shared.reconfigure(new.clone());
@@ -344,6 +348,7 @@ impl Server {
         );
         self.reconcile();
         crate::notify::ready(&self.shared);
+        Ok(r)
     }
 }
 
@@ -357,12 +362,14 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mut hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())?;
+    let (reload_tx, mut reloads) = tokio::sync::mpsc::channel(1);
     for w in crate::config::warnings(&config) {
         warn!("{w}");
     }
     let machines = plan::machines(&config);
     let dir = Arc::new(RunDir::prepare(&opts.run_dir, &BTreeSet::new())?);
     let shared = Shared::new(config.clone());
+    shared.set_reloader(reload_tx);
     let mut server = Server {
         config,
         dir,
@@ -403,9 +410,20 @@ pub async fn run(
             }
             _ = hangup.recv() => {
                 match &opts.config {
-                    Some(path) => server.reload(path),
+                    Some(path) => {
+                        let _ = server.reload(path);
+                    }
                     None => warn!("SIGHUP: this broker has no config file to reload"),
                 }
+                continue;
+            }
+            // `devbroker reload` (systemctl reload), on the admin socket.
+            Some(ask) = reloads.recv() => {
+                let r = match &opts.config {
+                    Some(path) => server.reload(path),
+                    None => Err("this broker has no config file to reload".into()),
+                };
+                let _ = ask.send(r);
                 continue;
             }
             ev = stream.next() => match ev {

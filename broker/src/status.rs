@@ -42,7 +42,8 @@ fn read_reply(r: &mut BufReader<UnixStream>) -> anyhow::Result<Reply> {
 /// Sends `hello` and one request on a control socket and returns the reply.
 pub fn ask(socket: &Path, req: &Request) -> anyhow::Result<Reply> {
     let (mut w, mut r) = connect(socket)?;
-    r.get_ref().set_read_timeout(Some(Duration::from_secs(5)))?;
+    r.get_ref()
+        .set_read_timeout(Some(Duration::from_secs(30)))?;
     read_reply(&mut r)?;
     w.write_all(&request_line(req))?;
     read_reply(&mut r)

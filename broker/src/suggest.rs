@@ -322,7 +322,7 @@ fn quote(s: &str) -> String {
     toml::Value::String(s.to_string()).to_string()
 }
 
-/// A match as an inline TOML table, keys in the README's order.
+/// A match as an inline TOML table, keys in the order docs/admin.md gives them.
 pub fn match_toml(m: &Match) -> String {
     let mut parts = Vec::new();
     if let Some(u) = &m.usb {

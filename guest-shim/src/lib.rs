@@ -8,6 +8,7 @@
 //! size, which a pty can't carry.
 
 pub mod bpf;
+pub mod cli;
 pub mod ctl;
 pub mod endpoint;
 pub mod lease;

@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 /// Name of the state file in the state directory.
 pub const FILE: &str = "ports.json";
 /// The default state directory.
-pub const DEFAULT_DIR: &str = "/run/devshim";
+pub const DEFAULT_DIR: &str = crate::cli::DEFAULT_STATE_DIR;
 /// Format version this build writes and reads.
 pub const VERSION: u32 = 1;
 

@@ -20,4 +20,3 @@ pub fn lookup(root: &Path, want: &str) -> Result<User, String> {
         )
     })
 }
-

@@ -148,7 +148,10 @@ fn job_on_a_booted_container(private_users: bool) {
     // Not even the container's root writes in the broker's directory: with
     // -U it isn't the owner, without it the bind is read-only.
     let wrote = c.exec(&["touch", "/run/devbroker/planted"]).unwrap();
-    assert!(!wrote.status.success(), "the container's root wrote in /run/devbroker");
+    assert!(
+        !wrote.status.success(),
+        "the container's root wrote in /run/devbroker"
+    );
 
     // Plugged while the container runs: appears inside within 1 s.
     let board = w.plug(FTDI);

@@ -30,11 +30,17 @@ impl Sentinels {
             .unwrap();
         let s = Sentinels { dir };
         std::fs::write(s.file(), "root:x:0:0:host secret\n").unwrap();
-        std::fs::set_permissions(s.file(), std::os::unix::fs::PermissionsExt::from_mode(0o600))
-            .unwrap();
+        std::fs::set_permissions(
+            s.file(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o600),
+        )
+        .unwrap();
         std::fs::create_dir(s.subdir()).unwrap();
-        std::fs::set_permissions(s.subdir(), std::os::unix::fs::PermissionsExt::from_mode(0o700))
-            .unwrap();
+        std::fs::set_permissions(
+            s.subdir(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o700),
+        )
+        .unwrap();
         std::fs::write(s.subdir().join("keep"), "host data\n").unwrap();
         s
     }
@@ -60,7 +66,13 @@ impl Sentinels {
             };
             out.insert(
                 p.display().to_string(),
-                format!("{} {}:{} {:o} {content}", kind(&m), m.uid(), m.gid(), m.mode()),
+                format!(
+                    "{} {}:{} {:o} {content}",
+                    kind(&m),
+                    m.uid(),
+                    m.gid(),
+                    m.mode()
+                ),
             );
             if m.is_dir() {
                 for e in std::fs::read_dir(p).unwrap() {
@@ -84,8 +96,9 @@ fn kind(m: &std::fs::Metadata) -> &'static str {
 }
 
 fn fnv(b: &[u8]) -> u64 {
-    b.iter()
-        .fold(0xcbf29ce484222325u64, |h, x| (h ^ *x as u64).wrapping_mul(0x100000001b3))
+    b.iter().fold(0xcbf29ce484222325u64, |h, x| {
+        (h ^ *x as u64).wrapping_mul(0x100000001b3)
+    })
 }
 
 fn sh(c: &Container, script: &str) -> (bool, String) {
@@ -166,7 +179,12 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
         ),
     );
     assert!(ok, "{out}");
-    for r in ["refused-link", "refused-fifo", "refused-sock", "refused-file"] {
+    for r in [
+        "refused-link",
+        "refused-fifo",
+        "refused-sock",
+        "refused-file",
+    ] {
         assert!(out.contains(r), "{r}: {out}");
     }
 
@@ -217,8 +235,15 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
         // The admin runs setup again (an upgrade, say): refused, naming
         // what is in the way, and nothing of the host touched.
         let out = setup(false, plant);
-        assert!(out.contains(named), "the refusal for `{plant}` names {named}: {out}");
-        assert_eq!(before, sentinels.snapshot(), "a host file changed after `{plant}`");
+        assert!(
+            out.contains(named),
+            "the refusal for `{plant}` names {named}: {out}"
+        );
+        assert_eq!(
+            before,
+            sentinels.snapshot(),
+            "a host file changed after `{plant}`"
+        );
     }
     let (ok, out) = sh(&c, &format!("{reset}\necho reset"));
     assert!(ok, "{out}");
@@ -248,7 +273,11 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     eprintln!("check --fix: {out}");
     let (_, out) = devbroker_cli(&["machine", "remove", &name, "--state-dir", &state_s]);
     eprintln!("remove: {out}");
-    assert_eq!(before, sentinels.snapshot(), "a host file changed in check --fix or remove");
+    assert_eq!(
+        before,
+        sentinels.snapshot(),
+        "a host file changed in check --fix or remove"
+    );
 
     // Leases move the shared board between machines while the container's
     // root keeps trying to swap links into its directory.

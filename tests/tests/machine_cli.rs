@@ -166,7 +166,10 @@ fn a_writable_bind_from_an_earlier_setup_becomes_read_only() {
     let now = fs::read_to_string(h.p("nspawn/ci-old.nspawn")).unwrap();
     assert!(now.contains(&format!("BindReadOnly={bind}")), "{now}");
     assert!(!now.contains(&format!("\nBind={bind}")), "{now}");
-    assert!(now.contains("Bind=/srv/ccache"), "the admin's own bind stays: {now}");
+    assert!(
+        now.contains("Bind=/srv/ccache"),
+        "the admin's own bind stays: {now}"
+    );
     let (ok, out) = h.run("ci-old", &[]);
     assert!(ok && out.contains("already set up"), "{out}");
     let (ok, out) = devbroker_cli(&[
@@ -177,7 +180,10 @@ fn a_writable_bind_from_an_earlier_setup_becomes_read_only() {
         h.p("state").to_str().unwrap(),
     ]);
     assert!(ok, "{out}");
-    assert_eq!(fs::read_to_string(h.p("nspawn/ci-old.nspawn")).unwrap(), old);
+    assert_eq!(
+        fs::read_to_string(h.p("nspawn/ci-old.nspawn")).unwrap(),
+        old
+    );
 }
 
 #[test]

@@ -32,6 +32,10 @@ pub enum Request {
         #[serde(default)]
         wait_ms: Option<u64>,
     },
+    /// Reloads the broker's config (the admin's socket only), as SIGHUP
+    /// does; the reply comes once the new config is in force, or says why
+    /// it was refused.
+    Reload {},
     /// Gives a leased board back (closing the connection does too).
     Release { board: String },
     /// What a board's console printed (the ring); with `follow`, then each
@@ -75,6 +79,12 @@ pub enum Reply {
     Granted(Granted),
     Released {
         board: String,
+    },
+    /// A reload took effect: the boards it added, removed and changed.
+    Reloaded {
+        added: Vec<String>,
+        removed: Vec<String>,
+        changed: Vec<String>,
     },
     /// Console output (lossy UTF-8).
     Log {

@@ -235,7 +235,7 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         )
     })?;
     if !is_static_elf(&shim) {
-        bail!("{} is not a static executable; containers need the static devshim (see README, \"Building devshim\")", opts.devshim.display());
+        bail!("{} is not a static executable; containers need the static devshim (see docs/admin.md, \"Building devshim\"; the Debian package installs it as /usr/bin/devshim)", opts.devshim.display());
     }
     let n = pick_subnet(tree, &opts.machines_dir)?;
     let t = |p: &str| opts.tree.join(p.trim_start_matches('/'));

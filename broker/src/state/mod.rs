@@ -123,7 +123,12 @@ pub struct Shared {
     /// Woken when sessions, leases or adapters change, for the status line
     /// systemd shows ([`crate::notify`]).
     pub activity: Arc<Notify>,
+    /// Asks the server loop to reload the config (`devbroker reload`).
+    reloader: Arc<Mutex<Option<mpsc::Sender<ReloadAsk>>>>,
 }
+
+/// A reload asked for over the admin socket, and where its outcome goes.
+pub type ReloadAsk = tokio::sync::oneshot::Sender<Result<Reconfigured, String>>;
 
 /// What a reload changed, by board name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -178,7 +183,26 @@ impl Shared {
             inner: Arc::new(Mutex::new(inner)),
             changed: Arc::new(Notify::new()),
             activity: Arc::new(Notify::new()),
+            reloader: Arc::default(),
         }
+    }
+
+    /// Where reloads asked over the admin socket go (the server loop).
+    pub fn set_reloader(&self, tx: mpsc::Sender<ReloadAsk>) {
+        *self.reloader.lock().unwrap() = Some(tx);
+    }
+
+    /// Reloads the config, as SIGHUP does; the outcome once it is done.
+    pub async fn reload(&self) -> Result<Reconfigured, String> {
+        let tx = self
+            .reloader
+            .lock()
+            .unwrap()
+            .clone()
+            .ok_or("this broker can't reload")?;
+        let (ask, outcome) = tokio::sync::oneshot::channel();
+        tx.send(ask).await.map_err(|_| "the broker is stopping")?;
+        outcome.await.map_err(|_| "the broker is stopping")?
     }
 
     /// Takes a new config (a reload). A board whose entry is the same keeps

@@ -13,8 +13,14 @@ use devbroker_tests::{wait_for, DieWithParent, FakeBoard};
 use serde_json::json;
 
 fn main() {
-    let runs: usize = std::env::var("BENCH_RUNS").ok().and_then(|v| v.parse().ok()).unwrap_or(200);
-    let dir = tempfile::Builder::new().prefix("sequence-bench-").tempdir().unwrap();
+    let runs: usize = std::env::var("BENCH_RUNS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(200);
+    let dir = tempfile::Builder::new()
+        .prefix("sequence-bench-")
+        .tempdir()
+        .unwrap();
     let by_id = dir.path().join("by-id");
     let _board = FakeBoard::plug(&by_id, "usb-Bench_Seq-if00").unwrap();
     let cfg = dir.path().join("c.toml");
@@ -33,19 +39,38 @@ fn main() {
         .spawn()
         .expect("target/release/devbroker: run `cargo build --release --workspace` first");
     let control = run.join("machines/m/control.sock");
-    wait_for(Duration::from_secs(10), "the broker", || std::os::unix::net::UnixStream::connect(&control).is_ok());
+    wait_for(Duration::from_secs(10), "the broker", || {
+        std::os::unix::net::UnixStream::connect(&control).is_ok()
+    });
     let mut c = ControlClient::connect(&control);
     let mut late: Vec<f64> = Vec::new();
     for _ in 0..runs {
         let r = c.ask(json!({"request": "run", "board": "b", "sequence": "esp32-bootloader"}));
         assert_eq!(r["reply"], "ran", "{r}");
-        late.extend(r["steps"].as_array().unwrap().iter().map(|s| s["late_us"].as_f64().unwrap()));
+        late.extend(
+            r["steps"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|s| s["late_us"].as_f64().unwrap()),
+        );
     }
     let _ = broker.kill();
     let _ = broker.wait();
     late.sort_by(|a, b| a.partial_cmp(b).unwrap());
     let pct = |p: f64| late[((late.len() as f64 - 1.0) * p) as usize];
-    println!("sequence-bench: esp32-bootloader x {runs} ({} timed steps)", late.len());
-    println!("  step lateness: p50 {:.0} us, p99 {:.0} us, max {:.0} us", pct(0.5), pct(0.99), late[late.len() - 1]);
-    println!("  goal p99 within 1 ms: {}", if pct(0.99) <= 1000.0 { "ok" } else { "MISSED" });
+    println!(
+        "sequence-bench: esp32-bootloader x {runs} ({} timed steps)",
+        late.len()
+    );
+    println!(
+        "  step lateness: p50 {:.0} us, p99 {:.0} us, max {:.0} us",
+        pct(0.5),
+        pct(0.99),
+        late[late.len() - 1]
+    );
+    println!(
+        "  goal p99 within 1 ms: {}",
+        if pct(0.99) <= 1000.0 { "ok" } else { "MISSED" }
+    );
 }
