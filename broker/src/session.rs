@@ -146,6 +146,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
                 return (end, Some(port));
             };
             if guard.grace.is_zero() {
+                guard.set_fd(None);
                 return (End::AdapterGone(why), None);
             }
             guard.set_fd(None);
@@ -170,6 +171,8 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         }
     };
     let (end, port) = end.await;
+    // The state lets go of the port before it is closed or handed back.
+    guard.set_fd(None);
     info!(tty = %label, "session ended: {end:?}");
     if client.warnings.suppressed() > 0 {
         warn!(tty = %label, "{} more bad commands from the client were not logged", client.warnings.suppressed());

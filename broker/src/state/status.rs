@@ -2,7 +2,6 @@
 //! The admin sees everything; a machine or host user sees only the boards
 //! it may use, and of their leases and queues only what concerns itself.
 
-use std::os::fd::AsRawFd;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -79,8 +78,8 @@ impl Shared {
                     let lines = st
                         .session
                         .as_ref()
-                        .and_then(|s| s.fd.as_ref())
-                        .and_then(|fd| crate::port::modem_outputs(fd.as_raw_fd()));
+                        .and_then(|s| s.port)
+                        .and_then(crate::port::modem_outputs);
                     TtyStatus {
                         name: t.name.clone(),
                         present: adapter.is_some(),

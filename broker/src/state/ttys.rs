@@ -40,8 +40,14 @@ pub(super) struct Session {
     /// its port stops then, so it never keeps the port from the next one.
     pub(super) ended: CancellationToken,
     /// A duplicate of the open port, for sequences run while the session
-    /// holds it; `None` while the adapter is away.
+    /// holds it (they may outlive the session's own descriptor); `None`
+    /// while the adapter is away.
     pub(super) fd: Option<Arc<OwnedFd>>,
+    /// The session's own descriptor of the port, to read its modem lines
+    /// for `status`. The session clears it before it closes the port (the
+    /// state is only ever read on the session's own thread between), so it
+    /// names that port for as long as it is set.
+    pub(super) port: Option<std::os::fd::RawFd>,
 }
 
 /// Asks a drain task for its port.
@@ -172,6 +178,7 @@ impl SessionGuard {
         {
             if s.id == self.id {
                 s.fd = fd;
+                s.port = port.map(|p| std::os::fd::AsRawFd::as_raw_fd(&p));
             }
         }
     }
@@ -367,6 +374,7 @@ impl Shared {
             cancel: cancel.clone(),
             ended: CancellationToken::new(),
             fd: None,
+            port: None,
         });
         self.activity.notify_one();
         t.counters.sessions.fetch_add(1, Ordering::Relaxed);
