@@ -22,3 +22,4 @@ pub mod serve;
 pub mod supervise;
 pub mod tty;
 pub mod users;
+pub mod watch;

@@ -21,8 +21,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use anyhow::Context;
-use futures_util::StreamExt;
-use inotify::{Inotify, WatchMask};
+use inotify::WatchMask;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
 use tokio::net::UnixStream;
 use tokio::task::JoinHandle;
@@ -34,6 +33,7 @@ use wire::manifest::{Entry, Manifest, CONTROL_SOCKET, FILE as MANIFEST};
 use crate::ports::{self, PortEntry};
 use crate::tty::{self, TtySpec};
 use crate::users::User;
+use crate::watch::Watcher;
 use crate::{endpoint, links};
 
 /// Where devshim reads sockets and publishes links.
@@ -243,9 +243,10 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
         }
     }
-    let ino = Inotify::init().context("inotify")?;
-    ino.watches()
-        .add(
+    // One inotify instance for the directory and every pty (crate::watch).
+    let watcher = Watcher::new().context("inotify")?;
+    let mut events = watcher
+        .watch(
             &opts.dir,
             WatchMask::CREATE
                 | WatchMask::DELETE
@@ -255,7 +256,6 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 | WatchMask::ATTRIB,
         )
         .with_context(|| format!("can't watch {}", opts.dir.display()))?;
-    let mut events = ino.into_event_stream(vec![0u8; 4096])?;
     let mut control: Option<UnixStream> = None;
     let (broker_tx, broker_rx) = tokio::sync::watch::channel(BrokerLink::default());
     // When the broker left, while its grace runs.
@@ -366,6 +366,7 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
                 gid: opts.user.gid,
                 broker: broker_rx.clone(),
                 registry: registry.clone(),
+                watcher: watcher.clone(),
             };
             let task = tokio::spawn(tty::run(spec, cancel.clone()));
             actors.insert(
@@ -381,7 +382,9 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         let unbound = actors.values().any(|a| a.endpoint.is_none());
         tokio::select! {
             _ = shutdown.cancelled() => break,
-            ev = events.next() => if let Some(Err(e)) = ev { warn!("inotify: {e}") },
+            ev = events.next() => if ev.is_none() {
+                anyhow::bail!("the watch of {} ended: was the directory removed?", opts.dir.display());
+            },
             _ = wait_closed(&mut control) => {
                 info!("the broker went away; keeping the ttys for {} while it restarts", humantime::format_duration(opts.broker_grace));
                 control = None;

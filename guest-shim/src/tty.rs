@@ -22,8 +22,7 @@ use std::sync::atomic::{AtomicBool, AtomicU8, Ordering};
 use std::sync::Mutex;
 use std::time::Duration;
 
-use futures_util::StreamExt;
-use inotify::{Inotify, WatchMask};
+use inotify::{EventMask, WatchMask};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
@@ -38,6 +37,7 @@ use crate::linecall::{self, LineReply, LineRequest};
 use crate::linesock::{LineCall, Registry};
 use crate::links;
 use crate::pty::{pkt, Pty};
+use crate::watch::{Watch, Watcher};
 
 /// Everything a tty actor needs to know.
 #[derive(Debug, Clone)]
@@ -53,6 +53,8 @@ pub struct TtySpec {
     pub gid: u32,
     /// Where the line socket finds this tty's pty.
     pub registry: Registry,
+    /// devshim's inotify instance, for the pty's opens and closes.
+    pub watcher: Watcher,
 }
 
 /// The line as a tool on the pty set it through `devshim run`'s supervisor:
@@ -112,41 +114,34 @@ const CHUNK: usize = 64 * 1024;
 /// writing. Smaller reads go out at once, keeping round trips short.
 const DRAIN_AFTER: usize = 1024;
 
-/// Counts the opens of a pty slave by tools, from inotify events.
+/// Counts the opens of a pty slave by tools, from inotify events (a watch
+/// on devshim's one instance, [`crate::watch`]).
 struct OpenWatch {
-    events: inotify::EventStream<Vec<u8>>,
+    watch: Watch,
     count: i64,
 }
 
 impl OpenWatch {
-    fn new(path: &Path) -> io::Result<OpenWatch> {
-        let ino = Inotify::init()?;
-        ino.watches().add(
+    fn new(watcher: &Watcher, path: &Path) -> io::Result<OpenWatch> {
+        let watch = watcher.watch(
             path,
             WatchMask::OPEN | WatchMask::CLOSE_WRITE | WatchMask::CLOSE_NOWRITE,
         )?;
-        Ok(OpenWatch {
-            events: ino.into_event_stream(vec![0u8; 1024])?,
-            count: 0,
-        })
+        Ok(OpenWatch { watch, count: 0 })
     }
 
     /// Waits for the next open or close; returns the count of opens after it.
     async fn next(&mut self) -> io::Result<i64> {
-        match self.events.next().await {
-            Some(Ok(ev)) => {
-                if ev.mask.contains(inotify::EventMask::OPEN) {
+        match self.watch.next().await {
+            Some(mask) => {
+                if mask.contains(EventMask::OPEN) {
                     self.count += 1;
-                } else if ev
-                    .mask
-                    .intersects(inotify::EventMask::CLOSE_WRITE | inotify::EventMask::CLOSE_NOWRITE)
-                {
+                } else if mask.intersects(EventMask::CLOSE_WRITE | EventMask::CLOSE_NOWRITE) {
                     self.count = (self.count - 1).max(0);
                 }
                 Ok(self.count)
             }
-            Some(Err(e)) => Err(e),
-            None => Err(io::Error::other("inotify stream ended")),
+            None => Err(io::Error::other("the pty's inotify watch ended")),
         }
     }
 
@@ -188,7 +183,7 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
                 }
             }
         };
-        let mut opens = match OpenWatch::new(&pty.path) {
+        let mut opens = match OpenWatch::new(&spec.watcher, &pty.path) {
             Ok(w) => w,
             Err(e) => {
                 warn!(tty = %short, "can't watch {}: {e}", pty.path.display());
