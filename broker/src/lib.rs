@@ -19,6 +19,7 @@ pub mod limits;
 pub mod line;
 pub mod logging;
 pub mod machine;
+pub mod memory;
 pub mod metrics;
 pub mod notify;
 pub mod peer;

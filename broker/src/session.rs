@@ -28,11 +28,7 @@ use crate::line::Line;
 use crate::port;
 use crate::state::SessionGuard;
 
-/// Size of each read from the port and from the socket.
-pub const CHUNK: usize = 64 * 1024;
-
-/// A read at least this big suggests a stream: look for more before writing.
-pub const DRAIN_AFTER: usize = 1024;
+use wire::buffer::{Elastic, CHUNK, DRAIN_AFTER};
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -62,7 +58,7 @@ struct Client {
     dec: Decoder,
     neg: Negotiator,
     /// Read from the client; `buf[pos..len]` is not handled yet.
-    buf: Vec<u8>,
+    buf: Elastic,
     pos: usize,
     len: usize,
     /// Data the old port refused, for the new one.
@@ -76,7 +72,7 @@ struct Client {
     /// What the client asked of the line.
     line: Line,
     /// Buffer for reads from the port.
-    port_buf: Vec<u8>,
+    port_buf: Elastic,
     esc: Vec<u8>,
     /// Warnings the client's bad commands may cause in the log.
     warnings: crate::throttle::Throttle,
@@ -109,7 +105,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         sock_w,
         dec: Decoder::new(),
         neg: Negotiator::server(),
-        buf: vec![0u8; CHUNK],
+        buf: Elastic::new(),
         pos: 0,
         len: 0,
         retry: None,
@@ -118,7 +114,7 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         suspend_tx,
         suspend_rx,
         line: Line::default(),
-        port_buf: vec![0u8; CHUNK],
+        port_buf: Elastic::new(),
         esc: Vec::new(),
         warnings: crate::throttle::Throttle::per_connection(crate::limits::WARNINGS_PER_CONNECTION),
     };
@@ -181,6 +177,8 @@ pub async fn run(sock: UnixStream, guard: SessionGuard, label: String) -> End {
         guard.return_port(port);
     }
     drop(guard);
+    drop(client);
+    crate::memory::release_soon();
     end
 }
 
@@ -313,7 +311,11 @@ async fn relay(
                     None => return Some(End::ClientLeft),
                 },
                 _ = suspend_rx.changed() => {}
-                r = port_r.read(&mut port_buf[..CHUNK / 4]), if !suspended => {
+                r = async {
+                    let slot = port_buf.slice();
+                    let first = slot.len().min(CHUNK / 4);
+                    port_r.read(&mut slot[..first]).await
+                }, if !suspended => {
                     let mut n = match r {
                         Ok(0) => return Some(End::AdapterGone("end of file".into())),
                         Ok(n) => n,
@@ -324,10 +326,11 @@ async fn relay(
                     // carries it. A short read means the queue was empty: don't
                     // spend a syscall on the latency path.
                     if n >= DRAIN_AFTER {
-                        n += drain_ready(fd, &mut port_buf[n..]);
+                        port_buf.grow();
+                        n += drain_ready(fd, &mut port_buf.slice()[n..]);
                     }
                     counters.from_board.fetch_add(n as u64, Ordering::Relaxed);
-                    let chunk = &port_buf[..n];
+                    let chunk = &port_buf.slice()[..n];
                     if let Some(c) = capture {
                         c.record(chunk);
                     }
@@ -344,6 +347,10 @@ async fn relay(
                             return Some(End::Error(e));
                         },
                         _ = &mut aborted => return None,
+                    }
+                    port_buf.filled(n);
+                    if port_buf.len() < CHUNK && esc.capacity() > CHUNK {
+                        *esc = Vec::new();
                     }
                 }
             }
@@ -367,10 +374,12 @@ async fn relay(
         }
         loop {
             if *pos >= *len {
+                // Everything read before is handled: the buffer may resize.
+                buf.filled(*len);
                 let r = tokio::select! {
                     biased;
                     _ = &mut stopped => return None,
-                    r = sock_r.read(buf) => r,
+                    r = sock_r.read(buf.slice()) => r,
                 };
                 match r {
                     Ok(0) => return Some(End::ClientLeft),
@@ -382,7 +391,7 @@ async fn relay(
                 if stop.is_cancelled() {
                     return None;
                 }
-                let (used, ev) = dec.feed(&buf[*pos..*len]);
+                let (used, ev) = dec.feed(&buf.slice()[*pos..*len]);
                 *pos += used;
                 match ev {
                     None => {}

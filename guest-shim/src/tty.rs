@@ -28,6 +28,7 @@ use tokio::net::UnixStream;
 use tokio::sync::{mpsc, oneshot, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wire::buffer::{Elastic, CHUNK, DRAIN_AFTER, SMALL};
 use wire::manifest::Entry;
 use wire::rfc2217::{control, purge, Command, Direction};
 use wire::telnet::{self, Decoder, Event, Negotiator, IAC};
@@ -107,12 +108,6 @@ impl Fences {
 /// While a line call waits for the broker, at most this much of what the
 /// board sent is kept for a tool that can't read it meanwhile.
 const STASH_WHILE_CALLING: usize = 4 * 1024 * 1024;
-
-/// Read size on both sides.
-const CHUNK: usize = 64 * 1024;
-/// A pty read at least this big suggests a stream: gather more before
-/// writing. Smaller reads go out at once, keeping round trips short.
-const DRAIN_AFTER: usize = 1024;
 
 /// Counts the opens of a pty slave by tools, from inotify events (a watch
 /// on devshim's one instance, [`crate::watch`]).
@@ -349,8 +344,9 @@ async fn session(
     let fences = Fences::default();
 
     let up = async {
-        let mut buf = vec![0u8; CHUNK + 1];
-        let mut out = Vec::with_capacity(CHUNK * 2);
+        // A pty hands out at most 4 KiB a read; `out` gathers them.
+        let mut buf = vec![0u8; SMALL + 1];
+        let mut out = Vec::new();
         loop {
             out.clear();
             tokio::select! {
@@ -426,7 +422,8 @@ async fn session(
     };
 
     let down = async {
-        let mut buf = vec![0u8; CHUNK];
+        let mut buf = Elastic::new();
+        let mut last = 0;
         let mut dec = Decoder::new();
         let mut accepted = false;
         // What the tool has not taken yet. Normally the pty's own queue is
@@ -436,6 +433,8 @@ async fn session(
         // it, it is blocked in the call.
         let mut stash: Vec<u8> = Vec::new();
         loop {
+            // What was read last is handled: the buffer may resize.
+            buf.filled(std::mem::take(&mut last));
             let readable = if fences.pending() {
                 stash.len() < STASH_WHILE_CALLING
             } else {
@@ -448,7 +447,7 @@ async fn session(
                     continue;
                 }
                 _ = fences.added.notified(), if !readable => continue,
-                r = rd.read(&mut buf), if readable => match r {
+                r = rd.read(buf.slice()), if readable => match r {
                     Ok(n) => n,
                     Err(e) => {
                         if e.kind() == io::ErrorKind::ConnectionReset {
@@ -458,6 +457,8 @@ async fn session(
                     }
                 },
             };
+            last = n;
+            let buf = &buf.slice()[..n];
             if n == 0 {
                 return Ok::<End, io::Error>(End::BrokerClosed(
                     "the broker ended the session".into(),

@@ -10,8 +10,10 @@
 //! - [`manifest`]: the index of a machine directory that tells devshim each tty's by-id name.
 //! - [`termios`]: Linux `termios2` read and written as RFC 2217 line settings.
 //! - [`accounts`]: users and groups from `passwd` and `group` text.
+//! - [`buffer`]: the relays' buffer sizes, and buffers that cost what the traffic needs.
 
 pub mod accounts;
+pub mod buffer;
 pub mod control;
 pub mod manifest;
 pub mod names;
