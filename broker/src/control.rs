@@ -21,7 +21,7 @@ use wire::control::{
     parse_request, reply_line, ErrorCode, Reply, Request, StepTiming, MAX_LINE, VERSION,
 };
 
-use crate::lease::{Client, ClientKey, Want};
+use crate::lease::{Tenant, TenantKey, Want};
 use crate::peer::Peer;
 use crate::refusal::Refusal;
 use crate::state::{ConsoleFollow, LeaseOutcome, SequencePort, Shared};
@@ -83,7 +83,7 @@ impl Drop for Registration {
 
 /// One connection's state.
 struct Conn {
-    client: Option<Client>,
+    client: Option<Tenant>,
     /// The peer's pid, for `status` while a sequence holds a tty.
     pid: Option<i32>,
     conn: u64,
@@ -97,7 +97,7 @@ struct Conn {
 
 /// Who a host peer is: its uid, name and the configured host groups it is
 /// in, from the socket's credentials and NSS (off the async threads).
-async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Client, Option<i32>)> {
+async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Tenant, Option<i32>)> {
     let peer = Peer::of(sock)?;
     let groups: Vec<String> = {
         let mut g: Vec<String> = shared
@@ -115,7 +115,7 @@ async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Cli
         let member = crate::peer::member_of(&peer, &groups);
         let name = crate::peer::user_name(peer.uid).unwrap_or_else(|| peer.uid.to_string());
         (
-            Client::HostUser {
+            Tenant::HostUser {
                 uid: peer.uid,
                 name,
                 groups: member,
@@ -168,7 +168,7 @@ async fn connection(
                 return;
             }
         },
-        Scope::Machine(m) => (Some(Client::Machine(m.clone())), None),
+        Scope::Machine(m) => (Some(Tenant::Machine(m.clone())), None),
         Scope::Host => match host_client(&sock, &shared).await {
             Ok((c, pid)) => (Some(c), pid),
             Err(e) => {
@@ -177,11 +177,11 @@ async fn connection(
             }
         },
     };
-    let key = client.as_ref().map_or(ClientKey::Admin, Client::key);
+    let key = client.as_ref().map_or(TenantKey::Admin, Tenant::key);
     let (conn, mut grants) = match shared.connect(key) {
         Ok(c) => c,
         Err(refusal) => {
-            let who = client.as_ref().map_or("the admin".into(), Client::describe);
+            let who = client.as_ref().map_or("the admin".into(), Tenant::describe);
             debug!("refused a control connection of {who}: {refusal}");
             let _ = sock.write_all(&reply_line(&refusal.into())).await;
             return;
@@ -217,7 +217,7 @@ async fn connection(
             g = grants.recv() => match g {
                 Some(reply) => {
                     if let Reply::Granted(g) = &reply {
-                        info!("lease: {} granted to {}", g.board, c.client.as_ref().map(Client::describe).unwrap_or_default());
+                        info!("lease: {} granted to {}", g.board, c.client.as_ref().map(Tenant::describe).unwrap_or_default());
                     }
                     c.waiting = None;
                     out.push(reply);
@@ -326,7 +326,7 @@ enum Handled {
 fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
     let req = match parse_request(line) {
         Ok(r) => r,
-        Err(message) => return Handled::Now(Reply::error(ErrorCode::BadRequest, message)),
+        Err(e) => return Handled::Now(Reply::error(ErrorCode::BadRequest, e.to_string())),
     };
     if let Request::Run {
         board,
@@ -412,7 +412,7 @@ fn start_sequence(
     let who = c
         .client
         .as_ref()
-        .map_or("the admin".into(), Client::describe);
+        .map_or("the admin".into(), Tenant::describe);
     Ok(Box::pin(async move {
         let _cancel_on_drop = cancel_on_drop;
         info!(board = %board, "{who} runs the sequence {text:?}");

@@ -8,13 +8,14 @@
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::ffi::OsStringExt;
 use std::os::unix::fs::symlink;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use nix::fcntl::{open, OFlag};
-use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-use nix::sys::stat::Mode;
+use nix::fcntl::OFlag;
+use rustix::fs::{Mode, OFlags};
+use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
 use tokio::io::unix::AsyncFd;
 use tokio_util::sync::CancellationToken;
 use wire::termios;
@@ -34,26 +35,20 @@ pub struct FakeBoard {
 impl FakeBoard {
     /// Makes a pty and links its slave as `dir/name` (creating `dir`).
     pub fn plug(dir: &Path, name: &str) -> io::Result<FakeBoard> {
-        let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
         grantpt(&master)?;
         unlockpt(&master)?;
-        let slave_path = PathBuf::from(ptsname_r(&master)?);
-        let slave = open(
+        let slave_path = PathBuf::from(std::ffi::OsString::from_vec(
+            ptsname(&master, Vec::new())?.into_bytes(),
+        ));
+        let slave = rustix::fs::open(
             &slave_path,
-            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        // SAFETY: open returned a fresh descriptor we now own.
-        let slave = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(slave) };
-        let mut t = termios::get(slave.as_raw_fd())?;
+        let mut t = termios::get(&slave)?;
         termios::make_raw(&mut t);
-        termios::set(slave.as_raw_fd(), &t, termios::When::Now)?;
-        // SAFETY: the PtyMaster's descriptor moves into an OwnedFd.
-        let master = unsafe {
-            <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(std::os::fd::IntoRawFd::into_raw_fd(
-                master,
-            ))
-        };
+        termios::set(&slave, &t, termios::When::Now)?;
         fs::create_dir_all(dir)?;
         let link = dir.join(name);
         let tmp = dir.join(format!(".{name}.tmp"));
@@ -75,7 +70,7 @@ impl FakeBoard {
 
     /// The settings the broker last applied to the port.
     pub fn termios(&self) -> io::Result<libc::termios2> {
-        termios::get(self.master.as_raw_fd())
+        termios::get(&self.master)
     }
 
     /// The baud rate the broker last set.
@@ -96,11 +91,16 @@ impl FakeBoard {
         banner_every: Duration,
         cancel: CancellationToken,
     ) -> io::Result<()> {
-        let fd = self.master.as_raw_fd();
-        nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        // SAFETY: `self.master` owns the descriptor and outlives `afd`, which is
-        // dropped before the board is unplugged below.
-        let afd = unsafe { AsyncFd::register(fd) }.map_err(|e| e.into_parts().1)?;
+        nix::fcntl::fcntl(
+            self.master.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK),
+        )?;
+        // Its own reference to the master, closed before the board is
+        // unplugged below.
+        // SAFETY: the AsyncFd owns the duplicate, which stays open and the
+        // same for as long as the AsyncFd lives.
+        let afd =
+            unsafe { AsyncFd::register(self.master.try_clone()?) }.map_err(|e| e.into_parts().1)?;
         let mut tick = tokio::time::interval(banner_every);
         let mut boots = 0u64;
         let mut buf = [0u8; 4096];
@@ -115,11 +115,11 @@ impl FakeBoard {
                 }
                 r = afd.readable() => {
                     let mut guard = r?;
-                    match nix::unistd::read(fd, &mut buf) {
+                    match rustix::io::read(afd.get_ref(), &mut buf) {
                         Ok(0) => guard.clear_ready(),
                         Ok(n) => { let _ = nix::unistd::write(&self.master, &buf[..n]); }
-                        Err(nix::errno::Errno::EAGAIN) => guard.clear_ready(),
-                        Err(nix::errno::Errno::EIO) => {
+                        Err(rustix::io::Errno::AGAIN) => guard.clear_ready(),
+                        Err(rustix::io::Errno::IO) => {
                             guard.clear_ready();
                             tokio::time::sleep(Duration::from_millis(50)).await;
                         }

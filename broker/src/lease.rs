@@ -26,7 +26,7 @@ use crate::refusal::Refusal;
 
 /// Who asks: a machine (any job in it) or a host user.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Client {
+pub enum Tenant {
     Machine(String),
     /// A host user, with the configured host groups it belongs to (found at
     /// connect time from the socket's credentials and NSS).
@@ -37,26 +37,26 @@ pub enum Client {
     },
 }
 
-impl Client {
+impl Tenant {
     pub fn describe(&self) -> String {
         match self {
-            Client::Machine(m) => format!("machine {m}"),
-            Client::HostUser { uid, name, .. } => format!("host user {name} (uid {uid})"),
+            Tenant::Machine(m) => format!("machine {m}"),
+            Tenant::HostUser { uid, name, .. } => format!("host user {name} (uid {uid})"),
         }
     }
 
     /// What per-client limits are counted by: the machine, or the host uid.
-    pub fn key(&self) -> ClientKey {
+    pub fn key(&self) -> TenantKey {
         match self {
-            Client::Machine(m) => ClientKey::Machine(m.clone()),
-            Client::HostUser { uid, .. } => ClientKey::HostUid(*uid),
+            Tenant::Machine(m) => TenantKey::Machine(m.clone()),
+            Tenant::HostUser { uid, .. } => TenantKey::HostUid(*uid),
         }
     }
 }
 
 /// The unit limits are counted by.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
-pub enum ClientKey {
+pub enum TenantKey {
     Machine(String),
     HostUid(u32),
     Admin,
@@ -86,14 +86,14 @@ pub struct Lease {
     /// next, even by the same client.
     pub id: u64,
     pub conn: u64,
-    pub client: Client,
+    pub client: Tenant,
     pub since: SystemTime,
 }
 
 #[derive(Debug, Clone)]
 struct Waiter {
     conn: u64,
-    client: Client,
+    client: Tenant,
     want: Want,
     /// When it got in line.
     since: SystemTime,
@@ -123,7 +123,7 @@ pub struct Leases {
     /// Each board's waiters, in arrival order.
     queues: BTreeMap<String, BTreeSet<u64>>,
     /// Waiters per client, for the limit.
-    per_client: BTreeMap<ClientKey, usize>,
+    per_client: BTreeMap<TenantKey, usize>,
     next: u64,
 }
 
@@ -139,13 +139,13 @@ pub struct Position {
 /// Whether `client` may use `board` at all, by the config. A host user may
 /// use a board shared with a host group it is in; root may use any board
 /// shared with host groups.
-pub fn allowed(config: &Config, board: &str, client: &Client) -> bool {
+pub fn allowed(config: &Config, board: &str, client: &Tenant) -> bool {
     let Some(b) = config.boards.iter().find(|b| b.name == board) else {
         return false;
     };
     match client {
-        Client::Machine(m) => b.machines.iter().any(|x| x == m),
-        Client::HostUser { uid, groups, .. } => {
+        Tenant::Machine(m) => b.machines.iter().any(|x| x == m),
+        Tenant::HostUser { uid, groups, .. } => {
             !b.host_groups.is_empty()
                 && (*uid == 0 || b.host_groups.iter().any(|g| groups.contains(g)))
         }
@@ -153,7 +153,7 @@ pub fn allowed(config: &Config, board: &str, client: &Client) -> bool {
 }
 
 /// The boards a request could be given, in config order.
-pub fn candidates(config: &Config, want: &Want, client: &Client) -> Vec<String> {
+pub fn candidates(config: &Config, want: &Want, client: &Tenant) -> Vec<String> {
     config
         .boards
         .iter()
@@ -167,7 +167,7 @@ pub fn candidates(config: &Config, want: &Want, client: &Client) -> Vec<String> 
 }
 
 /// The refusal for a request no board the client may use fits.
-pub fn not_available(want: &Want, client: &Client) -> String {
+pub fn not_available(want: &Want, client: &Tenant) -> String {
     match want {
         Want::Board(b) => format!("board {b} is not available to {}", client.describe()),
         Want::Type(t) => format!("no board of type {t} is available to {}", client.describe()),
@@ -182,7 +182,7 @@ impl Leases {
         &mut self,
         config: &Config,
         conn: u64,
-        client: Client,
+        client: Tenant,
         want: Want,
         present: &dyn Fn(&str) -> bool,
         max_waiting: usize,
@@ -249,7 +249,7 @@ impl Leases {
         Ok(None)
     }
 
-    fn hold(&mut self, board: &str, conn: u64, client: Client) {
+    fn hold(&mut self, board: &str, conn: u64, client: Tenant) {
         self.next += 1;
         self.held.insert(
             board.to_string(),
@@ -424,7 +424,7 @@ impl Leases {
     }
 
     /// How many of those are `client`'s own.
-    pub fn waiting_for_by(&self, board: &str, client: &ClientKey) -> usize {
+    pub fn waiting_for_by(&self, board: &str, client: &TenantKey) -> usize {
         self.queues.get(board).map_or(0, |q| {
             q.iter()
                 .filter(|s| self.waiters[*s].client.key() == *client)
@@ -444,7 +444,7 @@ impl Leases {
 
     /// Waiting requests, in arrival order: who, since when, and the boards
     /// each may get.
-    pub fn queued(&self) -> impl Iterator<Item = (&Client, SystemTime, &[String])> {
+    pub fn queued(&self) -> impl Iterator<Item = (&Tenant, SystemTime, &[String])> {
         self.waiters
             .values()
             .map(|w| (&w.client, w.since, w.candidates.as_slice()))
@@ -452,12 +452,12 @@ impl Leases {
 
     /// Whether a machine holds the lease on a board.
     pub fn machine_holds(&self, machine: &str, board: &str) -> bool {
-        matches!(self.held.get(board), Some(Lease { client: Client::Machine(m), .. }) if m == machine)
+        matches!(self.held.get(board), Some(Lease { client: Tenant::Machine(m), .. }) if m == machine)
     }
 
     /// Whether a host uid holds the lease on the board.
     pub fn host_uid_holds(&self, uid: u32, board: &str) -> bool {
-        matches!(self.held.get(board), Some(Lease { client: Client::HostUser { uid: u, .. }, .. }) if *u == uid)
+        matches!(self.held.get(board), Some(Lease { client: Tenant::HostUser { uid: u, .. }, .. }) if *u == uid)
     }
 }
 
@@ -495,8 +495,8 @@ match = { serial = "B" }
         g.into_iter().map(|g| (g.conn, g.board)).collect()
     }
 
-    fn m(s: &str) -> Client {
-        Client::Machine(s.into())
+    fn m(s: &str) -> Tenant {
+        Tenant::Machine(s.into())
     }
 
     fn board(b: &str) -> Want {
@@ -507,7 +507,7 @@ match = { serial = "B" }
     fn first_come_first_served() {
         let c = cfg();
         let mut l = Leases::default();
-        let host = Client::HostUser {
+        let host = Tenant::HostUser {
             uid: 1000,
             name: "ann".into(),
             groups: vec!["hil".into()],
@@ -642,7 +642,7 @@ match = { serial = "B" }
             e.to_string(),
             "no board of type nrf52 is available to machine ci1"
         );
-        let outsider = Client::HostUser {
+        let outsider = Tenant::HostUser {
             uid: 1001,
             name: "bob".into(),
             groups: vec![],

@@ -9,7 +9,7 @@
 //! port before relaying resumes.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::BorrowedFd;
 
 use wire::rfc2217::{control, Command};
 use wire::termios::{self, When};
@@ -60,7 +60,7 @@ impl Line {
     /// Applies the settings to an open port: framing first, then the modem
     /// lines, in the order a tool would have set them. A device without
     /// modem lines (`ENOTTY`) keeps its framing.
-    pub fn apply(&self, fd: RawFd) -> io::Result<()> {
+    pub fn apply(&self, fd: BorrowedFd<'_>) -> io::Result<()> {
         let mut t = termios::get(fd)?;
         if let Some(b) = self.baud {
             termios::set_baud(&mut t, b);
@@ -156,7 +156,7 @@ mod tests {
         let (master, slave) = nix::pty::openpty(None, None)
             .map(|p| (p.master, p.slave))
             .unwrap();
-        use std::os::fd::AsRawFd;
+        use std::os::fd::AsFd;
         let l = Line {
             baud: Some(460800),
             stop_size: Some(wire::rfc2217::stopsize::TWO),
@@ -164,8 +164,8 @@ mod tests {
             ..Line::default()
         };
         // A pty has no modem lines (and forces 8N): the rest still lands.
-        l.apply(slave.as_raw_fd()).unwrap();
-        let s = termios::to_settings(&termios::get(slave.as_raw_fd()).unwrap());
+        l.apply(slave.as_fd()).unwrap();
+        let s = termios::to_settings(&termios::get(&slave).unwrap());
         assert_eq!(
             (s.baud, s.stop_size),
             (460800, wire::rfc2217::stopsize::TWO)

@@ -77,7 +77,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 config::Config::default()
             };
             let present = adapters.present()?;
-            let report = devbroker::suggest::report(&present, &cfg);
+            let report = devbroker::suggest::survey(&present, &cfg);
             if json {
                 println!("{}", serde_json::to_string_pretty(&report.to_json())?);
             } else {

@@ -11,6 +11,32 @@
 
 use std::os::fd::AsFd;
 
+/// The host pid of the process that is `ns_pid` in the pid namespace of
+/// host process `client` (a machine's devshim naming its tool). Only
+/// processes of that namespace are considered, so a machine can name no
+/// process outside its own. Scans `/proc`: call it off the async threads.
+pub fn host_pid(client: i32, ns_pid: i32) -> Option<i32> {
+    let ns_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
+    let ns = ns_of(&client.to_string())?;
+    if ns_of("self").as_ref() == Some(&ns) {
+        return std::path::Path::new(&format!("/proc/{ns_pid}"))
+            .exists()
+            .then_some(ns_pid);
+    }
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let name = e.file_name();
+        let pid = name.to_str()?;
+        let host: i32 = pid.parse().ok()?;
+        if ns_of(pid).as_ref() != Some(&ns) {
+            return None;
+        }
+        // `NSpid: HOST ... INNERMOST`: the last is its pid in `ns`.
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        let line = status.lines().find(|l| l.starts_with("NSpid:"))?;
+        (line.split_whitespace().last()?.parse::<i32>().ok()? == ns_pid).then_some(host)
+    })
+}
+
 /// A connected peer's credentials.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {

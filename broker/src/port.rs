@@ -5,7 +5,7 @@
 //! `ENOTTY`; the session reports the state as it is and goes on.
 
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::Path;
 
 use tokio_serial::{SerialPortBuilderExt, SerialStream};
@@ -14,10 +14,10 @@ use wire::termios::{self, When};
 
 /// The descriptor of an open port, borrowed for as long as the port lives
 /// (tokio-serial's stream gives only the raw number).
-pub fn fd(port: &SerialStream) -> std::os::fd::BorrowedFd<'_> {
+pub fn fd(port: &SerialStream) -> BorrowedFd<'_> {
     // SAFETY: the stream owns the descriptor and keeps it open while it is
     // borrowed; the lifetime ties the borrow to the stream.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(port.as_raw_fd()) }
+    unsafe { BorrowedFd::borrow_raw(port.as_raw_fd()) }
 }
 
 /// Opens a port exclusively (`TIOCEXCL` and `flock`), raw, at `rate`.
@@ -36,7 +36,7 @@ pub fn open(path: &Path, rate: u32) -> io::Result<SerialStream> {
             }
             _ => io::Error::other(e.description),
         })?;
-    let fd = port.as_raw_fd();
+    let fd = fd(&port);
     let mut t = termios::get(fd)?;
     termios::make_raw(&mut t);
     // Real ports drop DTR and RTS on the last close, as a tool expects.
@@ -49,23 +49,9 @@ pub fn open(path: &Path, rate: u32) -> io::Result<SerialStream> {
 }
 
 /// Applies one SET-CONTROL value and returns the value to report back.
-pub fn set_control(fd: RawFd, value: u8) -> io::Result<u8> {
-    let modem = |bit: libc::c_int, on: bool| -> io::Result<()> {
-        let req = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
-        // SAFETY: TIOCMBIS/TIOCMBIC read one int.
-        if unsafe { libc::ioctl(fd, req, &bit) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
-    };
-    let modem_bits = || -> io::Result<libc::c_int> {
-        let mut bits: libc::c_int = 0;
-        // SAFETY: TIOCMGET writes one int.
-        if unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(bits)
-    };
+pub fn set_control(fd: BorrowedFd<'_>, value: u8) -> io::Result<u8> {
+    let modem = |bit: libc::c_int, on: bool| termios::set_modem_lines(fd, bit, on);
+    let modem_bits = || termios::modem_lines(fd);
     let flow = |value: u8| -> io::Result<u8> {
         let mut t = termios::get(fd)?;
         if value != control::FLOW_REQUEST {
@@ -83,15 +69,7 @@ pub fn set_control(fd: RawFd, value: u8) -> io::Result<u8> {
         | control::FLOW_XONXOFF
         | control::FLOW_HARDWARE => flow(value),
         control::BREAK_ON | control::BREAK_OFF => {
-            let req = if value == control::BREAK_ON {
-                libc::TIOCSBRK
-            } else {
-                libc::TIOCCBRK
-            };
-            // SAFETY: TIOCSBRK/TIOCCBRK take no argument.
-            if unsafe { libc::ioctl(fd, req, 0) } < 0 {
-                return Err(io::Error::last_os_error());
-            }
+            termios::set_break(fd, value == control::BREAK_ON)?;
             Ok(value)
         }
         control::DTR_ON | control::DTR_OFF => {
@@ -146,23 +124,15 @@ pub fn control_name(value: u8) -> &'static str {
 }
 
 /// DTR and RTS as the port has them now, if it has modem lines.
-pub fn modem_outputs(fd: RawFd) -> Option<(bool, bool)> {
-    let mut bits: libc::c_int = 0;
-    // SAFETY: TIOCMGET writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) } < 0 {
-        return None;
-    }
+pub fn modem_outputs(fd: BorrowedFd<'_>) -> Option<(bool, bool)> {
+    let bits = termios::modem_lines(fd).ok()?;
     Some((bits & libc::TIOCM_DTR != 0, bits & libc::TIOCM_RTS != 0))
 }
 
 /// Modem-state bits in RFC 2217 form, if the device has modem lines.
-pub fn modem_state(fd: RawFd) -> Option<u8> {
+pub fn modem_state(fd: BorrowedFd<'_>) -> Option<u8> {
     use wire::rfc2217::modemstate as ms;
-    let mut bits: libc::c_int = 0;
-    // SAFETY: TIOCMGET writes one int.
-    if unsafe { libc::ioctl(fd, libc::TIOCMGET, &mut bits) } < 0 {
-        return None;
-    }
+    let bits = termios::modem_lines(fd).ok()?;
     let mut s = 0;
     for (tiocm, bit) in [
         (libc::TIOCM_CD, ms::CD),
@@ -178,7 +148,7 @@ pub fn modem_state(fd: RawFd) -> Option<u8> {
 }
 
 /// Discards queued data as PURGE-DATA asks.
-pub fn purge(fd: RawFd, which: u8) -> io::Result<()> {
+pub fn purge(fd: BorrowedFd<'_>, which: u8) -> io::Result<()> {
     let q = match which {
         purge::RECEIVE => libc::TCIFLUSH,
         purge::TRANSMIT => libc::TCOFLUSH,
@@ -190,9 +160,5 @@ pub fn purge(fd: RawFd, which: u8) -> io::Result<()> {
             ))
         }
     };
-    // SAFETY: plain tcflush on an open descriptor.
-    if unsafe { libc::tcflush(fd, q) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    termios::flush(fd, q)
 }

@@ -15,10 +15,12 @@
 //! without taking a core from anyone else.
 
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
+use std::os::fd::BorrowedFd;
 use std::sync::{Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+use nix::sys::time::TimeSpec;
+use nix::time::{clock_gettime, clock_nanosleep, ClockId, ClockNanosleepFlags};
 use wire::termios::{self, When};
 
 /// One step of a sequence.
@@ -171,15 +173,6 @@ pub struct Timing {
     pub late_us: f64,
 }
 
-fn modem(fd: RawFd, bit: libc::c_int, on: bool) -> io::Result<()> {
-    let req = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
-    // SAFETY: TIOCMBIS/TIOCMBIC read one int.
-    if unsafe { libc::ioctl(fd, req, &bit) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
-}
-
 /// How long before a step the thread stops sleeping as any thread does and
 /// waits for the exact time with real-time priority.
 const EDGE_LEAD: Duration = Duration::from_micros(300);
@@ -220,34 +213,20 @@ impl Drop for Edge {
 /// up to [`EDGE_LEAD`] before, then an exact absolute sleep on the monotonic
 /// clock with real-time priority, which the returned [`Edge`] holds until
 /// the step is done.
-fn until_edge(
-    stop: &Stop,
-    start: Instant,
-    start_ts: libc::timespec,
-    at: Duration,
-) -> io::Result<Edge> {
+fn until_edge(stop: &Stop, start: Instant, start_ts: TimeSpec, at: Duration) -> io::Result<Edge> {
     let due = start + at;
     if !stop.sleep_until(due.checked_sub(EDGE_LEAD).unwrap_or(start).max(start)) {
         return Err(stopped());
     }
     let edge = Edge::begin();
-    let ns = start_ts.tv_nsec as u64 + at.subsec_nanos() as u64;
-    let ts = libc::timespec {
-        tv_sec: start_ts.tv_sec
-            + at.as_secs() as libc::time_t
-            + (ns / 1_000_000_000) as libc::time_t,
-        tv_nsec: (ns % 1_000_000_000) as libc::c_long,
-    };
-    // SAFETY: an absolute sleep on the monotonic clock; EINTR just wakes
-    // early and is retried.
-    while unsafe {
-        libc::clock_nanosleep(
-            libc::CLOCK_MONOTONIC,
-            libc::TIMER_ABSTIME,
-            &ts,
-            std::ptr::null_mut(),
-        )
-    } == libc::EINTR
+    let ts = start_ts + TimeSpec::from_duration(at);
+    // An absolute sleep on the monotonic clock; EINTR just wakes early and
+    // is retried.
+    while clock_nanosleep(
+        ClockId::CLOCK_MONOTONIC,
+        ClockNanosleepFlags::TIMER_ABSTIME,
+        &ts,
+    ) == Err(nix::errno::Errno::EINTR)
     {}
     Ok(edge)
 }
@@ -262,20 +241,15 @@ pub fn run(
     tolerate_enotty: bool,
     stop: &Stop,
 ) -> io::Result<Vec<Timing>> {
-    // SAFETY: exact timer slack for this thread; harmless to others.
-    unsafe { libc::prctl(libc::PR_SET_TIMERSLACK, 1, 0, 0, 0) };
-    let fd = port.as_raw_fd();
+    // Exact timer slack for this thread; harmless to others.
+    let _ = nix::sys::prctl::set_timerslack(1);
+    let fd = port;
     let ok = |r: io::Result<()>| match r {
         Err(e) if tolerate_enotty && e.raw_os_error() == Some(libc::ENOTTY) => Ok(()),
         other => other,
     };
-    let start_ts =
-        nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
+    let start_ts = clock_gettime(ClockId::CLOCK_MONOTONIC).map_err(io::Error::from)?;
     let start = Instant::now();
-    let start_ts = libc::timespec {
-        tv_sec: start_ts.tv_sec(),
-        tv_nsec: start_ts.tv_nsec(),
-    };
     let mut nominal = Duration::ZERO;
     let mut out = Vec::with_capacity(steps.len());
     for s in steps {
@@ -287,19 +261,15 @@ pub fn run(
         let due = start + nominal;
         let late = Instant::now().saturating_duration_since(due);
         match s {
-            Step::Dtr(on) => ok(modem(fd, libc::TIOCM_DTR, *on))?,
-            Step::Rts(on) => ok(modem(fd, libc::TIOCM_RTS, *on))?,
+            Step::Dtr(on) => ok(termios::set_modem_lines(fd, libc::TIOCM_DTR, *on))?,
+            Step::Rts(on) => ok(termios::set_modem_lines(fd, libc::TIOCM_RTS, *on))?,
             Step::Break(d) => {
-                // SAFETY: TIOCSBRK/TIOCCBRK take no argument.
-                if unsafe { libc::ioctl(fd, libc::TIOCSBRK, 0) } < 0 {
-                    ok(Err(io::Error::last_os_error()))?;
-                }
+                ok(termios::set_break(fd, true))?;
                 drop(edge);
                 nominal += *d;
                 // Stopped or not, a break started is ended.
                 let end = until_edge(stop, start, start_ts, nominal);
-                // SAFETY: as above.
-                unsafe { libc::ioctl(fd, libc::TIOCCBRK, 0) };
+                let _ = termios::set_break(fd, false);
                 end?;
             }
             Step::Baud(b) => {

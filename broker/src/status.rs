@@ -104,7 +104,7 @@ pub fn render(s: &Status) -> String {
                 Some(h) => out.push_str(&format!(
                     "               held by {}{} since {}\n",
                     h.who,
-                    h.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    wire::control::tool_and_pid(h.tool.as_deref(), h.pid),
                     h.since
                 )),
                 None => out.push_str("               free\n"),

@@ -3,7 +3,7 @@
 //! not name.
 //!
 //! [`report`] is pure: adapters (as a discovery source lists them) and a
-//! config in, a [`Report`] out. A suggested entry gets a board name derived
+//! config in, a [`Survey`] out. A suggested entry gets a board name derived
 //! from the adapter's by-id name (or serial number) and one tty, `console`,
 //! whose `match` picks this adapter and no other one present, and that
 //! [`config::parse`](crate::config::parse) accepts next to the config and the
@@ -32,7 +32,7 @@ pub const SUGGESTED_TTY: &str = "console";
 
 /// What the config makes of the adapters present.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Report {
+pub struct Survey {
     /// Each adapter present, by id.
     pub adapters: Vec<AdapterReport>,
     /// Configured ttys no adapter present is assigned to.
@@ -67,7 +67,7 @@ pub struct Suggestion {
 
 /// Lists `adapters` against `config` and suggests an entry for each adapter
 /// the config does not name.
-pub fn report(adapters: &[Adapter], config: &Config) -> Report {
+pub fn survey(adapters: &[Adapter], config: &Config) -> Survey {
     let by_id: BTreeMap<String, Adapter> =
         adapters.iter().map(|a| (a.id.clone(), a.clone())).collect();
     let (assigned, _warnings) = plan::assign(config, &by_id);
@@ -154,7 +154,7 @@ pub fn report(adapters: &[Adapter], config: &Config) -> Report {
         .map(|(k, _)| k)
         .filter(|k| !assigned.contains_key(k))
         .collect();
-    Report {
+    Survey {
         adapters: out,
         missing,
     }
@@ -374,7 +374,7 @@ fn describe(a: &Adapter) -> String {
     }
 }
 
-impl Report {
+impl Survey {
     /// Every suggested entry, each after a blank line.
     pub fn snippets(&self) -> String {
         let mut s = String::new();
@@ -492,7 +492,7 @@ impl Report {
 }
 
 /// `text` with the suggested entries appended.
-pub fn append_to(text: &str, report: &Report) -> String {
+pub fn append_to(text: &str, report: &Survey) -> String {
     let mut s = text.to_string();
     if !s.is_empty() && !s.ends_with('\n') {
         s.push('\n');
@@ -572,11 +572,11 @@ mod tests {
 
     /// The config with every suggestion appended must parse, and then name
     /// every adapter present, each by one tty.
-    fn check_appended(text: &str, adapters: &[Adapter]) -> Report {
-        let rep = report(adapters, &cfg(text));
+    fn check_appended(text: &str, adapters: &[Adapter]) -> Survey {
+        let rep = survey(adapters, &cfg(text));
         let all = append_to(text, &rep);
         let c = parse(Path::new("t.toml"), &all).unwrap_or_else(|e| panic!("{e}\n{all}"));
-        let again = report(adapters, &c);
+        let again = survey(adapters, &c);
         for r in &again.adapters {
             assert_eq!(r.serves.len(), 1, "{r:?}\n{all}");
             assert!(r.suggestion.is_none());
@@ -779,7 +779,7 @@ match = { serial = "Z6" }
     fn shadowed_and_indistinguishable_adapters_get_a_note() {
         // A broad match: both adapters satisfy it, the first by id is used.
         let text = "[[board]]\nname = \"any\"\n[[board.tty]]\nname = \"c\"\nmatch = { usb = \"1a86:7523\" }\n";
-        let rep = report(&[ch340("/sys/a", 3), ch340("/sys/b", 4)], &cfg(text));
+        let rep = survey(&[ch340("/sys/a", 3), ch340("/sys/b", 4)], &cfg(text));
         assert_eq!(rep.adapters[0].serves.len(), 1);
         assert!(rep.adapters[1].serves.is_empty());
         assert!(rep.adapters[1].suggestion.is_none());
@@ -790,7 +790,7 @@ match = { serial = "Z6" }
             .contains("any.c matches it too"));
         // Two adapters with nothing to tell them apart.
         let twin = |id: &str| ad(id, Some("usb-Twin-if00"), None, None, "");
-        let rep = report(&[twin("/x/1"), twin("/x/2")], &Config::default());
+        let rep = survey(&[twin("/x/1"), twin("/x/2")], &Config::default());
         for r in &rep.adapters {
             assert!(r.suggestion.is_none());
             assert!(r.note.as_ref().unwrap().contains("no match tells"), "{r:?}");
@@ -816,7 +816,7 @@ match = { serial = "Z6" }
     fn render_lists_identities_and_config() {
         let a = ftdi("/sys/a", "A1B2C3", 2);
         let b = ftdi("/sys/b", "FT100001", 3);
-        let rep = report(&[a, b], &cfg(ESP1));
+        let rep = survey(&[a, b], &cfg(ESP1));
         let plain = rep.render(false);
         assert!(plain.starts_with("2 adapters plugged in:\n"), "{plain}");
         assert!(plain.contains("  serial  A1B2C3\n"), "{plain}");
@@ -841,7 +841,7 @@ match = { serial = "Z6" }
             s.contains("[[board]]\nname = \"ftdi-ft232r-usb-uart-ft100001\"\n"),
             "{s}"
         );
-        let none = report(&[], &cfg(ESP1)).render(false);
+        let none = survey(&[], &cfg(ESP1)).render(false);
         assert!(none.contains("no USB serial adapter"), "{none}");
         assert!(
             none.contains("configured but not plugged in: esp1.console"),

@@ -7,6 +7,14 @@
 //! (or the other way round) gets the broker's refusal — a line of text naming
 //! the holder — and is closed. Nothing runs while no client is connected.
 //!
+//! An RFC 2217 client shows nothing of a server that just closes (pyserial
+//! raises a bare "connection reset", esptool adds "the port is busy or
+//! doesn't exist"), and no error it raises carries text from the server.
+//! So a refusal is delivered as a port would deliver it: the endpoint
+//! answers the client's negotiation and settings, then sends the reason as
+//! the port's first line and closes cleanly. A script reading the port
+//! prints it; the reader's next read fails as after an unplug.
+//!
 //! The tty's pty is the job user's (mode 0660), so its endpoint is too: any
 //! local user can connect to `127.0.0.1`, but only the job user and root are
 //! served. TCP has no `SO_PEERCRED`; the client's socket is found the way
@@ -20,11 +28,15 @@ use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::PathBuf;
 use std::sync::Arc;
 
-use tokio::io::AsyncWriteExt;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::task::JoinSet;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
+use wire::rfc2217::{control, Command, Direction};
+use wire::telnet::{self, Decoder, Event, Negotiator, IAC, OPT_COM_PORT};
 
 use crate::users::User;
 
@@ -84,36 +96,158 @@ async fn relay(mut tcp: TcpStream, socket: PathBuf, label: String, job: Arc<User
     let _ = tcp.set_nodelay(true);
     if let Err(why) = admit(&tcp, &job) {
         info!(tty = %label, "RFC 2217 client refused: {why}");
-        // Same form as the broker's refusals: a line of text, then close.
-        let _ = tcp
-            .write_all(format!("devshim: permission denied: {why}\r\n").as_bytes())
-            .await;
-        let _ = tcp.shutdown().await;
+        refuse(tcp, &format!("devshim: permission denied: {why}\r\n")).await;
         return;
     }
     let mut unix = match UnixStream::connect(&socket).await {
         Ok(u) => u,
         Err(e) => {
-            // Same form as the broker's refusals: a line of text, then close.
-            let _ = tcp
-                .write_all(
-                    format!(
-                        "devshim: can't reach {label} at {}: {e}\r\n",
-                        socket.display()
-                    )
-                    .as_bytes(),
-                )
-                .await;
-            let _ = tcp.shutdown().await;
+            let why = format!(
+                "devshim: can't reach {label} at {}: {e}\r\n",
+                socket.display()
+            );
+            refuse(tcp, &why).await;
             return;
         }
     };
+    // A session starts with the broker's negotiation (IAC); a refusal is a
+    // line of text.
+    let mut first = vec![0u8; CHUNK];
+    let n = match tokio::time::timeout(FIRST_WORD, unix.read(&mut first)).await {
+        Ok(Ok(n)) => n,
+        Ok(Err(e)) => {
+            refuse(
+                tcp,
+                &format!("devshim: {label}: the broker failed: {e}\r\n"),
+            )
+            .await;
+            return;
+        }
+        Err(_) => {
+            let why =
+                format!("devshim: {label}: the broker did not answer within {FIRST_WORD:?}\r\n");
+            refuse(tcp, &why).await;
+            return;
+        }
+    };
+    if n == 0 || first[0] != IAC {
+        let mut why = String::from_utf8_lossy(&first[..n]).into_owned();
+        let mut rest = String::new();
+        if unix.read_to_string(&mut rest).await.is_ok() {
+            why.push_str(&rest);
+        }
+        if why.is_empty() {
+            why = format!("devshim: the broker closed {label}'s session\r\n");
+        }
+        info!(tty = %label, "RFC 2217 client refused by the broker: {}", why.trim_end());
+        refuse(tcp, &why).await;
+        return;
+    }
+    if tcp.write_all(&first[..n]).await.is_err() {
+        return;
+    }
+    drop(first);
     match tokio::io::copy_bidirectional_with_sizes(&mut tcp, &mut unix, CHUNK, CHUNK).await {
         Ok((up, down)) => {
             debug!(tty = %label, "RFC 2217 client left: {up} bytes to the broker, {down} back")
         }
         Err(e) => debug!(tty = %label, "RFC 2217 client ended: {e}"),
     }
+}
+
+/// How long the broker may take to answer a new session.
+const FIRST_WORD: Duration = Duration::from_secs(10);
+
+/// How long a refused client may go on negotiating and setting its line.
+const REFUSAL_TALK: Duration = Duration::from_secs(3);
+
+/// Quiet after which a refused client has set its line and waits for data.
+const REFUSAL_QUIET: Duration = Duration::from_millis(300);
+
+/// Refuses a client so that it can show why: answers its telnet
+/// negotiation and COM-PORT-OPTION commands as a port would (the values it
+/// asks for), so its open completes; then sends `why` as the port's data,
+/// closes the sending side and waits (briefly) for the client to close, so
+/// it reads the text before it finds the end rather than a reset.
+async fn refuse(mut tcp: TcpStream, why: &str) {
+    let talk = async {
+        let mut neg = Negotiator::server();
+        tcp.write_all(&neg.opening()).await?;
+        let mut dec = Decoder::new();
+        let mut buf = vec![0u8; 4096];
+        let deadline = tokio::time::Instant::now() + REFUSAL_TALK;
+        loop {
+            let quiet = tokio::time::Instant::now() + REFUSAL_QUIET;
+            let n = match tokio::time::timeout_at(quiet.min(deadline), tcp.read(&mut buf)).await {
+                Ok(r) => r?,
+                Err(_) => break,
+            };
+            if n == 0 {
+                return Ok(false);
+            }
+            let mut out = Vec::new();
+            let mut at = 0;
+            while at < n {
+                let (used, ev) = dec.feed(&buf[at..n]);
+                at += used;
+                match ev {
+                    Some(Event::Negotiate(v, o)) => {
+                        if let Some((rv, ro)) = neg.answer(v, o) {
+                            telnet::negotiate(rv, ro, &mut out);
+                        }
+                    }
+                    Some(Event::Subnegotiation(OPT_COM_PORT, payload)) => {
+                        if let Ok((Direction::ClientToServer, cmd)) = Command::decode(&payload) {
+                            if let Some(reply) = as_a_port_would(cmd) {
+                                reply.encode(Direction::ServerToClient, &mut out);
+                            }
+                        }
+                    }
+                    _ => {}
+                }
+            }
+            tcp.write_all(&out).await?;
+        }
+        tcp.write_all(why.as_bytes()).await?;
+        tcp.shutdown().await?;
+        Ok::<bool, io::Error>(true)
+    };
+    if let Ok(true) = talk.await {
+        // Let the client read it all and close first.
+        let mut sink = [0u8; 4096];
+        let _ = tokio::time::timeout(REFUSAL_TALK, async {
+            while let Ok(n) = tcp.read(&mut sink).await {
+                if n == 0 {
+                    break;
+                }
+            }
+        })
+        .await;
+    }
+}
+
+/// The answer a port gives a command, for a refused client: the value it
+/// asked for (a query is answered with a plain default).
+fn as_a_port_would(cmd: Command) -> Option<Command> {
+    Some(match cmd {
+        Command::SetBaudRate(b) => Command::SetBaudRate(if b == 0 { 115_200 } else { b }),
+        Command::SetDataSize(v) => Command::SetDataSize(if v == 0 { 8 } else { v }),
+        Command::SetParity(v) => Command::SetParity(v.max(1)),
+        Command::SetStopSize(v) => Command::SetStopSize(v.max(1)),
+        Command::SetControl(v) => Command::SetControl(match v {
+            control::DTR_REQUEST => control::DTR_OFF,
+            control::RTS_REQUEST => control::RTS_OFF,
+            control::FLOW_REQUEST => control::FLOW_NONE,
+            control::BREAK_REQUEST => control::BREAK_OFF,
+            other => other,
+        }),
+        Command::PurgeData(v) => Command::PurgeData(v),
+        Command::Signature(s) if s.is_empty() => Command::Signature(b"devshim (refused)".to_vec()),
+        Command::NotifyModemState(_) => Command::NotifyModemState(0),
+        Command::SetLineStateMask(m) => Command::SetLineStateMask(m),
+        Command::SetModemStateMask(m) => Command::SetModemStateMask(m),
+        _ => return None,
+    })
 }
 
 /// Whether the client on `tcp` may use the endpoint: root and the job user

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use wire::control::{request_line, ErrorCode, Reply, Request, VERSION};
 use wire::manifest::CONTROL_SOCKET;
 
-use crate::{links, ports};
+use crate::{ports, publish};
 
 /// Exit status when no board could be had (as sysexits' EX_TEMPFAIL).
 pub const EXIT_NO_BOARD: u8 = 75;
@@ -60,6 +60,22 @@ fn leading_aliases(args: &[String]) -> (Aliases, &[String]) {
     (aliases, rest)
 }
 
+/// What `sai-device --help` prints.
+pub const SAI_DEVICE_HELP: &str = "\
+Wait for a board of TYPE, run COMMAND with its ttys exported, give the board back.
+
+usage: sai-device TYPE [ENV=IDX ...] COMMAND [ARGS...]
+
+COMMAND gets SAI_DEVICE_TTY<n> (the path of tty n), SAI_DEVICE_RFC2217_<n>
+(its RFC 2217 endpoint), SAI_DEVICE_BOARD and each ENV=IDX alias (e.g.
+ESPPORT=0 names tty 0's path). Exits with COMMAND's status, or 75 when no
+board could be had, 2 on a usage error.
+
+Environment: DEVBROKER_DIR (the machine directory, /run/devbroker),
+DEVBROKER_LINK_ROOT (/dev), DEVBROKER_STATE_DIR (devshim serve's state),
+DEVSHIM_BROKER_GRACE (how long to wait for a broker that went away).
+With options, see devshim lease --help.";
+
 /// Parses Sai's `sai-device TYPE [ENV=IDX ...] CMD...`.
 pub fn parse_sai_device(args: &[String]) -> Result<LeaseArgs, String> {
     let usage = "usage: sai-device TYPE [ENV=IDX ...] COMMAND [ARGS...]";
@@ -75,6 +91,68 @@ pub fn parse_sai_device(args: &[String]) -> Result<LeaseArgs, String> {
         aliases,
         command: command.to_vec(),
     })
+}
+
+/// `devshim lease`'s options written after TYPE (`devshim lease esp32
+/// --wait 10m -- idf.py flash`): the command line's parser stops at the
+/// first word that is not an option, so they arrive with the command.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct LateOptions {
+    pub board: Option<String>,
+    pub wait: Option<Duration>,
+    pub dir: Option<PathBuf>,
+    pub link_root: Option<PathBuf>,
+    pub state_dir: Option<PathBuf>,
+}
+
+/// Takes `devshim lease`'s own options out of `rest` (what follows TYPE),
+/// up to `--` or the command's first word; `ENV=IDX` aliases may come
+/// between them. A command never starts with one of these options, so
+/// nothing of the command is taken.
+pub fn take_late_options(rest: &mut Vec<String>) -> Result<LateOptions, String> {
+    let mut o = LateOptions::default();
+    let mut i = 0;
+    while i < rest.len() {
+        let word = &rest[i];
+        if word == "--" {
+            break;
+        }
+        if alias(word).is_some() {
+            i += 1;
+            continue;
+        }
+        let (name, inline) = match word.split_once('=') {
+            Some((n, v)) => (n.to_string(), Some(v.to_string())),
+            None => (word.clone(), None),
+        };
+        if !matches!(
+            name.as_str(),
+            "--board" | "--wait" | "--dir" | "--link-root" | "--state-dir"
+        ) {
+            break;
+        }
+        let (value, used) = match inline {
+            Some(v) => (v, 1),
+            None => match rest.get(i + 1) {
+                Some(v) => (v.clone(), 2),
+                None => return Err(format!("{name} needs a value")),
+            },
+        };
+        match name.as_str() {
+            "--board" => o.board = Some(value),
+            "--wait" => {
+                o.wait = Some(
+                    humantime::parse_duration(&value)
+                        .map_err(|e| format!("--wait {value:?}: {e} (e.g. 30s, 10m)"))?,
+                )
+            }
+            "--dir" => o.dir = Some(value.into()),
+            "--link-root" => o.link_root = Some(value.into()),
+            _ => o.state_dir = Some(value.into()),
+        }
+        rest.drain(i..i + used);
+    }
+    Ok(o)
 }
 
 /// Splits `[ENV=IDX ...] [--] CMD...` (what follows `devshim lease`'s flags).
@@ -191,7 +269,8 @@ impl Control {
     /// within 2 s is as good as gone.
     pub(crate) fn connect(path: &Path, client: &str) -> Result<Control, (u8, String)> {
         let sock = UnixStream::connect(path).map_err(|e| {
-            (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is /run/devbroker bound and devbroker running?)", path.display()))
+            let dir = path.parent().unwrap_or(path);
+            (EXIT_NO_BOARD, format!("can't reach the broker at {}: {e} (is the machine's directory bound at {} and devbroker running?)", path.display(), dir.display()))
         })?;
         let w = sock
             .try_clone()
@@ -240,7 +319,7 @@ fn run_inner(
         .board
         .clone()
         .map(|b| format!("board {b}"))
-        .or_else(|| args.kind.clone().map(|t| format!("a {t} board")))
+        .or_else(|| args.kind.clone().map(|t| format!("a board of type {t}")))
         .unwrap_or_default();
     c.send(&Request::Lease {
         board: args.board.clone(),
@@ -278,7 +357,7 @@ fn run_inner(
         .iter()
         .map(|t| {
             let short_name = format!("{}.{}", granted.board, t.tty);
-            links::guest_path(link_root, t.by_id.as_deref(), &short_name)
+            publish::guest_path(link_root, t.by_id.as_deref(), &short_name)
         })
         .collect();
     // devshim serve publishes the links once the broker adds the sockets.
@@ -448,6 +527,37 @@ fn board_held(c: &mut Control, board: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn words(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn options_after_the_type_are_options() {
+        let mut rest = words("--wait 1s ESPPORT=0 --dir=/d --board b -- true --wait");
+        let o = take_late_options(&mut rest).unwrap();
+        assert_eq!(o.wait, Some(Duration::from_secs(1)));
+        assert_eq!(o.dir, Some(PathBuf::from("/d")));
+        assert_eq!(o.board.as_deref(), Some("b"));
+        assert_eq!(
+            rest,
+            words("ESPPORT=0 -- true --wait"),
+            "the command keeps its own"
+        );
+        // Without `--`, the command starts at its first word.
+        let mut rest = words("idf.py --wait 1s flash");
+        assert_eq!(
+            take_late_options(&mut rest).unwrap(),
+            LateOptions::default()
+        );
+        assert_eq!(rest, words("idf.py --wait 1s flash"));
+        assert!(take_late_options(&mut words("--wait"))
+            .unwrap_err()
+            .contains("needs a value"));
+        assert!(take_late_options(&mut words("--wait soon -- x"))
+            .unwrap_err()
+            .contains("--wait"));
+    }
 
     fn s(v: &[&str]) -> Vec<String> {
         v.iter().map(|x| x.to_string()).collect()

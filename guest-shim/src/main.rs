@@ -42,6 +42,17 @@ fn list(state_dir: &Path, json: bool) -> ExitCode {
 /// `sai-device TYPE [ENV=IDX ...] COMMAND...`: Sai's command line has no
 /// room for flags, so the environment may move the paths.
 fn sai_device(args: &[String]) -> ExitCode {
+    match args.first().map(String::as_str) {
+        Some("-h" | "--help") => {
+            println!("{}", devshim::lease::SAI_DEVICE_HELP);
+            return ExitCode::SUCCESS;
+        }
+        Some("-V" | "--version") => {
+            println!("sai-device (devshim) {}", env!("CARGO_PKG_VERSION"));
+            return ExitCode::SUCCESS;
+        }
+        _ => {}
+    }
     let args = match devshim::lease::parse_sai_device(args) {
         Ok(a) => a,
         Err(e) => {
@@ -63,29 +74,39 @@ fn sai_device(args: &[String]) -> ExitCode {
 
 /// `devshim lease`.
 fn lease(
-    board: Option<String>,
-    wait: Option<Duration>,
-    dir: &Path,
-    link_root: &Path,
-    state_dir: &Path,
+    mut board: Option<String>,
+    mut wait: Option<Duration>,
+    mut dir: PathBuf,
+    mut link_root: PathBuf,
+    mut state_dir: PathBuf,
     mut rest: Vec<String>,
 ) -> ExitCode {
+    let usage = |e: String| {
+        eprintln!("devshim: {e}");
+        ExitCode::from(devshim::lease::EXIT_USAGE)
+    };
     // Without --board, the first word is the type.
     let kind = if board.is_none() && !rest.is_empty() && rest[0] != "--" {
         Some(rest.remove(0))
     } else {
         None
     };
+    // Options written after TYPE (or after the aliases) count as well.
+    let late = match devshim::lease::take_late_options(&mut rest) {
+        Ok(o) => o,
+        Err(e) => return usage(e),
+    };
+    board = late.board.or(board);
+    wait = late.wait.or(wait);
+    dir = late.dir.unwrap_or(dir);
+    link_root = late.link_root.unwrap_or(link_root);
+    state_dir = late.state_dir.unwrap_or(state_dir);
     let (aliases, command) = match devshim::lease::split_aliases(&rest) {
         Ok(x) => x,
-        Err(e) => {
-            eprintln!("devshim: {e}");
-            return ExitCode::from(devshim::lease::EXIT_USAGE);
-        }
+        Err(e) => return usage(e),
     };
     if board.is_none() && kind.is_none() {
-        eprintln!("devshim: name a board (--board NAME) or a type");
-        return ExitCode::from(devshim::lease::EXIT_USAGE);
+        return usage("name a board (--board NAME) or a type".into());
     }
     let args = devshim::lease::LeaseArgs {
         board,
@@ -94,7 +115,7 @@ fn lease(
         aliases,
         command,
     };
-    ExitCode::from(devshim::lease::run(&args, dir, link_root, state_dir))
+    ExitCode::from(devshim::lease::run(&args, &dir, &link_root, &state_dir))
 }
 
 /// `devshim serve`, until SIGINT or SIGTERM.
@@ -196,7 +217,7 @@ fn main() -> ExitCode {
             link_root,
             state_dir,
             rest,
-        } => lease(board, wait, &dir, &link_root, &state_dir, rest),
+        } => lease(board, wait, dir, link_root, state_dir, rest),
         Cmd::Serve {
             dir,
             link_root,

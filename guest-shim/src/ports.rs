@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io::{self, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
@@ -127,14 +126,10 @@ pub fn read(dir: &Path) -> io::Result<Ports> {
         .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, format!("{}: {e}", p.display())))
 }
 
-/// Takes an exclusive `flock` on a directory, held until the file is dropped.
-fn lock_dir(dir: &Path) -> io::Result<fs::File> {
+/// Takes an exclusive `flock` on a directory, held until the lock is dropped.
+fn lock_dir(dir: &Path) -> io::Result<nix::fcntl::Flock<fs::File>> {
     let f = fs::File::open(dir)?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(f)
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| e.into())
 }
 
 /// Makes the entries under `link_root` exactly `mine`, keeping other
@@ -185,10 +180,12 @@ pub(crate) fn alive(pid: u32) -> bool {
     let Ok(pid) = i32::try_from(pid) else {
         return false;
     };
-    // SAFETY: signal 0 only checks that the process exists.
+    // Signal 0 only checks that the process exists.
     pid > 0
-        && (unsafe { libc::kill(pid, 0) } == 0
-            || io::Error::last_os_error().raw_os_error() == Some(libc::EPERM))
+        && matches!(
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),
+            Ok(()) | Err(nix::errno::Errno::EPERM)
+        )
 }
 
 #[cfg(test)]

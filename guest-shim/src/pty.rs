@@ -7,13 +7,15 @@
 //! Dropping a [`Pty`] closes the master, which hangs up a tool that still
 //! has the slave open: it reads `EIO`, as after an unplug.
 
+use std::ffi::OsString;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStringExt;
 use std::path::{Path, PathBuf};
 
-use nix::fcntl::{open, OFlag};
-use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-use nix::sys::stat::Mode;
+use rustix::fs::{Gid, Mode, OFlags, Uid};
+use rustix::io::Errno;
+use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
 use tokio::io::unix::AsyncFd;
 use wire::termios::{self, When};
 
@@ -37,40 +39,31 @@ impl Pty {
     /// Opens a new pty: raw at `rate`, `HUPCL` (as a real port), `EXTPROC`
     /// and packet mode, the slave owned by `uid:gid` with mode 0660.
     pub fn open(rate: u32, uid: u32, gid: u32) -> io::Result<Pty> {
-        let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC)?;
+        let master = openpt(OpenptFlags::RDWR | OpenptFlags::NOCTTY | OpenptFlags::CLOEXEC)?;
         grantpt(&master)?;
         unlockpt(&master)?;
-        let path = PathBuf::from(ptsname_r(&master)?);
-        // SAFETY: moving the descriptor out of PtyMaster into an OwnedFd.
-        let master = unsafe { OwnedFd::from_raw_fd(master.into_raw_fd()) };
-        let slave = open(
+        let path = PathBuf::from(OsString::from_vec(
+            ptsname(&master, Vec::new())?.into_bytes(),
+        ));
+        let slave = rustix::fs::open(
             &path,
-            OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC,
+            OFlags::RDWR | OFlags::NOCTTY | OFlags::CLOEXEC,
             Mode::empty(),
         )?;
-        // SAFETY: open returned a fresh descriptor.
-        let slave = unsafe { OwnedFd::from_raw_fd(slave) };
-        let mfd = master.as_raw_fd();
-        let mut t = termios::get(mfd)?;
+        let mut t = termios::get(&master)?;
         termios::make_raw(&mut t);
         termios::set_baud(&mut t, rate);
         t.c_cflag |= libc::HUPCL;
         t.c_lflag |= libc::EXTPROC;
-        termios::set(mfd, &t, When::Now)?;
-        packet_mode(mfd, true)?;
-        nix::fcntl::fcntl(
-            mfd,
-            nix::fcntl::FcntlArg::F_SETFL(OFlag::O_NONBLOCK | OFlag::O_RDWR),
-        )?;
-        if nix::unistd::geteuid().as_raw() == 0 || nix::unistd::geteuid().as_raw() != uid {
-            nix::unistd::chown(&path, Some(uid.into()), Some(gid.into()))?;
+        termios::set(&master, &t, When::Now)?;
+        packet_mode(master.as_fd(), true)?;
+        rustix::fs::fcntl_setfl(&master, OFlags::NONBLOCK | OFlags::RDWR)?;
+        // Owner and mode set on the descriptor, not by path.
+        let euid = rustix::process::geteuid().as_raw();
+        if euid == 0 || euid != uid {
+            rustix::fs::fchown(&slave, Some(Uid::from_raw(uid)), Some(Gid::from_raw(gid)))?;
         }
-        nix::sys::stat::fchmodat(
-            None,
-            &path,
-            Mode::from_bits_truncate(0o660),
-            nix::sys::stat::FchmodatFlags::FollowSymlink,
-        )?;
+        rustix::fs::fchmod(&slave, Mode::from_bits_truncate(0o660))?;
         // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and
         // the same for the AsyncFd's whole life.
         let master = unsafe { AsyncFd::register(master) }.map_err(|e| e.into_parts().1)?;
@@ -83,14 +76,15 @@ impl Pty {
         Ok(pty)
     }
 
-    pub fn master_fd(&self) -> RawFd {
-        self.master.get_ref().as_raw_fd()
+    /// The master's descriptor.
+    pub fn master(&self) -> BorrowedFd<'_> {
+        self.master.get_ref().as_fd()
     }
 
     /// Drops status bytes our own setup caused.
     fn drain_status(&self) {
         let mut b = [0u8; 512];
-        while let Ok(n) = nix::unistd::read(self.master_fd(), &mut b) {
+        while let Ok(n) = rustix::io::read(self.master(), &mut b) {
             if n == 0 {
                 break;
             }
@@ -101,21 +95,15 @@ impl Pty {
     /// real port does on its last close. Packet mode is off meanwhile, so
     /// the flush is not reported back as a tool's `tcflush`.
     pub fn discard_input(&self) -> io::Result<()> {
-        let mfd = self.master_fd();
-        packet_mode(mfd, false)?;
-        // SAFETY: tcflush on the slave descriptor this pty owns.
-        let flushed = if unsafe { libc::tcflush(self.slave.as_raw_fd(), libc::TCIFLUSH) } < 0 {
-            Err(io::Error::last_os_error())
-        } else {
-            Ok(())
-        };
-        packet_mode(mfd, true)?;
+        packet_mode(self.master(), false)?;
+        let flushed = termios::flush(&self.slave, libc::TCIFLUSH);
+        packet_mode(self.master(), true)?;
         flushed
     }
 
     /// The tool's settings, read through the master.
     pub fn termios(&self) -> io::Result<libc::termios2> {
-        termios::get(self.master_fd())
+        termios::get(self.master())
     }
 
     /// Puts `EXTPROC` back if a tool cleared it; without it baud changes stop
@@ -124,7 +112,7 @@ impl Pty {
         let mut t = self.termios()?;
         if t.c_lflag & libc::EXTPROC == 0 {
             t.c_lflag |= libc::EXTPROC;
-            termios::set(self.master_fd(), &t, When::Now)?;
+            termios::set(self.master(), &t, When::Now)?;
         }
         Ok(())
     }
@@ -134,9 +122,9 @@ impl Pty {
     pub async fn read_packet(&self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             let mut guard = self.master.readable().await?;
-            match guard.try_io(|fd| {
-                nix::unistd::read(fd.get_ref().as_raw_fd(), buf).map_err(io::Error::from)
-            }) {
+            match guard
+                .try_io(|fd| rustix::io::read(fd.get_ref(), &mut *buf).map_err(io::Error::from))
+            {
                 Ok(r) => return r,
                 Err(_would_block) => continue,
             }
@@ -145,9 +133,9 @@ impl Pty {
 
     /// Reads one packet if one is ready now.
     pub fn try_read_packet(&self, buf: &mut [u8]) -> io::Result<Option<usize>> {
-        match nix::unistd::read(self.master_fd(), buf) {
+        match rustix::io::read(self.master(), buf) {
             Ok(n) => Ok(Some(n)),
-            Err(nix::errno::Errno::EAGAIN) => Ok(None),
+            Err(Errno::AGAIN) => Ok(None),
             Err(e) => Err(e.into()),
         }
     }
@@ -155,7 +143,6 @@ impl Pty {
     /// The identity of the pty's slave (`/dev/pts/N`): what a tool's
     /// descriptor of it `fstat`s to.
     pub fn id(&self) -> io::Result<crate::linesock::PtyId> {
-        use std::os::fd::AsFd;
         crate::linesock::id_of(self.slave.as_fd())
     }
 
@@ -176,11 +163,7 @@ impl Pty {
     /// Discards the tool's unread input as its `tcflush(TCIFLUSH)` would
     /// (reported on the master, so the port's receive buffer is purged too).
     pub fn flush_input_as_tool(&self) -> io::Result<()> {
-        // SAFETY: TCFLSH takes an int argument by value.
-        if unsafe { libc::ioctl(self.slave.as_raw_fd(), libc::TCFLSH, libc::TCIFLUSH) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        termios::flush(&self.slave, libc::TCIFLUSH)
     }
 
     /// Writes what fits of `data` now, without waiting: how much was written.
@@ -220,10 +203,10 @@ impl Pty {
 }
 
 /// Turns packet mode on or off on a pty master.
-fn packet_mode(master: RawFd, on: bool) -> io::Result<()> {
+fn packet_mode(master: BorrowedFd<'_>, on: bool) -> io::Result<()> {
     let on = libc::c_int::from(on);
-    // SAFETY: TIOCPKT reads one int.
-    if unsafe { libc::ioctl(master, libc::TIOCPKT, &on) } < 0 {
+    // SAFETY: TIOCPKT reads one int; the descriptor is borrowed, so open.
+    if unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCPKT, &on) } < 0 {
         return Err(io::Error::last_os_error());
     }
     Ok(())

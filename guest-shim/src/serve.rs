@@ -34,7 +34,7 @@ use crate::ports::{self, PortEntry};
 use crate::tty::{self, TtySpec};
 use crate::users::User;
 use crate::watch::Watcher;
-use crate::{endpoint, links};
+use crate::{endpoint, publish};
 
 /// Where devshim reads sockets and publishes links.
 #[derive(Debug, Clone)]
@@ -53,7 +53,7 @@ pub const DEFAULT_BROKER_GRACE: Duration = Duration::from_secs(10);
 
 /// Whether devshim is connected to the broker, as tty actors see it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct BrokerLink {
+pub struct BrokerState {
     pub up: bool,
     /// Counts the connections made, so an actor can tell a broker that came
     /// back from the one that left.
@@ -110,7 +110,7 @@ fn port_entry(opts: &Options, entry: &Entry, port: u16) -> PortEntry {
         board: entry.board.clone(),
         tty: entry.tty.clone(),
         by_id: entry.by_id.clone(),
-        link: links::guest_path(&opts.link_root, entry.by_id.as_deref(), &entry.short_name()),
+        link: publish::guest_path(&opts.link_root, entry.by_id.as_deref(), &entry.short_name()),
         port,
         pid: std::process::id(),
         line: Some(crate::linesock::path(&opts.state_dir, std::process::id())),
@@ -146,7 +146,7 @@ fn write_state(opts: &Options, mine: &[PortEntry], warned: &mut bool) {
 /// Which actors to stop and which entries to start, from what runs now and
 /// what should. A changed entry (say, a new by-id name) is stopped and
 /// started again.
-pub fn plan(
+pub fn actor_changes(
     running: &BTreeMap<String, Entry>,
     wanted: &BTreeMap<String, Entry>,
 ) -> (Vec<String>, Vec<Entry>) {
@@ -257,7 +257,7 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         )
         .with_context(|| format!("can't watch {}", opts.dir.display()))?;
     let mut control: Option<UnixStream> = None;
-    let (broker_tx, broker_rx) = tokio::sync::watch::channel(BrokerLink::default());
+    let (broker_tx, broker_rx) = tokio::sync::watch::channel(BrokerState::default());
     // When the broker left, while its grace runs.
     let mut lost_at: Option<tokio::time::Instant> = None;
     let mut actors: BTreeMap<String, Actor> = BTreeMap::new();
@@ -323,7 +323,7 @@ pub async fn serve(opts: Options, shutdown: CancellationToken) -> anyhow::Result
         } else {
             BTreeMap::new()
         };
-        let (mut stop, start) = plan(&running, &want);
+        let (mut stop, start) = actor_changes(&running, &want);
         if protect_until.is_some() {
             // A broker just back may not offer a tty again yet: keep it
             // for the rest of the grace.
@@ -450,10 +450,10 @@ mod tests {
             ("c.t.sock".to_string(), e("c", "z")),
         ]
         .into();
-        let (stop, start) = plan(&running, &wanted);
+        let (stop, start) = actor_changes(&running, &wanted);
         assert_eq!(stop, ["a.t.sock", "b.t.sock"]);
         assert_eq!(start, [e("b", "y2"), e("c", "z")]);
-        let (stop, start) = plan(&wanted, &wanted);
+        let (stop, start) = actor_changes(&wanted, &wanted);
         assert!(stop.is_empty() && start.is_empty());
     }
 }

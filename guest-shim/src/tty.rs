@@ -36,8 +36,8 @@ use wire::termios;
 
 use crate::linecall::{self, LineReply, LineRequest};
 use crate::linesock::{LineCall, Registry};
-use crate::links;
 use crate::pty::{pkt, Pty};
+use crate::publish;
 use crate::watch::{Watch, Watcher};
 
 /// Everything a tty actor needs to know.
@@ -48,7 +48,7 @@ pub struct TtySpec {
     /// The machine's control socket, to ask whether the broker is alive.
     pub control: PathBuf,
     /// Whether devshim is connected to the broker.
-    pub broker: tokio::sync::watch::Receiver<crate::serve::BrokerLink>,
+    pub broker: tokio::sync::watch::Receiver<crate::serve::BrokerState>,
     pub link_root: PathBuf,
     pub uid: u32,
     pub gid: u32,
@@ -150,7 +150,7 @@ impl OpenWatch {
 
 /// How a session ended.
 #[derive(Debug)]
-enum End {
+enum SessionEnd {
     /// The last tool closed the pty; the pty stays.
     ToolClosed,
     /// devshim is stopping this tty.
@@ -165,7 +165,7 @@ enum End {
 /// Runs a tty until `cancel`, then removes its links.
 pub async fn run(spec: TtySpec, cancel: CancellationToken) {
     let short = spec.entry.short_name();
-    let link_paths = links::paths(&spec.link_root, spec.entry.by_id.as_deref(), &short);
+    let link_paths = publish::paths(&spec.link_root, spec.entry.by_id.as_deref(), &short);
     let owner = Some((spec.uid, spec.gid));
     loop {
         let pty = match Pty::open(spec.entry.rate, spec.uid, spec.gid) {
@@ -197,26 +197,26 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
             framing: None,
         };
         for l in &link_paths {
-            if let Err(e) = links::publish(l, &pty.path, owner) {
+            if let Err(e) = publish::publish(l, &pty.path, owner) {
                 warn!(tty = %short, "can't link {}: {e}", l.display());
             }
         }
         info!(tty = %short, pty = %pty.path.display(), "published {}", link_paths.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", "));
         let end = loop {
             tokio::select! {
-                _ = cancel.cancelled() => break End::Cancelled,
-                r = opens.wait_open() => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
+                _ = cancel.cancelled() => break SessionEnd::Cancelled,
+                r = opens.wait_open() => if let Err(e) = r { break SessionEnd::Hangup(format!("inotify: {e}")) },
             }
             match session(&spec, &pty, &mut opens, &mut line_rx, &mut line, &cancel).await {
-                End::ToolClosed => debug!(tty = %short, "tool closed the pty"),
-                End::BrokerClosed(why) => {
+                SessionEnd::ToolClosed => debug!(tty = %short, "tool closed the pty"),
+                SessionEnd::BrokerClosed(why) => {
                     if !broker_left(&spec).await {
-                        break End::Hangup(why);
+                        break SessionEnd::Hangup(why);
                     }
                     info!(tty = %short, "the broker went away ({why}); keeping {} open until it is back", pty.path.display());
                     tokio::select! {
-                        _ = cancel.cancelled() => break End::Cancelled,
-                        r = broker_back(&spec, &pty, &mut opens) => if let Err(e) = r { break End::Hangup(format!("inotify: {e}")) },
+                        _ = cancel.cancelled() => break SessionEnd::Cancelled,
+                        r = broker_back(&spec, &pty, &mut opens) => if let Err(e) = r { break SessionEnd::Hangup(format!("inotify: {e}")) },
                     }
                     info!(tty = %short, "the broker is back; resuming");
                 }
@@ -224,20 +224,20 @@ pub async fn run(spec: TtySpec, cancel: CancellationToken) {
             }
         };
         match end {
-            End::Cancelled => {
+            SessionEnd::Cancelled => {
                 if let Some(id) = pty_id {
                     spec.registry.remove(id);
                 }
                 for l in &link_paths {
-                    links::withdraw(l, &pty.path);
+                    publish::withdraw(l, &pty.path);
                 }
                 info!(tty = %short, "removed");
                 return;
             }
-            End::Hangup(why) => {
+            SessionEnd::Hangup(why) => {
                 info!(tty = %short, "hanging up {}: {why}", pty.path.display());
             }
-            End::ToolClosed | End::BrokerClosed(_) => unreachable!(),
+            SessionEnd::ToolClosed | SessionEnd::BrokerClosed(_) => unreachable!(),
         }
         // Dropping the pty hangs up the tool; the next loop renames fresh
         // links over the old ones. Line calls on it now fail with EIO.
@@ -291,10 +291,8 @@ async fn broker_back(spec: &TtySpec, pty: &Pty, opens: &mut OpenWatch) -> io::Re
 
 /// Whether a socket's pending error is `ECONNRESET` (reading `SO_ERROR`
 /// clears it).
-fn reset_pending(fd: std::os::fd::RawFd) -> bool {
-    // SAFETY: the session's socket is open while the session runs.
-    let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    nix::sys::socket::getsockopt(&sock, nix::sys::socket::sockopt::SocketError)
+fn reset_pending(sock: &std::os::fd::OwnedFd) -> bool {
+    nix::sys::socket::getsockopt(sock, nix::sys::socket::sockopt::SocketError)
         .is_ok_and(|e| e == libc::ECONNRESET)
 }
 
@@ -309,17 +307,19 @@ async fn session(
     calls: &mut mpsc::Receiver<LineCall>,
     line: &mut LineState,
     cancel: &CancellationToken,
-) -> End {
+) -> SessionEnd {
     let sock = match UnixStream::connect(&spec.socket).await {
         Ok(s) => s,
-        Err(e) => return End::Hangup(format!("can't connect to {}: {e}", spec.socket.display())),
+        Err(e) => {
+            return SessionEnd::Hangup(format!("can't connect to {}: {e}", spec.socket.display()))
+        }
     };
     let (mut rd, mut wr) = sock.into_split();
     let mut neg = Negotiator::client();
     let mut hello = neg.opening();
     let mut last = match pty.termios() {
         Ok(t) => linecall::with_framing(termios::to_settings(&t), line.framing),
-        Err(e) => return End::Hangup(format!("can't read the pty's settings: {e}")),
+        Err(e) => return SessionEnd::Hangup(format!("can't read the pty's settings: {e}")),
     };
     for c in last.commands() {
         send(c, &mut hello);
@@ -329,17 +329,36 @@ async fn session(
     send(Command::SetControl(control::RTS_ON), &mut hello);
     (line.dtr, line.rts) = (true, true);
     if let Err(e) = wr.write_all(&hello).await {
-        return End::BrokerClosed(format!("broker socket: {e}"));
+        return SessionEnd::BrokerClosed(format!("broker socket: {e}"));
     }
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
+    // Name the tool to the broker, once it is found (a scan of /proc, off
+    // the data path); a session that ended by then just drops it.
+    {
+        let path = pty.path.clone();
+        let tx = ans_tx.clone();
+        tokio::spawn(async move {
+            if let Ok(Some(tool)) =
+                tokio::task::spawn_blocking(move || crate::tool::find(&path)).await
+            {
+                let mut out = Vec::new();
+                send(Command::Signature(tool.to_bytes()), &mut out);
+                let _ = tx.send(out).await;
+            }
+        });
+    }
     let closing = AtomicBool::new(false);
     // The kernel resets a unix socket (`ECONNRESET`) whose peer went away
     // with bytes it had not read: a broker killed before reading what the
     // tool wrote. Seen on a read, or (after a failed write) in `SO_ERROR`.
     let lost = AtomicBool::new(false);
+    // The socket once more, to read its pending error beside the halves.
     let wr_fd = {
-        use std::os::fd::AsRawFd;
-        wr.as_ref().as_raw_fd()
+        use std::os::fd::AsFd;
+        match wr.as_ref().as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(e) => return SessionEnd::Hangup(format!("can't use the broker's socket: {e}")),
+        }
     };
     let fences = Fences::default();
 
@@ -353,7 +372,7 @@ async fn session(
                 biased;
                 a = ans_rx.recv() => match a {
                     Some(a) => out.extend_from_slice(&a),
-                    None => return Ok(End::Hangup("session ended".into())),
+                    None => return Ok(SessionEnd::Hangup("session ended".into())),
                 },
                 r = opens.next() => {
                     if r? > 0 {
@@ -372,7 +391,7 @@ async fn session(
                     wr.write_all(&out).await?;
                     wr.shutdown().await?;
                     closing.store(true, Ordering::Relaxed);
-                    return Ok::<End, io::Error>(End::ToolClosed);
+                    return Ok::<SessionEnd, io::Error>(SessionEnd::ToolClosed);
                 }
                 c = calls.recv() => {
                     let Some(c) = c else { continue };
@@ -380,7 +399,7 @@ async fn session(
                         Ok(reply) => { let _ = c.reply.send(reply); }
                         Err(e) => {
                             let _ = c.reply.send(LineReply { errno: libc::EIO, why: Some(e.to_string()), ..LineReply::default() });
-                            return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                            return Ok(SessionEnd::BrokerClosed(format!("broker socket: {e}")));
                         }
                     }
                 }
@@ -412,10 +431,10 @@ async fn session(
             }
             if !out.is_empty() {
                 if let Err(e) = wr.write_all(&out).await {
-                    if reset_pending(wr_fd) {
+                    if reset_pending(&wr_fd) {
                         lost.store(true, Ordering::Relaxed);
                     }
-                    return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                    return Ok(SessionEnd::BrokerClosed(format!("broker socket: {e}")));
                 }
             }
         }
@@ -453,14 +472,14 @@ async fn session(
                         if e.kind() == io::ErrorKind::ConnectionReset {
                             lost.store(true, Ordering::Relaxed);
                         }
-                        return Ok(End::BrokerClosed(format!("broker socket: {e}")));
+                        return Ok(SessionEnd::BrokerClosed(format!("broker socket: {e}")));
                     }
                 },
             };
             last = n;
             let buf = &buf.slice()[..n];
             if n == 0 {
-                return Ok::<End, io::Error>(End::BrokerClosed(
+                return Ok::<SessionEnd, io::Error>(SessionEnd::BrokerClosed(
                     "the broker ended the session".into(),
                 ));
             }
@@ -473,7 +492,7 @@ async fn session(
                         (&mut rd).take(4096).read_to_end(&mut text),
                     )
                     .await;
-                    return Ok(End::Hangup(
+                    return Ok(SessionEnd::Hangup(
                         String::from_utf8_lossy(&text).trim().to_string(),
                     ));
                 }
@@ -524,22 +543,22 @@ async fn session(
     tokio::pin!(up);
     tokio::pin!(down);
     let end = tokio::select! {
-        r = &mut up => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
-        r = &mut down => r.unwrap_or_else(|e| End::Hangup(e.to_string())),
-        _ = cancel.cancelled() => End::Cancelled,
+        r = &mut up => r.unwrap_or_else(|e| SessionEnd::Hangup(e.to_string())),
+        r = &mut down => r.unwrap_or_else(|e| SessionEnd::Hangup(e.to_string())),
+        _ = cancel.cancelled() => SessionEnd::Cancelled,
     };
     // Bytes the tool wrote that the broker never read went with it: the
     // tool must not go on as if they reached the board, so it is hung up
     // (it reads EIO) instead of kept for the broker's return.
     let end = match end {
-        End::BrokerClosed(why) if lost.load(Ordering::Relaxed) || reset_pending(wr_fd) => {
-            End::Hangup(format!(
+        SessionEnd::BrokerClosed(why) if lost.load(Ordering::Relaxed) || reset_pending(&wr_fd) => {
+            SessionEnd::Hangup(format!(
                 "{why}; the broker went away before reading what the tool wrote last, so the tool is told"
             ))
         }
         other => other,
     };
-    if let End::ToolClosed = end {
+    if let SessionEnd::ToolClosed = end {
         // Let the broker close the port before another session may start.
         // What the board sent for the tool that left is not for the next
         // one: drop it, again and again while `down` still writes (a pty

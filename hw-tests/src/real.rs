@@ -194,7 +194,7 @@ impl Port {
 
     /// The port's baud rate.
     pub fn baud(&self) -> Result<u32> {
-        Ok(wire::termios::get(self.fd.as_raw_fd())?.c_ospeed)
+        Ok(wire::termios::get(&self.fd)?.c_ospeed)
     }
 
     /// (DTR, RTS) as the driver has them.

@@ -25,8 +25,7 @@ fn on_adapter(check: &str, body: impl FnOnce(&RealRig) -> Result<()>) {
 
 /// Sets the tool's pty to `baud`, as `tcsetattr` in any program does.
 fn set_baud(tool: &Tool, baud: u32) -> Result<()> {
-    use std::os::fd::AsRawFd;
-    let fd = tool.fd.as_raw_fd();
+    let fd = &tool.fd;
     let mut t = wire::termios::get(fd)?;
     wire::termios::set_baud(&mut t, baud);
     wire::termios::set(fd, &t, wire::termios::When::Now)?;

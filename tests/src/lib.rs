@@ -300,7 +300,7 @@ impl World {
     }
 
     /// The first tty of `board` in [`World::status`].
-    fn first_tty(&self, board: &str) -> serde_json::Value {
+    pub fn first_tty(&self, board: &str) -> serde_json::Value {
         let st = self.status();
         let b = st["boards"]
             .as_array()
@@ -407,9 +407,9 @@ impl Tool {
         )?;
         // SAFETY: fresh descriptor from open.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
-        let mut t = wire::termios::get(fd.as_raw_fd())?;
+        let mut t = wire::termios::get(&fd)?;
         wire::termios::make_raw(&mut t);
-        wire::termios::set(fd.as_raw_fd(), &t, wire::termios::When::Now)?;
+        wire::termios::set(&fd, &t, wire::termios::When::Now)?;
         Ok(Tool { fd })
     }
 

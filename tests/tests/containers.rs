@@ -108,6 +108,22 @@ s.close()
             // what the board sent before (as a real port): wait for it.
             wait_for(Duration::from_secs(20), "the job's session", || held(w));
             write_all_fd(mfd, &pattern(N, 2)).unwrap();
+            // status names the job's tool by its host pid, found from its
+            // pid in the container's namespace.
+            let holder = || w.status()["boards"][0]["ttys"][0]["holder"].clone();
+            wait_for(Duration::from_secs(20), "status to name the tool", || {
+                holder()["tool"] == "python3"
+            });
+            let pid = holder()["pid"].as_i64().expect("the tool's host pid");
+            let proc_status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let nspid = proc_status
+                .lines()
+                .find(|l| l.starts_with("NSpid:"))
+                .unwrap();
+            assert!(
+                proc_status.contains("Name:\tpython3") && nspid.split_whitespace().count() >= 3,
+                "pid {pid} is not the container's python3: {proc_status}"
+            );
         });
         let out = c
             .exec_as("sai", &["python3", "-c", &script, &link])

@@ -204,6 +204,24 @@ fn sai_device_exports_the_ttys_and_returns_the_status() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(t0.elapsed() < 5 * S);
+    // Options after the type are options, not the command.
+    let out = lease_cmd(&w, "ci1", &["esp32", "--wait", "300ms", "--", "true"])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(75), "{err}");
+    assert!(err.contains("waiting for a board of type esp32"), "{err}");
+    // sai-device answers --help and --version.
+    for (arg, want) in [
+        ("--help", "usage: sai-device TYPE"),
+        ("--version", "sai-device (devshim) "),
+    ] {
+        let out = Command::new(&sai).arg(arg).output().unwrap();
+        assert!(
+            out.status.success() && String::from_utf8_lossy(&out.stdout).contains(want),
+            "sai-device {arg}: {out:?}"
+        );
+    }
 }
 
 #[test]

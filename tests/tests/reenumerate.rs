@@ -23,7 +23,7 @@ match = { by-id = "usb-Espressif_USB_JTAG_serial_debug_unit_F4:12:FA:00:11:22-if
 const S: Duration = Duration::from_secs(1);
 
 fn set_tool_baud(tool: &Tool, baud: u32) {
-    let fd = tool.fd.as_raw_fd();
+    let fd = &tool.fd;
     let mut t = wire::termios::get(fd).unwrap();
     wire::termios::set_baud(&mut t, baud);
     wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();

@@ -341,7 +341,7 @@ fn broker_sigkill_and_restart_the_tool_keeps_its_pty_and_line() {
     let (board, mut broker, _s, link) = attached(&w);
     let pty = std::fs::read_link(&link).unwrap();
     let tool = Tool::open(&link).unwrap();
-    let fd = tool.fd.as_raw_fd();
+    let fd = &tool.fd;
     let mut t = wire::termios::get(fd).unwrap();
     wire::termios::set_baud(&mut t, 230400);
     wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();

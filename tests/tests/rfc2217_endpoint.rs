@@ -209,14 +209,29 @@ impl Raw {
     }
 }
 
-/// What a refused client reads: everything until the server closes.
+/// What a refused client reads: everything until the server closes (the
+/// endpoint's negotiation left out, as a client's telnet layer would).
 fn refusal_text(port: u16) -> String {
     let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
     s.set_read_timeout(Some(5 * S)).unwrap();
     let mut text = Vec::new();
     s.read_to_end(&mut text)
         .expect("a refused client is closed within 5 s");
-    String::from_utf8_lossy(&text).into_owned()
+    telnet_data(&text)
+}
+
+/// The data in a telnet stream, without its commands.
+fn telnet_data(mut bytes: &[u8]) -> String {
+    let mut dec = Decoder::new();
+    let mut data = Vec::new();
+    while !bytes.is_empty() {
+        let (used, ev) = dec.feed(bytes);
+        if let Some(Event::Data(d)) = ev {
+            data.extend_from_slice(d);
+        }
+        bytes = &bytes[used..];
+    }
+    String::from_utf8_lossy(&data).into_owned()
 }
 
 /// A board, the broker and ci1's devshim; the guest link and its port.
@@ -391,7 +406,7 @@ fn hex(b: &[u8]) -> String {
 #[test]
 fn one_session_per_tty_between_the_endpoint_and_the_pty() {
     let w = World::new(DEDICATED);
-    let (board, _b, shim, link, port) = attached(&w);
+    let (board, _b, _shim, link, port) = attached(&w);
 
     // A tool has the pty open: a TCP client gets the broker's refusal,
     // naming the holder, and is closed.
@@ -401,30 +416,39 @@ fn one_session_per_tty_between_the_endpoint_and_the_pty() {
         read_exact_timeout(board.master_fd(), 5, 5 * S).unwrap(),
         b"ping\n"
     );
+    // devshim names the tool (this test's process) to the broker.
+    let me = std::process::id();
+    wait_for(5 * S, "status to name the tool", || {
+        w.first_tty("esp1")["holder"]["pid"] == me
+    });
+    let comm = std::fs::read_to_string("/proc/self/comm").unwrap();
+    assert_eq!(w.first_tty("esp1")["holder"]["tool"], comm.trim_end());
     let text = refusal_text(port);
     let expect = format!(
-        "devbroker: esp1.console is in use by machine ci1 (pid {}) since ",
-        shim.pid()
+        "devbroker: esp1.console is in use by machine ci1 ({}, pid {me}) since ",
+        comm.trim_end()
     );
     assert!(
         text.starts_with(&expect) && text.ends_with("try again when it is released\r\n"),
         "{text:?}\n{}",
         w.logs()
     );
-    // pyserial fails to open a refused endpoint (it doesn't show the text:
-    // it hears no negotiation, or finds the connection closed).
+    // pyserial shows why: the refusal reads as the port's first line, and
+    // the next read finds the port gone.
     let out = Command::new("/usr/bin/python3")
         .args([
             "-c",
-            "import serial, sys\ntry:\n    serial.serial_for_url(sys.argv[1])\nexcept (serial.SerialException, OSError) as e:\n    print('refused', e); sys.exit(0)\nsys.exit(1)",
+            "import serial, sys\ns = serial.serial_for_url(sys.argv[1], timeout=5)\nprint(s.readline().decode().strip())\ntry:\n    print('then:', repr(s.read(1) + s.read(1)))\nexcept serial.SerialException as e:\n    print('then:', e)",
             &format!("rfc2217://127.0.0.1:{port}"),
         ])
         .output()
         .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
     assert!(
-        out.status.success(),
-        "pyserial opened a held port: {}{}",
-        String::from_utf8_lossy(&out.stdout),
+        out.status.success()
+            && said.starts_with(expect.trim_end())
+            && (said.contains("then: b''") || said.contains("then: connection failed")),
+        "pyserial on a held port: {said}{}",
         String::from_utf8_lossy(&out.stderr)
     );
     // The refusals left the tool's session alone.
@@ -736,12 +760,11 @@ fn only_the_job_user_and_root_may_use_the_endpoint() {
     // Anybody else: told why, closed, and nothing reaches the board.
     let (ok, out) = python_as(4242, STRANGER, &[&port.to_string()]);
     assert!(ok, "{out}\n{}", w.logs());
-    let text = String::from_utf8(
-        (0..out.trim().len() / 2)
+    let text = telnet_data(
+        &(0..out.trim().len() / 2)
             .map(|i| u8::from_str_radix(&out.trim()[2 * i..2 * i + 2], 16).unwrap())
-            .collect(),
-    )
-    .unwrap();
+            .collect::<Vec<u8>>(),
+    );
     assert_eq!(
         text,
         format!(

@@ -135,9 +135,9 @@ fn tool_actions_become_rfc2217_commands() {
 
     // Bytes written before a baud change arrive before the change.
     tool.write_all(b"before").unwrap();
-    let mut t = wire::termios::get(tool.fd.as_raw_fd()).unwrap();
+    let mut t = wire::termios::get(&tool.fd).unwrap();
     wire::termios::set_baud(&mut t, 460_800);
-    wire::termios::set(tool.fd.as_raw_fd(), &t, wire::termios::When::Now).unwrap();
+    wire::termios::set(&tool.fd, &t, wire::termios::When::Now).unwrap();
     p.expect_cmd(Cmd::SetBaudRate(460_800));
     let pos_data = p
         .seen

@@ -8,7 +8,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use devbroker::config::{self, UsbId};
-use devbroker::suggest::{self, Report};
+use devbroker::suggest::{self, Survey};
 use devbroker_tests::umockdev::{self, testdata};
 use devbroker_tests::*;
 
@@ -58,7 +58,7 @@ fn parse(text: &str) -> config::Config {
 
 /// Appends the suggestions (and, separately, the whole `--suggest` output)
 /// to `text`; both must parse, and with them every adapter has a board.
-fn appended(text: &str, rep: &Report) -> String {
+fn appended(text: &str, rep: &Survey) -> String {
     let whole = format!("{text}{}", rep.render(true));
     parse(&whole);
     let all = suggest::append_to(text, rep);
@@ -96,7 +96,7 @@ fn by_id_fake_boards_get_entries_that_parse() {
     let adapters = suggest::present_by_id_with(&w.by_id, &udev);
     assert_eq!(adapters.len(), 5, "{adapters:#?}");
     let cfg = parse(CONFIG);
-    let rep = suggest::report(&adapters, &cfg);
+    let rep = suggest::survey(&adapters, &cfg);
     let text = rep.render(true);
     println!("{text}");
 
@@ -145,7 +145,7 @@ fn by_id_fake_boards_get_entries_that_parse() {
             r#"by-id = "usb-Absent_Board_X1-if00""#,
             r#"usb = "0403:6001", serial = "X1""#,
         );
-    let rep2 = suggest::report(&adapters, &parse(&by_serial));
+    let rep2 = suggest::survey(&adapters, &parse(&by_serial));
     for (name, port) in [(CH340_A, 4), (CH340_B, 5)] {
         let r = rep2
             .adapters
@@ -180,7 +180,7 @@ fn by_id_fake_boards_get_entries_that_parse() {
     // Appended, the config parses (nothing overlaps), and every adapter
     // then has exactly one tty: nothing left to suggest.
     let all = appended(CONFIG, &rep);
-    let again = suggest::report(&adapters, &parse(&all));
+    let again = suggest::survey(&adapters, &parse(&all));
     for r in &again.adapters {
         assert_eq!(r.serves.len(), 1, "{r:?}");
         assert!(r.suggestion.is_none() && r.note.is_none(), "{r:?}");
@@ -225,7 +225,7 @@ fn a_suggested_board_is_served() {
     let _ftdi = w.plug(FTDI);
     let jlink = w.plug(JLINK);
     let adapters = suggest::present_by_id(&w.by_id);
-    let rep = suggest::report(&adapters, &parse(CONFIG));
+    let rep = suggest::survey(&adapters, &parse(CONFIG));
     let sg = rep
         .adapters
         .iter()
@@ -256,9 +256,9 @@ fn a_suggested_board_is_served() {
 
 // ---- udev, under umockdev (tier 2) ----
 
-fn udev_report(cfg: &str) -> Report {
+fn udev_report(cfg: &str) -> Survey {
     let adapters = suggest::present_udev().expect("enumerate udev");
-    suggest::report(&adapters, &parse(cfg))
+    suggest::survey(&adapters, &parse(cfg))
 }
 
 #[test]

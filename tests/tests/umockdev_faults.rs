@@ -90,7 +90,7 @@ fn unplug(tb: &UMockdev, n: u32) {
 }
 
 fn set_tool_baud(tool: &Tool, baud: u32) {
-    let fd = tool.fd.as_raw_fd();
+    let fd = &tool.fd;
     let mut t = wire::termios::get(fd).unwrap();
     wire::termios::set_baud(&mut t, baud);
     wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();
@@ -129,7 +129,7 @@ fn read_rest(tool: &Tool, left: usize) {
 
 /// The rate of the backing pty (what the broker set on the node).
 fn pty_rate(board: &OwnedFd) -> u32 {
-    wire::termios::get(board.as_raw_fd()).unwrap().c_ospeed
+    wire::termios::get(board).unwrap().c_ospeed
 }
 
 struct Fixture {

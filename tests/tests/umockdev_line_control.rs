@@ -194,7 +194,7 @@ fn pyserial_line_controls_reach_the_adapter() {
     // The backing pty has the rate too (it forces 8 bits, no parity).
     let board = tb.dev_fd(NODE).expect("the adapter's pty");
     use std::os::fd::AsRawFd;
-    let pty = wire::termios::get(board.as_raw_fd()).unwrap();
+    let pty = wire::termios::get(&board).unwrap();
     assert_eq!(pty.c_ospeed, 460800);
 
     // Data still flows, at the new settings.

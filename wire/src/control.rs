@@ -186,16 +186,23 @@ pub struct GrantedTty {
     pub socket: String,
 }
 
-/// Parses one request line, its newline already taken off; the error is the
-/// text to send back. With its newline, a line may be [`MAX_LINE`] bytes.
-pub fn parse_request(line: &[u8]) -> Result<Request, String> {
+/// Why a request line is refused ([`ErrorCode::BadRequest`]); its text is
+/// what the client is told.
+#[derive(Debug, thiserror::Error)]
+pub enum RequestError {
+    #[error("request of {0} bytes is over the {MAX_LINE}-byte limit")]
+    TooLong(usize),
+    #[error("bad request: {0}")]
+    Json(#[from] serde_json::Error),
+}
+
+/// Parses one request line, its newline already taken off. With its
+/// newline, a line may be [`MAX_LINE`] bytes.
+pub fn parse_request(line: &[u8]) -> Result<Request, RequestError> {
     if line.len() >= MAX_LINE {
-        return Err(format!(
-            "request of {} bytes is over the {MAX_LINE}-byte limit",
-            line.len()
-        ));
+        return Err(RequestError::TooLong(line.len()));
     }
-    serde_json::from_slice(line).map_err(|e| format!("bad request: {e}"))
+    Ok(serde_json::from_slice(line)?)
 }
 
 /// Renders a reply as one line, newline included.
@@ -278,10 +285,25 @@ pub struct TtyStatus {
 pub struct Holder {
     /// `machine NAME` or `host user NAME`.
     pub who: String,
-    /// Host pid of the client process.
+    /// Host pid of the tool that has the port open (as devshim names it),
+    /// else of the client process.
     pub pid: Option<i32>,
+    /// The tool's command name, when devshim named it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tool: Option<String>,
     /// RFC 3339 time the session started.
     pub since: String,
+}
+
+/// ` (esptool.py, pid 1234)`, ` (pid 1234)` or nothing: how a holder's
+/// tool is named after who holds the port.
+pub fn tool_and_pid(tool: Option<&str>, pid: Option<i32>) -> String {
+    match (tool, pid) {
+        (Some(t), Some(p)) => format!(" ({t}, pid {p})"),
+        (Some(t), None) => format!(" ({t})"),
+        (None, Some(p)) => format!(" (pid {p})"),
+        (None, None) => String::new(),
+    }
 }
 
 #[cfg(test)]
@@ -303,11 +325,13 @@ mod tests {
         );
         assert!(parse_request(br#"{"request":"nope"}"#)
             .unwrap_err()
+            .to_string()
             .contains("unknown variant"));
         assert!(parse_request(br#"{"request":"status","x":1}"#).is_err());
         assert!(parse_request(b"not json").is_err());
         assert!(parse_request(&vec![b' '; MAX_LINE])
             .unwrap_err()
+            .to_string()
             .contains("limit"));
         let line = request_line(&Request::Status {});
         assert_eq!(

@@ -8,7 +8,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::names::{check_link_name, check_name, socket_name};
+use crate::names::{check_link_name, check_name, socket_name, NameError};
 
 /// File name of the index inside a machine directory.
 pub const FILE: &str = "ttys.json";
@@ -46,23 +46,44 @@ impl Entry {
     }
 }
 
+/// Why an index is refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ManifestError {
+    #[error("unreadable index: {0}")]
+    Json(#[from] serde_json::Error),
+    #[error("index version {0} is not supported (this build reads 1)")]
+    Version(u32),
+    /// A board, tty or by-id name that could escape a directory or collide.
+    #[error("{what} name {name:?} refused: {why}")]
+    Name {
+        what: &'static str,
+        name: String,
+        why: NameError,
+    },
+}
+
 impl Manifest {
     /// Parses and checks a manifest.
-    pub fn parse(bytes: &[u8]) -> Result<Manifest, String> {
-        let m: Manifest =
-            serde_json::from_slice(bytes).map_err(|e| format!("unreadable index: {e}"))?;
+    pub fn parse(bytes: &[u8]) -> Result<Manifest, ManifestError> {
+        let m: Manifest = serde_json::from_slice(bytes)?;
         if m.version != 1 {
-            return Err(format!(
-                "index version {} is not supported (this build reads 1)",
-                m.version
-            ));
+            return Err(ManifestError::Version(m.version));
+        }
+        fn refused<'a>(
+            what: &'static str,
+            name: &'a str,
+        ) -> impl FnOnce(NameError) -> ManifestError + 'a {
+            move |why| ManifestError::Name {
+                what,
+                name: name.to_string(),
+                why,
+            }
         }
         for e in &m.ttys {
-            check_name(&e.board)
-                .map_err(|why| format!("board name {:?} refused: {why}", e.board))?;
-            check_name(&e.tty).map_err(|why| format!("tty name {:?} refused: {why}", e.tty))?;
+            check_name(&e.board).map_err(refused("board", &e.board))?;
+            check_name(&e.tty).map_err(refused("tty", &e.tty))?;
             if let Some(l) = &e.by_id {
-                check_link_name(l).map_err(|why| format!("by-id name {l:?} refused: {why}"))?;
+                check_link_name(l).map_err(refused("by-id", l))?;
             }
         }
         Ok(m)
@@ -95,6 +116,7 @@ mod tests {
         bad.ttys[0].by_id = Some("../../etc/shadow".into());
         assert!(Manifest::parse(&bad.to_bytes())
             .unwrap_err()
+            .to_string()
             .contains("by-id name"));
         let mut bad = good.clone();
         bad.ttys[0].board = "..".into();

@@ -8,32 +8,49 @@
 /// Longest board, tty or machine name.
 pub const MAX_NAME: usize = 63;
 
+/// Why a name is refused; its text completes "… is refused: ".
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("it is empty")]
+    Empty,
+    #[error("it is {len} characters long; the limit is {max}")]
+    TooLong { len: usize, max: usize },
+    #[error("it starts with {0:?}; names start with a-z or 0-9")]
+    BadStart(char),
+    #[error("it contains {0:?}; names use only a-z, 0-9, '.' and '-'")]
+    BadChar(char),
+    #[error("{0:?} is a directory reference, not a link name")]
+    DirectoryReference(String),
+    #[error("it contains '/'; give the link's name alone, not a path")]
+    Slash,
+    #[error("it is {len} bytes long; file names end at {max}")]
+    TooLongForFile { len: usize, max: usize },
+    #[error("it contains {0:?}")]
+    Unprintable(char),
+}
+
 /// Checks a board, tty or machine name against `[a-z0-9][a-z0-9.-]{0,62}`.
 /// The error says what is wrong; [`suggest_name`] says what to write instead.
-pub fn check_name(name: &str) -> Result<(), String> {
+pub fn check_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("it is empty".into());
+        return Err(NameError::Empty);
     }
     if name.len() > MAX_NAME {
-        return Err(format!(
-            "it is {} characters long; the limit is {MAX_NAME}",
-            name.len()
-        ));
+        return Err(NameError::TooLong {
+            len: name.len(),
+            max: MAX_NAME,
+        });
     }
     let first = name.as_bytes()[0];
     if !(first.is_ascii_lowercase() || first.is_ascii_digit()) {
-        return Err(format!(
-            "it starts with {:?}; names start with a-z or 0-9",
-            first as char
-        ));
+        // The first character, whole (it may not be ASCII).
+        return Err(NameError::BadStart(name.chars().next().unwrap_or('?')));
     }
     if let Some(c) = name
         .chars()
         .find(|c| !(c.is_ascii_lowercase() || c.is_ascii_digit() || *c == '.' || *c == '-'))
     {
-        return Err(format!(
-            "it contains {c:?}; names use only a-z, 0-9, '.' and '-'"
-        ));
+        return Err(NameError::BadChar(c));
     }
     Ok(())
 }
@@ -62,26 +79,24 @@ pub fn suggest_name(name: &str) -> String {
 
 /// Checks the name of a link in `/dev/serial/by-id`: one path component,
 /// no `/`, not `.` or `..`, printable, at most 255 bytes.
-pub fn check_link_name(name: &str) -> Result<(), String> {
+pub fn check_link_name(name: &str) -> Result<(), NameError> {
     if name.is_empty() {
-        return Err("it is empty".into());
+        return Err(NameError::Empty);
     }
     if name == "." || name == ".." {
-        return Err(format!(
-            "{name:?} is a directory reference, not a link name"
-        ));
+        return Err(NameError::DirectoryReference(name.into()));
     }
     if name.contains('/') {
-        return Err("it contains '/'; give the link's name alone, not a path".into());
+        return Err(NameError::Slash);
     }
     if name.len() > 255 {
-        return Err(format!(
-            "it is {} bytes long; file names end at 255",
-            name.len()
-        ));
+        return Err(NameError::TooLongForFile {
+            len: name.len(),
+            max: 255,
+        });
     }
     if let Some(c) = name.chars().find(|c| c.is_control() || c.is_whitespace()) {
-        return Err(format!("it contains {c:?}"));
+        return Err(NameError::Unprintable(c));
     }
     Ok(())
 }
@@ -106,7 +121,7 @@ mod tests {
         assert!(check_name(".x").is_err());
         assert!(check_name("-x").is_err());
         assert!(check_name("A").is_err());
-        assert!(check_name("a_b").unwrap_err().contains("'_'"));
+        assert!(check_name("a_b").unwrap_err().to_string().contains("'_'"));
         assert!(check_name("a/b").is_err());
         assert!(check_name("a\nb").is_err());
         assert_eq!(suggest_name("ESP_1"), "esp-1");

@@ -118,6 +118,41 @@ pub enum Command {
     PurgeData(u8),
 }
 
+/// The tool holding a guest pty, as devshim names it to the broker in a
+/// client SIGNATURE (`tool pid=1234 comm=esptool.py`): `status` then names
+/// the tool rather than devshim. Untrusted text from a machine: parsing
+/// keeps only a positive pid and a short, printable name.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ToolSignature {
+    /// Its pid in the client's pid namespace.
+    pub pid: i32,
+    /// Its command name (`/proc/PID/comm`).
+    pub comm: String,
+}
+
+impl ToolSignature {
+    /// Longest name kept.
+    pub const MAX_COMM: usize = 32;
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        format!("tool pid={} comm={}", self.pid, self.comm).into_bytes()
+    }
+
+    /// Reads one; `None` for any other signature.
+    pub fn parse(b: &[u8]) -> Option<ToolSignature> {
+        let text = std::str::from_utf8(b).ok()?;
+        let rest = text.strip_prefix("tool pid=")?;
+        let (pid, comm) = rest.split_once(" comm=")?;
+        let pid: i32 = pid.parse().ok().filter(|p| *p > 0)?;
+        let comm: String = comm
+            .chars()
+            .take(Self::MAX_COMM)
+            .map(|c| if c.is_control() { '?' } else { c })
+            .collect();
+        Some(ToolSignature { pid, comm })
+    }
+}
+
 /// Who sent a message: the code space differs by 100.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -312,6 +347,22 @@ impl LineSettings {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn tool_signatures() {
+        let t = ToolSignature {
+            pid: 42,
+            comm: "esp tool.py".into(),
+        };
+        assert_eq!(ToolSignature::parse(&t.to_bytes()), Some(t));
+        assert_eq!(ToolSignature::parse(b"tool pid=0 comm=x"), None);
+        assert_eq!(ToolSignature::parse(b"tool pid=-3 comm=x"), None);
+        assert_eq!(ToolSignature::parse(b"devshim 0.1"), None);
+        let odd = ToolSignature::parse(b"tool pid=7 comm=a\x1b[2Jb").unwrap();
+        assert_eq!(odd.comm, "a?[2Jb");
+        let long = ToolSignature::parse(format!("tool pid=7 comm={}", "x".repeat(500)).as_bytes());
+        assert_eq!(long.unwrap().comm.len(), ToolSignature::MAX_COMM);
+    }
     use super::*;
     use crate::telnet::{Decoder, OwnedEvent, IAC, SB, SE};
 

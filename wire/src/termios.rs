@@ -5,20 +5,37 @@
 //! non-standard rates such as 250000 or 921600 pass unchanged. The broker
 //! applies settings to the real port with these; devshim reads what a tool set
 //! on its pty (on the master side, which returns the slave's settings).
+//!
+//! Every tty ioctl of the project is here, each behind a safe function on a
+//! borrowed descriptor: the rest of the code holds no `unsafe` for them.
 
 use std::io;
-use std::os::fd::RawFd;
+use std::os::fd::{AsFd, AsRawFd};
 
 use crate::rfc2217::{control, parity, stopsize, LineSettings};
 
-/// Reads the terminal's settings.
-pub fn get(fd: RawFd) -> io::Result<libc::termios2> {
-    let mut t: libc::termios2 = unsafe { std::mem::zeroed() };
-    // SAFETY: TCGETS2 writes one termios2 into the pointer we pass.
-    let r = unsafe { libc::ioctl(fd, libc::TCGETS2 as _, &mut t) };
+/// A termios with every field zero, to be filled in.
+pub fn zeroed() -> libc::termios2 {
+    // SAFETY: termios2 is plain integers and arrays of them; all zeroes is a
+    // valid value of each.
+    unsafe { std::mem::zeroed() }
+}
+
+/// Turns an ioctl's return value into a result.
+fn check(r: libc::c_int) -> io::Result<()> {
     if r < 0 {
-        return Err(io::Error::last_os_error());
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
+}
+
+/// Reads the terminal's settings.
+pub fn get(fd: impl AsFd) -> io::Result<libc::termios2> {
+    let mut t = zeroed();
+    // SAFETY: TCGETS2 writes one termios2 into the pointer we pass; the
+    // descriptor is borrowed, so open, for the call.
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TCGETS2 as _, &mut t) })?;
     Ok(t)
 }
 
@@ -33,17 +50,44 @@ pub enum When {
 
 /// Applies settings. With [`When::AfterDrain`] this blocks until the output
 /// queue is empty: call it off the async threads.
-pub fn set(fd: RawFd, t: &libc::termios2, when: When) -> io::Result<()> {
+pub fn set(fd: impl AsFd, t: &libc::termios2, when: When) -> io::Result<()> {
     let req = match when {
         When::Now => libc::TCSETS2,
         When::AfterDrain => libc::TCSETSW2,
     };
     // SAFETY: TCSETS2/TCSETSW2 read one termios2 from the pointer.
-    let r = unsafe { libc::ioctl(fd, req as _, t) };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(())
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req as _, t) })
+}
+
+/// The modem lines (`TIOCM_*` bits) as the tty has them now. A device
+/// without modem lines (a pty) fails with `ENOTTY`.
+pub fn modem_lines(fd: impl AsFd) -> io::Result<libc::c_int> {
+    let mut bits: libc::c_int = 0;
+    // SAFETY: TIOCMGET writes one int.
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), libc::TIOCMGET, &mut bits) })?;
+    Ok(bits)
+}
+
+/// Raises (`on`) or drops the modem lines in `bits` (`TIOCM_DTR`,
+/// `TIOCM_RTS`), leaving the others as they are.
+pub fn set_modem_lines(fd: impl AsFd, bits: libc::c_int, on: bool) -> io::Result<()> {
+    let req = if on { libc::TIOCMBIS } else { libc::TIOCMBIC };
+    // SAFETY: TIOCMBIS/TIOCMBIC read one int.
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req, &bits) })
+}
+
+/// Starts (`on`) or stops sending a break.
+pub fn set_break(fd: impl AsFd, on: bool) -> io::Result<()> {
+    let req = if on { libc::TIOCSBRK } else { libc::TIOCCBRK };
+    // SAFETY: TIOCSBRK/TIOCCBRK take no argument.
+    check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req, 0) })
+}
+
+/// Discards queued data: `TCIFLUSH` (received, not read), `TCOFLUSH`
+/// (written, not sent) or `TCIOFLUSH` (both).
+pub fn flush(fd: impl AsFd, queue: libc::c_int) -> io::Result<()> {
+    // SAFETY: tcflush takes the descriptor and a queue selector only.
+    check(unsafe { libc::tcflush(fd.as_fd().as_raw_fd(), queue) })
 }
 
 /// The settings of a termios, in RFC 2217 values.
@@ -172,7 +216,7 @@ mod tests {
 
     #[test]
     fn settings_roundtrip() {
-        let mut t: libc::termios2 = unsafe { std::mem::zeroed() };
+        let mut t = zeroed();
         make_raw(&mut t);
         set_baud(&mut t, 250_000);
         set_data_size(&mut t, 7).unwrap();

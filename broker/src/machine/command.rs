@@ -147,7 +147,7 @@ fn setup_options(a: SetupArgs<'_>) -> anyhow::Result<setup::SetupOptions> {
 }
 
 /// What setup did, or would do with `--dry-run`.
-fn setup_report(name: &str, rep: &setup::Report, dry_run: bool) -> String {
+fn setup_report(name: &str, rep: &setup::SetupReport, dry_run: bool) -> String {
     let mut out = String::new();
     if dry_run {
         out += &rep.diff;

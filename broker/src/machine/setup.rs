@@ -49,7 +49,7 @@ pub struct SetupOptions {
 
 /// What should be at a path.
 #[derive(Debug, Clone)]
-enum Want {
+enum Content {
     /// A file with this content, owner and mode.
     File {
         content: Vec<u8>,
@@ -73,13 +73,13 @@ enum Want {
 #[derive(Debug, Clone)]
 struct Step {
     path: PathBuf,
-    want: Want,
+    content: Content,
     owner: (u32, u32),
 }
 
 /// What setup did or would do.
 #[derive(Debug, Default)]
-pub struct Report {
+pub struct SetupReport {
     pub changed: Vec<String>,
     pub subnet: u8,
     pub uid_shift: u32,
@@ -221,7 +221,7 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
-fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)> {
+fn steps_for(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)> {
     // A tree used with private users (-U) is owned by its shifted root.
     let shift = tree
         .root_meta()
@@ -240,10 +240,10 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
     let n = pick_subnet(tree, &opts.machines_dir)?;
     let t = |p: &str| opts.tree.join(p.trim_start_matches('/'));
     let mut steps = vec![
-        Step { path: t("/etc/hostname"), want: Want::File { content: format!("{}\n", opts.name).into_bytes(), mode: 0o644 }, owner: root },
+        Step { path: t("/etc/hostname"), content: Content::File { content: format!("{}\n", opts.name).into_bytes(), mode: 0o644 }, owner: root },
         Step {
             path: t(HOST0),
-            want: Want::File {
+            content: Content::File {
                 content: format!(
                     "# Written by devbroker machine setup.\n[Match]\nName=host0\n\n[Network]\nAddress=192.168.{n}.9/24\nGateway=192.168.{n}.1\nDNS=192.168.{n}.1\n"
                 )
@@ -269,13 +269,13 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         })?;
         steps.push(Step {
             path: t(&format!("/etc/systemd/system/{wants}/{unit}")),
-            want: Want::Symlink { target },
+            content: Content::Symlink { target },
             owner: root,
         });
     }
     steps.push(Step {
         path: t("/usr/local/bin/devshim"),
-        want: Want::File {
+        content: Content::File {
             content: shim,
             mode: 0o755,
         },
@@ -283,7 +283,7 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
     });
     steps.push(Step {
         path: t("/etc/systemd/system/devshim.service"),
-        want: Want::File {
+        content: Content::File {
             content: devshim_unit(&opts.user).into_bytes(),
             mode: 0o644,
         },
@@ -291,7 +291,7 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
     });
     steps.push(Step {
         path: t("/etc/systemd/system/multi-user.target.wants/devshim.service"),
-        want: Want::Symlink {
+        content: Content::Symlink {
             target: PathBuf::from("/etc/systemd/system/devshim.service"),
         },
         owner: root,
@@ -319,7 +319,7 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         if let Some(line) = line {
             steps.push(Step {
                 path: t(file),
-                want: Want::Edited {
+                content: Content::Edited {
                     edits: vec![Edit::AppendLine { line: line.clone() }],
                     mode,
                 },
@@ -336,7 +336,7 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
         .unwrap_or(format!("/home/{}", opts.user));
     steps.push(Step {
         path: opts.tree.join(home_in_tree(&home, &opts.user, &opts.tree)?),
-        want: Want::Dir { mode: 0o750 },
+        content: Content::Dir { mode: 0o750 },
         owner: job,
     });
     let bind = format!(
@@ -377,19 +377,19 @@ fn plan(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)
     });
     steps.push(Step {
         path: nspawn_file,
-        want: Want::Edited { edits, mode: 0o644 },
+        content: Content::Edited { edits, mode: 0o644 },
         owner: (0, 0),
     });
     steps.push(Step {
         path: opts.run_dir.join("machines"),
-        want: Want::Dir { mode: 0o700 },
+        content: Content::Dir { mode: 0o700 },
         owner: (0, 0),
     });
     // The host's, not the container's: the container reads it and connects
     // to the sockets in it (0666), but its root can't put anything there.
     steps.push(Step {
         path: opts.run_dir.join("machines").join(&opts.name),
-        want: Want::Dir { mode: 0o755 },
+        content: Content::Dir { mode: 0o755 },
         owner: (0, 0),
     });
     Ok((steps, n, shift))
@@ -500,34 +500,37 @@ fn look(roots: &Roots, step: &Step) -> anyhow::Result<Now> {
     let p = step.path.display();
     let found = t.lstat(rel)?;
     let mut content = None;
-    match (&step.want, &found) {
-        (Want::File { .. } | Want::Edited { .. }, Found::File(_)) => {
+    match (&step.content, &found) {
+        (Content::File { .. } | Content::Edited { .. }, Found::File(_)) => {
             content = t.read(rel)?.map(|(b, _)| b);
         }
-        (Want::File { .. } | Want::Edited { .. }, Found::Missing) => {}
-        (Want::File { .. } | Want::Edited { .. } | Want::Dir { .. }, Found::Link(target, _)) => {
+        (Content::File { .. } | Content::Edited { .. }, Found::Missing) => {}
+        (
+            Content::File { .. } | Content::Edited { .. } | Content::Dir { .. },
+            Found::Link(target, _),
+        ) => {
             return Err(t.link_in_the_way(rel, target).into());
         }
-        (Want::File { .. } | Want::Edited { .. }, Found::Dir(_)) => {
+        (Content::File { .. } | Content::Edited { .. }, Found::Dir(_)) => {
             bail!("{p} is a directory where setup writes a file: remove it")
         }
-        (Want::Symlink { .. }, Found::Dir(_)) => {
+        (Content::Symlink { .. }, Found::Dir(_)) => {
             bail!("{p} is a directory where setup makes a link: remove it")
         }
-        (Want::Dir { .. }, Found::File(_)) => {
+        (Content::Dir { .. }, Found::File(_)) => {
             bail!("{p} is a file where setup makes a directory: remove it")
         }
         (_, Found::Other(k)) => bail!("{p} is a {k}; setup never opens those: remove it"),
-        (Want::Symlink { .. }, _) | (Want::Dir { .. }, _) => {}
+        (Content::Symlink { .. }, _) | (Content::Dir { .. }, _) => {}
     }
     Ok(Now { found, content })
 }
 
 /// The content a file step leaves, given what is there now.
 fn after_bytes(step: &Step, now: &Now) -> Option<Vec<u8>> {
-    match &step.want {
-        Want::File { content, .. } => Some(content.clone()),
-        Want::Edited { edits, .. } => {
+    match &step.content {
+        Content::File { content, .. } => Some(content.clone()),
+        Content::Edited { edits, .. } => {
             let mut text =
                 String::from_utf8_lossy(now.content.as_deref().unwrap_or_default()).into_owned();
             for e in edits {
@@ -542,40 +545,40 @@ fn after_bytes(step: &Step, now: &Now) -> Option<Vec<u8>> {
 /// The owner and mode a file or directory step leaves: an edited file
 /// keeps its own, everything else gets the step's.
 fn after_meta(step: &Step, now: &Now) -> Meta {
-    match (&step.want, &now.found) {
-        (Want::Edited { .. }, Found::File(m)) => *m,
-        (Want::File { mode, .. } | Want::Edited { mode, .. } | Want::Dir { mode }, _) => {
+    match (&step.content, &now.found) {
+        (Content::Edited { .. }, Found::File(m)) => *m,
+        (Content::File { mode, .. } | Content::Edited { mode, .. } | Content::Dir { mode }, _) => {
             Meta::new(step.owner, *mode)
         }
-        (Want::Symlink { .. }, _) => Meta::new(step.owner, 0o777),
+        (Content::Symlink { .. }, _) => Meta::new(step.owner, 0o777),
     }
 }
 
 /// Whether the path already holds what the step wants (owner and mode
 /// included).
 fn satisfied(step: &Step, now: &Now) -> bool {
-    match (&step.want, &now.found) {
-        (Want::File { .. } | Want::Edited { .. }, Found::File(m)) => {
+    match (&step.content, &now.found) {
+        (Content::File { .. } | Content::Edited { .. }, Found::File(m)) => {
             *m == after_meta(step, now) && now.content == after_bytes(step, now)
         }
-        (Want::Symlink { target }, Found::Link(t, _)) => t == target,
-        (Want::Dir { .. }, Found::Dir(m)) => *m == after_meta(step, now),
+        (Content::Symlink { target }, Found::Link(t, _)) => t == target,
+        (Content::Dir { .. }, Found::Dir(m)) => *m == after_meta(step, now),
         _ => false,
     }
 }
 
 fn describe(step: &Step, now: &Now, diff: &mut String) {
     let p = step.path.display().to_string();
-    match &step.want {
-        Want::Symlink { target } => diff.push_str(&format!(
+    match &step.content {
+        Content::Symlink { target } => diff.push_str(&format!(
             "--- {p}: link to {} would be made\n",
             target.display()
         )),
-        Want::Dir { mode } => diff.push_str(&format!(
+        Content::Dir { mode } => diff.push_str(&format!(
             "--- {p}: directory (mode {mode:o}, owner {}:{}) would be made or fixed\n",
             step.owner.0, step.owner.1
         )),
-        Want::File { .. } | Want::Edited { .. } => {
+        Content::File { .. } | Content::Edited { .. } => {
             let after = after_bytes(step, now).unwrap_or_default();
             match String::from_utf8(after) {
                 Ok(after) => {
@@ -605,12 +608,12 @@ fn describe(step: &Step, now: &Now, diff: &mut String) {
 }
 
 /// Runs setup (or, with `dry_run`, says what it would do).
-pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
+pub fn setup(opts: &SetupOptions) -> anyhow::Result<SetupReport> {
     check_names(opts)?;
     let roots = Roots::new(Some(open_tree(&opts.tree)?))?;
     let tree = roots.tree.as_ref().expect("opened");
-    let (steps, subnet, shift) = plan(opts, tree)?;
-    let mut report = Report {
+    let (steps, subnet, shift) = steps_for(opts, tree)?;
+    let mut report = SetupReport {
         subnet,
         uid_shift: shift,
         ..Default::default()
@@ -623,8 +626,8 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
         if !satisfied(&s, &now) {
             let (t, rel) = roots.at(&s.path);
             t.check_parents(rel)?;
-            if !matches!(s.want, Want::Dir { .. }) {
-                t.check_temp(rel, matches!(s.want, Want::Symlink { .. }))?;
+            if !matches!(s.content, Content::Dir { .. }) {
+                t.check_temp(rel, matches!(s.content, Content::Symlink { .. }))?;
             }
             todo.push((s, now));
         }
@@ -667,11 +670,11 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
         }
         save(&record, &opts.state_dir)?;
         let prior = record.find(&step.path).cloned();
-        let (backup, before) = match (&prior, &now.found, &step.want) {
+        let (backup, before) = match (&prior, &now.found, &step.content) {
             (Some(e), _, _) => (e.backup.clone(), e.before),
             (None, Found::Missing, _) => (None, None),
             // Existed: never removed, only given its owner and mode back.
-            (None, found, Want::Dir { .. }) => (Some(PathBuf::new()), found.meta()),
+            (None, found, Content::Dir { .. }) => (Some(PathBuf::new()), found.meta()),
             (None, found, _) => {
                 let b = backups.join(format!("{}", record.entries.len()));
                 keep_backup(found, now.content.as_deref(), &b)?;
@@ -681,7 +684,7 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<Report> {
         let kind = write_step(t, rel, step, now)?;
         let after = fingerprint_now(t, rel, &kind)?.unwrap_or(0);
         let mut edits = prior.as_ref().map(|e| e.edits.clone()).unwrap_or_default();
-        if let Want::Edited { edits: new, .. } = &step.want {
+        if let Content::Edited { edits: new, .. } = &step.content {
             for e in new {
                 if !edits.contains(e) {
                     edits.push(e.clone());
@@ -743,16 +746,16 @@ fn fingerprint_now(t: &Tree, rel: &Path, kind: &Kind) -> io::Result<Option<u64>>
 
 /// Writes one step; returns what kind of thing it made.
 fn write_step(t: &Tree, rel: &Path, step: &Step, now: &Now) -> anyhow::Result<Kind> {
-    match &step.want {
-        Want::Dir { .. } => {
+    match &step.content {
+        Content::Dir { .. } => {
             t.dir(rel, after_meta(step, now))?;
             Ok(Kind::Dir)
         }
-        Want::Symlink { target } => {
+        Content::Symlink { target } => {
             t.symlink_atomic(rel, target, step.owner)?;
             Ok(Kind::Symlink)
         }
-        Want::File { .. } | Want::Edited { .. } => {
+        Content::File { .. } | Content::Edited { .. } => {
             let bytes = after_bytes(step, now).expect("a file step");
             t.write_atomic(rel, &bytes, after_meta(step, now))?;
             Ok(Kind::File)

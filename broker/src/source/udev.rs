@@ -15,7 +15,7 @@
 use std::collections::BTreeMap;
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use tokio::io::unix::AsyncFd;
@@ -142,7 +142,7 @@ async fn run(
         // Clear readiness only when the socket is really empty: an error
         // above may have left messages behind, and the edge-triggered
         // readiness would not fire again for them.
-        if !readable_now(monitor.socket.as_raw_fd()) {
+        if !readable_now(monitor.socket.as_fd()) {
             guard.clear_ready();
         }
         drop(guard);
@@ -175,14 +175,9 @@ async fn run(
 }
 
 /// `poll` with no timeout: is there something to read?
-fn readable_now(fd: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd, no wait.
-    unsafe { libc::poll(&mut pfd, 1, 0) > 0 }
+fn readable_now(fd: BorrowedFd<'_>) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    poll(&mut [PollFd::new(fd, PollFlags::POLLIN)], PollTimeout::ZERO).is_ok_and(|n| n > 0)
 }
 
 fn change_of(ev: &udev::Event) -> Change {

@@ -7,7 +7,7 @@ use tokio::sync::mpsc;
 use wire::control::{BoardInfo, Granted, GrantedTty, Reply};
 
 use super::{inner_present, Inner, Shared};
-use crate::lease::{Client, ClientKey, Want};
+use crate::lease::{Tenant, TenantKey, Want};
 use crate::limits;
 use crate::refusal::Refusal;
 use wire::control::ErrorCode;
@@ -47,11 +47,11 @@ impl Shared {
     /// client's connection limit.
     pub fn connect(
         &self,
-        client: ClientKey,
+        client: TenantKey,
     ) -> Result<(u64, mpsc::UnboundedReceiver<Reply>), Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let n = inner.conn_counts.get(&client).copied().unwrap_or(0);
-        if client != ClientKey::Admin && n >= limits::CONTROL_CONNECTIONS {
+        if client != TenantKey::Admin && n >= limits::CONTROL_CONNECTIONS {
             return Err(Refusal::new(
                 ErrorCode::Limit,
                 format!("too many control connections ({n}, the limit); close some and try again"),
@@ -87,7 +87,7 @@ impl Shared {
         self.activity.notify_one();
     }
 
-    fn granted(inner: &Inner, board: &str, client: &Client) -> Granted {
+    fn granted(inner: &Inner, board: &str, client: &Tenant) -> Granted {
         let b = inner
             .config
             .boards
@@ -103,8 +103,8 @@ impl Shared {
                     tty: t.name.clone(),
                     by_id: inner.tty(&b.name, &t.name).by_id(t),
                     socket: match client {
-                        Client::Machine(_) => sock,
-                        Client::HostUser { .. } => format!("host/{sock}"),
+                        Tenant::Machine(_) => sock,
+                        Tenant::HostUser { .. } => format!("host/{sock}"),
                     },
                 }
             })
@@ -148,7 +148,7 @@ impl Shared {
     }
 
     /// Asks for a lease for `conn`.
-    pub fn lease(&self, conn: u64, client: Client, want: Want) -> Result<LeaseOutcome, Refusal> {
+    pub fn lease(&self, conn: u64, client: Tenant, want: Want) -> Result<LeaseOutcome, Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let Inner {
             leases,
@@ -237,7 +237,7 @@ impl Shared {
     /// A client sees who holds a board and how many wait for it only as far
     /// as it concerns itself: another client's lease reads "another client",
     /// and `waiting` counts its own requests.
-    pub fn list(&self, client: Option<&Client>) -> Vec<BoardInfo> {
+    pub fn list(&self, client: Option<&Tenant>) -> Vec<BoardInfo> {
         let inner = self.inner.lock().unwrap();
         inner
             .config
@@ -282,7 +282,7 @@ impl Shared {
     /// the same answer as one that does not exist.
     pub(super) fn access(
         inner: &Inner,
-        client: Option<&Client>,
+        client: Option<&Tenant>,
         board: &str,
     ) -> Result<Hold, Refusal> {
         let Some(c) = client else {
@@ -295,7 +295,7 @@ impl Shared {
             ));
         }
         let b = inner.board(board)?;
-        if let Client::Machine(m) = c {
+        if let Tenant::Machine(m) = c {
             if b.dedicated_machine() == Some(m.as_str()) {
                 return Ok(Hold::Always);
             }
@@ -311,7 +311,7 @@ impl Shared {
 
     /// Ok when `client` may act on `board` now; else why not (see
     /// [`Shared::log`] and [`Shared::begin_sequence`], which check it again).
-    pub fn may_act(&self, client: Option<&Client>, board: &str) -> Result<(), Refusal> {
+    pub fn may_act(&self, client: Option<&Tenant>, board: &str) -> Result<(), Refusal> {
         Self::access(&self.inner.lock().unwrap(), client, board).map(|_| ())
     }
 
@@ -321,7 +321,7 @@ impl Shared {
     /// receiver must be checked with [`Shared::may_follow`].
     pub fn log(
         &self,
-        client: Option<&Client>,
+        client: Option<&Tenant>,
         board: &str,
     ) -> Result<(Vec<u8>, ConsoleFollow), Refusal> {
         let inner = self.inner.lock().unwrap();

@@ -21,14 +21,14 @@ use tokio::sync::{mpsc, Notify};
 use wire::control::Reply;
 
 use crate::config::Config;
-use crate::lease::{ClientKey, Leases};
+use crate::lease::{Leases, TenantKey};
 use crate::plan::TtyKey;
 use crate::refusal::Refusal;
 use wire::control::ErrorCode;
 
 pub use leasing::{ConsoleFollow, LeaseOutcome, LEASE_END_GRACE};
 pub use sequences::{SequencePort, SequenceRun};
-pub use ttys::{Counters, Link, SessionGuard};
+pub use ttys::{Attachment, Counters, SessionGuard};
 
 use sequences::RunningSequence;
 use ttys::TtyState;
@@ -40,9 +40,9 @@ struct Inner {
     next_session: u64,
     leases: Leases,
     /// Control connections, to tell a waiter its lease was granted.
-    conns: BTreeMap<u64, (ClientKey, mpsc::UnboundedSender<Reply>)>,
+    conns: BTreeMap<u64, (TenantKey, mpsc::UnboundedSender<Reply>)>,
     /// Open control connections per client, for the limit.
-    conn_counts: BTreeMap<ClientKey, usize>,
+    conn_counts: BTreeMap<TenantKey, usize>,
     next_conn: u64,
     /// Each board's console capture.
     captures: BTreeMap<String, Arc<crate::capture::Capture>>,
@@ -285,7 +285,7 @@ fn inner_present(config: &Config, ttys: &BTreeMap<TtyKey, TtyState>, board: &str
                     board: b.name.clone(),
                     tty: t.name.clone(),
                 })
-                .is_some_and(|st| st.link.borrow().adapter.is_some())
+                .is_some_and(|st| st.attachment.borrow().adapter.is_some())
             })
         })
 }

@@ -8,7 +8,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::leasing::Hold;
 use super::{SessionGuard, Shared};
-use crate::lease::{Client, ClientKey};
+use crate::lease::{Tenant, TenantKey};
 use crate::limits;
 use crate::plan::TtyKey;
 use crate::refusal::Refusal;
@@ -17,7 +17,7 @@ use wire::control::ErrorCode;
 /// A sequence being run, as the state knows it.
 #[derive(Debug)]
 pub(super) struct RunningSequence {
-    pub(super) client: ClientKey,
+    pub(super) client: TenantKey,
     pub(super) board: String,
     /// The lease it runs under; `None` on a board dedicated to the machine
     /// (or for the admin).
@@ -67,7 +67,7 @@ impl Shared {
     /// at a time per client; it is stopped when its lease ends.
     pub fn begin_sequence(
         &self,
-        client: Option<&Client>,
+        client: Option<&Tenant>,
         board: &str,
         tty: Option<&str>,
         pid: Option<i32>,
@@ -75,7 +75,7 @@ impl Shared {
     ) -> Result<SequenceRun, Refusal> {
         let mut inner = self.inner.lock().unwrap();
         let hold = Self::access(&inner, client, board)?;
-        let key_of = client.map_or(ClientKey::Admin, Client::key);
+        let key_of = client.map_or(TenantKey::Admin, Tenant::key);
         let running = inner
             .sequences
             .values()
@@ -86,7 +86,7 @@ impl Shared {
                 ErrorCode::Limit,
                 format!(
                     "{} already runs a sequence; one at a time",
-                    client.map_or("the admin".to_string(), Client::describe)
+                    client.map_or("the admin".to_string(), Tenant::describe)
                 ),
             ));
         }
@@ -132,7 +132,7 @@ impl Shared {
                 drop(inner);
                 let who = format!(
                     "a sequence of {}",
-                    client.map_or("the admin".to_string(), Client::describe)
+                    client.map_or("the admin".to_string(), Tenant::describe)
                 );
                 let guard = self.acquire(&key, who, pid, parent)?;
                 let (cancel, stop2) = (guard.cancel.clone(), stop.clone());

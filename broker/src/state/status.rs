@@ -2,13 +2,14 @@
 //! The admin sees everything; a machine or host user sees only the boards
 //! it may use, and of their leases and queues only what concerns itself.
 
+use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use wire::control::{BoardStatus, Holder, Since, Status, TtyStatus, STATUS_VERSION};
 
 use super::Shared;
-use crate::lease::Client;
+use crate::lease::Tenant;
 
 fn rfc3339(t: SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
@@ -53,10 +54,10 @@ impl Shared {
     }
 
     /// The status as `viewer` may see it (`None`: the admin).
-    pub fn status(&self, viewer: Option<&Client>) -> Status {
+    pub fn status(&self, viewer: Option<&Tenant>) -> Status {
         let inner = self.inner.lock().unwrap();
-        let mine = |c: &Client| viewer.is_none_or(|v| v.key() == c.key());
-        let name = |c: &Client| {
+        let mine = |c: &Tenant| viewer.is_none_or(|v| v.key() == c.key());
+        let name = |c: &Tenant| {
             if mine(c) {
                 c.describe()
             } else {
@@ -78,8 +79,8 @@ impl Shared {
                     let lines = st
                         .session
                         .as_ref()
-                        .and_then(|s| s.port)
-                        .and_then(crate::port::modem_outputs);
+                        .and_then(|s| s.fd.as_deref())
+                        .and_then(|fd| crate::port::modem_outputs(fd.as_fd()));
                     TtyStatus {
                         name: t.name.clone(),
                         present: adapter.is_some(),
@@ -87,7 +88,8 @@ impl Shared {
                         device: adapter.map(|a| a.device.display().to_string()),
                         holder: st.session.as_ref().map(|s| Holder {
                             who: s.who.clone(),
-                            pid: s.pid,
+                            pid: s.holder_pid(),
+                            tool: s.tool.as_ref().map(|t| t.0.clone()),
                             since: rfc3339(s.since),
                         }),
                         bytes_to_board: st.counters.to_board.load(Ordering::Relaxed),

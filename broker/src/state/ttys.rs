@@ -33,7 +33,11 @@ pub struct Counters {
 pub(super) struct Session {
     pub(super) id: u64,
     pub(super) who: String,
+    /// The client's pid (a machine's devshim, or a host tool).
     pub(super) pid: Option<i32>,
+    /// The tool that has the port open, as devshim named it: its command
+    /// name and host pid.
+    pub(super) tool: Option<(String, Option<i32>)>,
     pub(super) since: SystemTime,
     pub(super) cancel: CancellationToken,
     /// Cancelled when the session ends, however it ends: a sequence run on
@@ -42,12 +46,15 @@ pub(super) struct Session {
     /// A duplicate of the open port, for sequences run while the session
     /// holds it (they may outlive the session's own descriptor); `None`
     /// while the adapter is away.
+    /// `status` reads the modem lines on it too.
     pub(super) fd: Option<Arc<OwnedFd>>,
-    /// The session's own descriptor of the port, to read its modem lines
-    /// for `status`. The session clears it before it closes the port (the
-    /// state is only ever read on the session's own thread between), so it
-    /// names that port for as long as it is set.
-    pub(super) port: Option<std::os::fd::RawFd>,
+}
+
+impl Session {
+    /// The pid `status` names: the tool's when known, else the client's.
+    pub(super) fn holder_pid(&self) -> Option<i32> {
+        self.tool.as_ref().and_then(|t| t.1).or(self.pid)
+    }
 }
 
 /// Asks a drain task for its port.
@@ -57,7 +64,7 @@ pub(super) type DrainTx = mpsc::Sender<crate::drain::Handover>;
 /// so a session whose port failed can tell the adapter it had from one that
 /// came back.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct Link {
+pub struct Attachment {
     pub gen: u64,
     pub adapter: Option<Adapter>,
 }
@@ -71,7 +78,7 @@ pub(super) struct TtyState {
     pub(super) counters: Arc<Counters>,
     /// The tty's adapter; sessions watch it to learn when it goes and
     /// comes back.
-    pub(super) link: tokio::sync::watch::Sender<Link>,
+    pub(super) attachment: tokio::sync::watch::Sender<Attachment>,
     /// The board's re-enumeration grace.
     pub(super) grace: std::time::Duration,
     /// The adapter went and the grace has not run out.
@@ -84,7 +91,7 @@ impl TtyState {
             drain: None,
             session: None,
             counters: Arc::default(),
-            link: tokio::sync::watch::Sender::new(Link::default()),
+            attachment: tokio::sync::watch::Sender::new(Attachment::default()),
             grace,
             away: false,
         }
@@ -92,13 +99,13 @@ impl TtyState {
 
     /// The adapter the tty has now.
     pub(super) fn adapter(&self) -> Option<Adapter> {
-        self.link.borrow().adapter.clone()
+        self.attachment.borrow().adapter.clone()
     }
 
     /// The by-id name a client sees: the adapter's, else the one the config
     /// matches on.
     pub(super) fn by_id(&self, tty: &crate::config::Tty) -> Option<String> {
-        self.link
+        self.attachment
             .borrow()
             .adapter
             .as_ref()
@@ -124,8 +131,8 @@ pub struct SessionGuard {
     /// How long the session waits for its adapter to come back when the
     /// port fails (zero: it ends at once).
     pub grace: std::time::Duration,
-    /// The tty's adapter as it changes; see [`Link`].
-    pub link: tokio::sync::watch::Receiver<Link>,
+    /// The tty's adapter as it changes; see [`Attachment`].
+    pub attachment: tokio::sync::watch::Receiver<Attachment>,
 }
 
 impl SessionGuard {
@@ -159,17 +166,40 @@ impl SessionGuard {
         }
     }
 
-    /// Records the session's open port, so sequences can run on it; `None`
-    /// while the adapter is away. The state keeps a duplicate: it stays
-    /// valid whatever the session does with its own.
-    pub fn set_fd(&self, port: Option<std::os::fd::BorrowedFd<'_>>) {
-        let fd = match port.map(|p| p.try_clone_to_owned()).transpose() {
-            Ok(fd) => fd.map(Arc::new),
-            Err(e) => {
-                tracing::warn!("{}: can't keep the port for sequences: {e}", self.key);
-                None
-            }
+    /// Records the tool devshim says has the port open (a client SIGNATURE):
+    /// its pid in the client's namespace is looked up on the host.
+    pub async fn set_tool(&self, tool: wire::rfc2217::ToolSignature) {
+        let client = {
+            let inner = self.shared.inner.lock().unwrap();
+            inner
+                .ttys
+                .get(&self.key)
+                .and_then(|t| t.session.as_ref())
+                .filter(|s| s.id == self.id)
+                .and_then(|s| s.pid)
         };
+        let host = match client {
+            Some(c) => tokio::task::spawn_blocking(move || crate::peer::host_pid(c, tool.pid))
+                .await
+                .ok()
+                .flatten(),
+            None => None,
+        };
+        let mut inner = self.shared.inner.lock().unwrap();
+        if let Some(s) = inner
+            .ttys
+            .get_mut(&self.key)
+            .and_then(|t| t.session.as_mut())
+            .filter(|s| s.id == self.id)
+        {
+            s.tool = Some((tool.comm, host));
+        }
+    }
+
+    /// Records the session's open port (a duplicate of its descriptor), so
+    /// sequences can run on it and `status` can read its modem lines; `None`
+    /// while the adapter is away and before the session closes the port.
+    pub fn set_fd(&self, fd: Option<Arc<OwnedFd>>) {
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(s) = inner
             .ttys
@@ -178,7 +208,6 @@ impl SessionGuard {
         {
             if s.id == self.id {
                 s.fd = fd;
-                s.port = port.map(|p| std::os::fd::AsRawFd::as_raw_fd(&p));
             }
         }
     }
@@ -275,7 +304,7 @@ impl Shared {
     /// Records which adapter each tty has now. A session of a tty whose
     /// adapter went away or changed is cancelled, unless the board has a
     /// re-enumeration grace: then the session is told (through its
-    /// [`Link`]) and waits for the adapter while the tty is `away`, and is
+    /// [`Attachment`]) and waits for the adapter while the tty is `away`, and is
     /// cancelled only once the tty leaves `away` without an adapter.
     pub fn set_present(&self, present: &BTreeMap<TtyKey, Adapter>, away: &BTreeSet<TtyKey>) {
         let mut inner = self.inner.lock().unwrap();
@@ -294,7 +323,7 @@ impl Shared {
                         s.cancel.cancel();
                     }
                 }
-                t.link.send_modify(|l| {
+                t.attachment.send_modify(|l| {
                     l.gen += 1;
                     l.adapter = now;
                 });
@@ -351,7 +380,10 @@ impl Shared {
                 format!(
                     "{key} is in use by {}{} since {}; try again when it is released",
                     s.who,
-                    s.pid.map(|p| format!(" (pid {p})")).unwrap_or_default(),
+                    wire::control::tool_and_pid(
+                        s.tool.as_ref().map(|t| t.0.as_str()),
+                        s.holder_pid()
+                    ),
                     humantime::format_rfc3339_seconds(s.since)
                 ),
             ));
@@ -365,7 +397,7 @@ impl Shared {
             .find(|b| b.name == key.board && b.console.tty == key.tty)
             .map(|b| inner.captures[&b.name].clone());
         let t = inner.ttys.get_mut(key).expect("checked above");
-        let link = t.link.subscribe();
+        let attachment = t.attachment.subscribe();
         t.session = Some(Session {
             id,
             who,
@@ -374,7 +406,7 @@ impl Shared {
             cancel: cancel.clone(),
             ended: CancellationToken::new(),
             fd: None,
-            port: None,
+            tool: None,
         });
         self.activity.notify_one();
         t.counters.sessions.fetch_add(1, Ordering::Relaxed);
@@ -388,7 +420,7 @@ impl Shared {
             rate,
             capture,
             grace: t.grace,
-            link,
+            attachment,
         })
     }
 }
