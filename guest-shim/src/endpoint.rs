@@ -164,26 +164,42 @@ const REFUSAL_TALK: Duration = Duration::from_secs(3);
 /// Quiet after which a refused client has set its line and waits for data.
 const REFUSAL_QUIET: Duration = Duration::from_millis(300);
 
+/// How long a refused client has to read the reason and close.
+const REFUSAL_LINGER: Duration = Duration::from_secs(3);
+
 /// Refuses a client so that it can show why: answers its telnet
 /// negotiation and COM-PORT-OPTION commands as a port would (the values it
-/// asks for), so its open completes; then sends `why` as the port's data,
-/// closes the sending side and waits (briefly) for the client to close, so
-/// it reads the text before it finds the end rather than a reset.
+/// asks for), so its open completes; once it has been quiet a moment, sends
+/// `why` as the port's data; goes on answering until the client closes or
+/// [`REFUSAL_LINGER`] passes (pyserial reports a closed connection before
+/// the data it already has, so the text must be read while the connection
+/// stands); then closes.
 async fn refuse(mut tcp: TcpStream, why: &str) {
+    let mut neg = Negotiator::server();
+    let mut dec = Decoder::new();
+    let mut buf = vec![0u8; 4096];
+    let mut told = false;
+    let start = tokio::time::Instant::now();
     let talk = async {
-        let mut neg = Negotiator::server();
         tcp.write_all(&neg.opening()).await?;
-        let mut dec = Decoder::new();
-        let mut buf = vec![0u8; 4096];
-        let deadline = tokio::time::Instant::now() + REFUSAL_TALK;
         loop {
-            let quiet = tokio::time::Instant::now() + REFUSAL_QUIET;
-            let n = match tokio::time::timeout_at(quiet.min(deadline), tcp.read(&mut buf)).await {
+            let now = tokio::time::Instant::now();
+            let until = if told {
+                start + REFUSAL_TALK + REFUSAL_LINGER
+            } else {
+                (now + REFUSAL_QUIET).min(start + REFUSAL_TALK)
+            };
+            let n = match tokio::time::timeout_at(until, tcp.read(&mut buf)).await {
                 Ok(r) => r?,
+                Err(_) if !told => {
+                    tcp.write_all(why.as_bytes()).await?;
+                    told = true;
+                    continue;
+                }
                 Err(_) => break,
             };
             if n == 0 {
-                return Ok(false);
+                break;
             }
             let mut out = Vec::new();
             let mut at = 0;
@@ -208,22 +224,9 @@ async fn refuse(mut tcp: TcpStream, why: &str) {
             }
             tcp.write_all(&out).await?;
         }
-        tcp.write_all(why.as_bytes()).await?;
-        tcp.shutdown().await?;
-        Ok::<bool, io::Error>(true)
+        tcp.shutdown().await
     };
-    if let Ok(true) = talk.await {
-        // Let the client read it all and close first.
-        let mut sink = [0u8; 4096];
-        let _ = tokio::time::timeout(REFUSAL_TALK, async {
-            while let Ok(n) = tcp.read(&mut sink).await {
-                if n == 0 {
-                    break;
-                }
-            }
-        })
-        .await;
-    }
+    let _ = talk.await;
 }
 
 /// The answer a port gives a command, for a refused client: the value it

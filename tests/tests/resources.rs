@@ -419,7 +419,7 @@ fn a_thousand_sessions_leak_nothing() {
         "sessions started"
     );
     assert_eq!(
-        log.matches("session ended: ClientLeft").count(),
+        log.matches("session ended: the client left").count(),
         20 + CYCLES
     );
     assert_back_to(&start, &broker, &shim, CYCLES_RSS_CAP, "sessions");

@@ -106,8 +106,9 @@ fn tool_actions_become_rfc2217_commands() {
         .spawn()
         .unwrap();
     let link = guest.join("serial/by-id/usb-Test_X-if00");
-    wait_for(Duration::from_secs(5), "the link", || exists(&link));
-    assert!(exists(&guest.join("devbroker/b.t")));
+    wait_for(Duration::from_secs(5), "the links", || {
+        exists(&link) && exists(&guest.join("devbroker/b.t"))
+    });
     let _ctl = ctl.join().unwrap();
 
     // A tool opens the pty: devshim connects, sends the line settings and raises DTR/RTS.

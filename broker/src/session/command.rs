@@ -2,8 +2,7 @@
 //! that say what is now in force.
 
 use std::io;
-use std::os::fd::{AsFd, OwnedFd};
-use std::sync::Arc;
+use std::os::fd::BorrowedFd;
 
 use tracing::{debug, warn};
 use wire::rfc2217::{control, Command, LineSettings};
@@ -46,23 +45,22 @@ fn setting_change(cmd: &Command) -> Option<SettingChange> {
 
 /// Applies a client's command to the port and returns the reply: the value
 /// now in force. A settings change waits for what was written before it to
-/// go out at the old rate, so it runs off the async threads on its own
-/// reference to the descriptor; the relay awaits it to the end, even when
-/// it stops, so the port is never closed under it.
+/// go out at the old rate, so it runs off the async threads; the relay
+/// awaits it to the end, even when it stops, so the port (and so `fd`) is
+/// never closed under it.
 pub(super) async fn apply(
-    fd: &Arc<OwnedFd>,
+    fd: BorrowedFd<'static>,
     cmd: Command,
     label: &str,
     suspend: &tokio::sync::watch::Sender<bool>,
     warnings: &mut Throttle,
 ) -> Option<Command> {
     if let Some(SettingChange { change, report }) = setting_change(&cmd) {
-        let fd = fd.clone();
         let applied = tokio::task::spawn_blocking(move || -> io::Result<Command> {
-            let mut t = termios::get(&*fd)?;
+            let mut t = termios::get(fd)?;
             if change(&mut t).is_some() {
-                termios::set(&*fd, &t, When::AfterDrain)?;
-                t = termios::get(&*fd)?;
+                termios::set(fd, &t, When::AfterDrain)?;
+                t = termios::get(fd)?;
             }
             Ok(report(&termios::to_settings(&t)))
         })
@@ -81,7 +79,6 @@ pub(super) async fn apply(
             }
         };
     }
-    let fd = fd.as_fd();
     match cmd {
         Command::SetControl(v) => match port::set_control(fd, v) {
             Ok(r) => {

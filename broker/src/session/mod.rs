@@ -16,8 +16,7 @@ mod to_client;
 
 use std::fmt;
 use std::io;
-use std::os::fd::OwnedFd;
-use std::sync::Arc;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::UnixStream;
@@ -76,9 +75,10 @@ struct Client {
 
 /// What both directions of one relay (one client, one port) share.
 struct Relay<'a> {
-    /// The port's descriptor for controls, beside the async stream that
-    /// carries its data; shared with the state for sequences and status.
-    fd: &'a Arc<OwnedFd>,
+    /// The port's own descriptor, for controls beside the async stream
+    /// that carries its data (not a duplicate: an emulated adapter answers
+    /// ioctls only on the descriptor it was opened as).
+    fd: BorrowedFd<'static>,
     guard: &'a SessionGuard,
     label: &'a str,
     /// Either direction ending stops the other.
@@ -236,8 +236,8 @@ async fn reopen(
 /// Relays between the client and one port until either ends. Each side
 /// stops only between whole frames, so after an adapter failure the stream
 /// to the client is intact and the client's unhandled bytes wait in
-/// `client` for the next port. The state holds a duplicate of the port's
-/// descriptor only while this runs: it lets go before the port is closed or
+/// `client` for the next port. The state holds the port (for sequences and
+/// `status`) only while this runs: it lets go before the port is closed or
 /// handed back.
 async fn relay(
     port: &mut SerialStream,
@@ -247,13 +247,13 @@ async fn relay(
     attachment: &mut watch::Receiver<Attachment>,
     opened: &str,
 ) -> End {
-    let fd = match port::fd(port).try_clone_to_owned() {
-        Ok(fd) => Arc::new(fd),
-        Err(e) => return End::AdapterGone(format!("can't use the port's descriptor: {e}")),
-    };
-    guard.set_fd(Some(fd.clone()));
+    guard.set_fd(Some(port::fd(port)));
+    // SAFETY: `port` outlives this relay (it is borrowed for all of it), and
+    // every control started on its descriptor — here or on the blocking
+    // pool — is awaited to its end before the relay returns.
+    let fd = unsafe { BorrowedFd::borrow_raw(port.as_raw_fd()) };
     let relay = Relay {
-        fd: &fd,
+        fd,
         guard,
         label,
         stop: guard.cancel.child_token(),

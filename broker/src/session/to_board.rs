@@ -2,7 +2,6 @@
 //! order, so bytes a tool wrote before a baud change are written — and
 //! drained at the old rate — before the change is applied.
 
-use std::os::fd::AsFd;
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -191,7 +190,7 @@ impl Commands {
                     let reply = tokio::select! {
                         r = &mut applying => r,
                         _ = &mut *stopped => {
-                            let _ = crate::port::purge(relay.fd.as_fd(), wire::rfc2217::purge::TRANSMIT);
+                            let _ = crate::port::purge(relay.fd, wire::rfc2217::purge::TRANSMIT);
                             applying.await
                         }
                     };

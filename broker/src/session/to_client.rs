@@ -1,7 +1,7 @@
 //! Board → client: what the port reads, escaped for telnet where a chunk
 //! has an `0xFF`, and the replies the command side queues, in one stream.
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::sync::atomic::Ordering;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
@@ -59,7 +59,7 @@ impl ToClient {
             buf,
             esc,
         } = self;
-        let fd = relay.fd.as_fd();
+        let fd = relay.fd;
         let counters = &relay.guard.counters;
         let capture = relay.guard.capture.as_ref();
         // Futures that live for the whole relay: made once, not per read,
@@ -147,12 +147,13 @@ impl ToClient {
     }
 }
 
-/// Reads what the port has ready now, without waiting, into `buf`.
+/// Reads what the port has ready now, without waiting, into `buf`. Through
+/// libc, as the port's other reads go (an emulated adapter sees them).
 fn drain_ready(fd: BorrowedFd<'_>, buf: &mut [u8]) -> usize {
     let mut got = 0;
     // A tty read returns at most 4 KiB; stop when less room is left.
     while buf.len() - got >= 4096 {
-        match rustix::io::read(fd, &mut buf[got..]) {
+        match nix::unistd::read(fd.as_raw_fd(), &mut buf[got..]) {
             Ok(n) if n > 0 => got += n,
             // Empty (EAGAIN on the non-blocking port), hung up or failed:
             // the next async read reports what matters.

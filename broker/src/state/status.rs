@@ -2,7 +2,7 @@
 //! The admin sees everything; a machine or host user sees only the boards
 //! it may use, and of their leases and queues only what concerns itself.
 
-use std::os::fd::AsFd;
+use std::os::fd::BorrowedFd;
 use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
@@ -76,11 +76,12 @@ impl Shared {
                     let st = inner.tty(&b.name, &t.name);
                     let adapter = st.adapter();
                     // DTR and RTS as the port has them, while a session has it open.
-                    let lines = st
-                        .session
-                        .as_ref()
-                        .and_then(|s| s.fd.as_deref())
-                        .and_then(|fd| crate::port::modem_outputs(fd.as_fd()));
+                    let lines = st.session.as_ref().and_then(|s| s.port).and_then(|raw| {
+                        // SAFETY: see `Session::port`: set, it names the
+                        // open port, and the lock is held.
+                        let fd = unsafe { BorrowedFd::borrow_raw(raw) };
+                        crate::port::modem_outputs(fd)
+                    });
                     TtyStatus {
                         name: t.name.clone(),
                         present: adapter.is_some(),

@@ -46,8 +46,13 @@ pub(super) struct Session {
     /// A duplicate of the open port, for sequences run while the session
     /// holds it (they may outlive the session's own descriptor); `None`
     /// while the adapter is away.
-    /// `status` reads the modem lines on it too.
     pub(super) fd: Option<Arc<OwnedFd>>,
+    /// The session's own descriptor of the port, to read its modem lines
+    /// for `status` on the descriptor the port was opened as (an emulated
+    /// adapter answers ioctls on that one). The session clears it, under
+    /// the state's lock, before it closes the port, and `status` reads it
+    /// under the lock: it names that open port for as long as it is set.
+    pub(super) port: Option<std::os::fd::RawFd>,
 }
 
 impl Session {
@@ -196,10 +201,18 @@ impl SessionGuard {
         }
     }
 
-    /// Records the session's open port (a duplicate of its descriptor), so
-    /// sequences can run on it and `status` can read its modem lines; `None`
-    /// while the adapter is away and before the session closes the port.
-    pub fn set_fd(&self, fd: Option<Arc<OwnedFd>>) {
+    /// Records the session's open port, so sequences can run on it (the
+    /// state keeps a duplicate: it stays valid whatever the session does
+    /// with its own) and `status` can read its modem lines; `None` while the
+    /// adapter is away and before the session closes the port.
+    pub fn set_fd(&self, port: Option<std::os::fd::BorrowedFd<'_>>) {
+        let fd = match port.map(|p| p.try_clone_to_owned()).transpose() {
+            Ok(fd) => fd.map(Arc::new),
+            Err(e) => {
+                tracing::warn!("{}: can't keep the port for sequences: {e}", self.key);
+                None
+            }
+        };
         let mut inner = self.shared.inner.lock().unwrap();
         if let Some(s) = inner
             .ttys
@@ -208,6 +221,7 @@ impl SessionGuard {
         {
             if s.id == self.id {
                 s.fd = fd;
+                s.port = port.map(|p| std::os::fd::AsRawFd::as_raw_fd(&p));
             }
         }
     }
@@ -406,6 +420,7 @@ impl Shared {
             cancel: cancel.clone(),
             ended: CancellationToken::new(),
             fd: None,
+            port: None,
             tool: None,
         });
         self.activity.notify_one();
