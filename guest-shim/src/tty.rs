@@ -31,7 +31,7 @@ use tracing::{debug, info, warn};
 use wire::buffer::{Elastic, CHUNK, DRAIN_AFTER, SMALL};
 use wire::manifest::Entry;
 use wire::rfc2217::{control, purge, Command, Direction};
-use wire::telnet::{self, Decoder, Event, Negotiator, IAC};
+use wire::telnet::{self, DataRun, Decoder, Event, Negotiator, IAC};
 use wire::termios;
 
 use crate::linecall::{self, LineReply, LineRequest};
@@ -444,6 +444,8 @@ async fn session(
         let mut buf = Elastic::new();
         let mut last = 0;
         let mut dec = Decoder::new();
+        // Where data cut by escaped 0xFFs is joined for one write.
+        let mut gather: Vec<u8> = Vec::new();
         let mut accepted = false;
         // What the tool has not taken yet. Normally the pty's own queue is
         // the only buffer (a tool that doesn't read stops the broker), but
@@ -500,21 +502,25 @@ async fn session(
             }
             let mut pos = 0;
             while pos < n {
-                let (used, ev) = dec.feed(&buf[pos..n]);
+                // The data up to the next command, in one write however
+                // many escaped 0xFF cut it.
+                let mut run = DataRun::new(&mut gather);
+                let (used, ev) = dec.feed_run(&buf[pos..n], &mut run);
                 pos += used;
-                match ev {
-                    Some(Event::Data(d)) if !closing.load(Ordering::Relaxed) => {
-                        if stash.is_empty() && !fences.pending() {
-                            pty.write_all(d).await?
+                let d = run.bytes();
+                if !d.is_empty() && !closing.load(Ordering::Relaxed) {
+                    if stash.is_empty() && !fences.pending() {
+                        pty.write_all(d).await?
+                    } else {
+                        let w = if stash.is_empty() {
+                            pty.try_write(d)?
                         } else {
-                            let w = if stash.is_empty() {
-                                pty.try_write(d)?
-                            } else {
-                                0
-                            };
-                            stash.extend_from_slice(&d[w..]);
-                        }
+                            0
+                        };
+                        stash.extend_from_slice(&d[w..]);
                     }
+                }
+                match ev {
                     Some(Event::Negotiate(v, o)) => {
                         if let Some((rv, ro)) = neg.answer(v, o) {
                             let mut a = Vec::new();
@@ -536,6 +542,10 @@ async fn session(
                     Some(Event::Malformed(why)) => warn!("broker sent a malformed command: {why}"),
                     _ => {}
                 }
+            }
+            if n < DRAIN_AFTER && gather.capacity() > SMALL {
+                // The session quieted down: so does the join buffer.
+                gather = Vec::new();
             }
         }
     };

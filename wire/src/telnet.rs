@@ -105,6 +105,42 @@ impl Default for Decoder {
 
 static FF: [u8; 1] = [IAC];
 
+/// Data events joined for one write: borrowed from the input while there
+/// is one piece (no escaped `IAC`), copied into a reused buffer once there
+/// are several.
+pub struct DataRun<'a, 'b> {
+    first: Option<&'a [u8]>,
+    spill: &'b mut Vec<u8>,
+}
+
+impl<'a, 'b> DataRun<'a, 'b> {
+    /// An empty run that copies into `spill` (cleared) when it must.
+    pub fn new(spill: &'b mut Vec<u8>) -> DataRun<'a, 'b> {
+        spill.clear();
+        DataRun { first: None, spill }
+    }
+
+    fn push(&mut self, d: &'a [u8]) {
+        if self.first.is_none() && self.spill.is_empty() {
+            self.first = Some(d);
+        } else {
+            if let Some(f) = self.first.take() {
+                self.spill.extend_from_slice(f);
+            }
+            self.spill.extend_from_slice(d);
+        }
+    }
+
+    /// The data gathered.
+    pub fn bytes(&self) -> &[u8] {
+        self.first.unwrap_or(self.spill)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.bytes().is_empty()
+    }
+}
+
 impl Decoder {
     pub fn new() -> Decoder {
         Decoder {
@@ -113,6 +149,28 @@ impl Decoder {
             sb: Vec::new(),
             sb_overflow: false,
         }
+    }
+
+    /// Decodes from the start of `input` up to the first event that is not
+    /// data, gathering the data before it (however many escaped `IAC`s cut
+    /// it into pieces) into `run`: one write carries it all. Returns the
+    /// bytes consumed and that event, if any.
+    pub fn feed_run<'a>(
+        &mut self,
+        input: &'a [u8],
+        run: &mut DataRun<'a, '_>,
+    ) -> (usize, Option<Event<'a>>) {
+        let mut used = 0;
+        while used < input.len() {
+            let (n, ev) = self.feed(&input[used..]);
+            used += n;
+            match ev {
+                Some(Event::Data(d)) => run.push(d),
+                None => {}
+                other => return (used, other),
+            }
+        }
+        (used, None)
     }
 
     /// Decodes from the start of `input`. Returns the bytes consumed and the
@@ -284,6 +342,25 @@ pub fn subnegotiation(option: u8, payload: &[u8], out: &mut Vec<u8>) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_run_joins_the_data_an_escaped_iac_cuts() {
+        let mut dec = Decoder::new();
+        let mut spill = Vec::new();
+        let input = [b'a', IAC, IAC, b'b', IAC, IAC, IAC, NOP, b'c'];
+        let mut run = DataRun::new(&mut spill);
+        let (used, ev) = dec.feed_run(&input, &mut run);
+        assert_eq!(run.bytes(), [b'a', 0xFF, b'b', 0xFF]);
+        assert_eq!((used, ev), (8, Some(Event::Command(NOP))));
+        let mut run = DataRun::new(&mut spill);
+        let (used, ev) = dec.feed_run(&input[8..], &mut run);
+        assert_eq!((run.bytes(), used, ev), (&b"c"[..], 1, None));
+        // One piece is not copied.
+        let plain = b"plain bytes";
+        let mut run = DataRun::new(&mut spill);
+        dec.feed_run(plain, &mut run);
+        assert!(std::ptr::eq(run.bytes(), &plain[..]));
+    }
+
     use super::*;
 
     fn all(input: &[u8]) -> Vec<OwnedEvent> {

@@ -10,7 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{debug, warn};
 use wire::buffer::Elastic;
 use wire::rfc2217::{Command, Direction};
-use wire::telnet::{self, Decoder, Event, Negotiator, OPT_COM_PORT};
+use wire::telnet::{self, DataRun, Decoder, Event, Negotiator, OPT_COM_PORT};
 
 use super::command;
 use super::{End, Relay};
@@ -25,6 +25,8 @@ pub(super) struct ToBoard {
     /// Data the old port refused, for the new one.
     retry: Option<Vec<u8>>,
     commands: Commands,
+    /// Where data cut by escaped 0xFFs is joined for one write.
+    gather: Vec<u8>,
 }
 
 /// What was read from the client and how far it is handled.
@@ -66,6 +68,7 @@ impl ToBoard {
                 len: 0,
             },
             retry: None,
+            gather: Vec::new(),
             commands: Commands {
                 neg,
                 replies,
@@ -92,6 +95,7 @@ impl ToBoard {
             input,
             retry,
             commands,
+            gather,
         } = self;
         let counters = &relay.guard.counters;
         let stopped = relay.stop.cancelled();
@@ -108,43 +112,58 @@ impl ToBoard {
                 .to_board
                 .fetch_add(d.len() as u64, Ordering::Relaxed);
         }
+        let Input {
+            sock,
+            dec,
+            buf,
+            pos,
+            len,
+        } = input;
         loop {
-            if input.pos >= input.len {
+            if *pos >= *len {
                 // Everything read before is handled: the buffer may resize.
-                input.buf.filled(input.len);
+                buf.filled(*len);
                 let r = tokio::select! {
                     biased;
                     _ = &mut stopped => return None,
-                    r = input.sock.read(input.buf.slice()) => r,
+                    r = sock.read(buf.slice()) => r,
                 };
                 match r {
                     Ok(0) => return Some(End::ClientLeft),
-                    Ok(n) => (input.pos, input.len) = (0, n),
+                    Ok(n) => (*pos, *len) = (0, n),
                     Err(e) => return Some(End::Error(e)),
                 }
             }
-            while input.pos < input.len {
+            while *pos < *len {
                 if relay.stop.is_cancelled() {
                     return None;
                 }
-                let (used, ev) = input.dec.feed(&input.buf.slice()[input.pos..input.len]);
-                input.pos += used;
-                match ev {
-                    None => {}
-                    Some(Event::Data(d)) => {
-                        tokio::select! {
-                            r = port.write_all(d) => if let Err(e) = r {
-                                *retry = Some(d.to_vec());
-                                return Some(End::AdapterGone(e.to_string()));
-                            },
-                            _ = &mut stopped => { *retry = Some(d.to_vec()); return None }
-                        }
-                        counters
-                            .to_board
-                            .fetch_add(d.len() as u64, Ordering::Relaxed);
+                // The data up to the next command, in one write however
+                // many escaped 0xFF cut it.
+                let bytes = &buf.slice()[..*len];
+                let mut run = DataRun::new(gather);
+                let (used, ev) = dec.feed_run(&bytes[*pos..], &mut run);
+                *pos += used;
+                let d = run.bytes();
+                if !d.is_empty() {
+                    tokio::select! {
+                        r = port.write_all(d) => if let Err(e) = r {
+                            *retry = Some(d.to_vec());
+                            return Some(End::AdapterGone(e.to_string()));
+                        },
+                        _ = &mut stopped => { *retry = Some(d.to_vec()); return None }
                     }
-                    Some(ev) => commands.handle(ev, relay, &mut stopped).await,
+                    counters
+                        .to_board
+                        .fetch_add(d.len() as u64, Ordering::Relaxed);
                 }
+                if let Some(ev) = ev {
+                    commands.handle(ev, relay, &mut stopped).await;
+                }
+            }
+            if gather.capacity() > buf.len() {
+                // The session quieted down: so does the join buffer.
+                *gather = Vec::new();
             }
         }
     }
