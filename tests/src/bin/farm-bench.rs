@@ -544,7 +544,7 @@ fn row(what: &str, value: String, goal: &str, ok: Option<bool>) -> Row {
 fn print_rows(title: &str, rows: &[Row]) {
     println!();
     println!("{title}");
-    println!("  {:<50} {:>18}   {:<34}", "figure", "measured", "goal");
+    println!("  {:<52} {:>18}   {:<40}", "figure", "measured", "goal");
     for r in rows {
         let verdict = match r.ok {
             Some(true) => "ok",
@@ -552,7 +552,7 @@ fn print_rows(title: &str, rows: &[Row]) {
             None => "",
         };
         println!(
-            "  {:<50} {:>18}   {:<34} {verdict}",
+            "  {:<52} {:>18}   {:<40} {verdict}",
             r.what, r.value, r.goal
         );
     }
@@ -611,7 +611,7 @@ fn dedicated(release: &Path) -> Vec<Row> {
         eprintln!("  a devshim that exited said: {why}");
     }
     rows.push(row(
-        "  ttys devshim could not watch (its log)",
+        "  ttys given up (\"can't watch\" in devshims' logs)",
         unwatched.to_string(),
         "0",
         Some(unwatched == 0),
@@ -853,7 +853,7 @@ fn many_sessions(release: &Path) -> Vec<Row> {
     drop(ends);
     vec![
         row(
-            "1,000 raw sessions at once: sessions / carrying bytes",
+            "1,000 raw sessions: sessions / carrying bytes",
             format!("{sessions} / {working}"),
             "1000 / 1000",
             Some(sessions == MANY_SESSIONS && working == MANY_SESSIONS),
