@@ -567,6 +567,31 @@ fn dedicated(release: &Path) -> Vec<Row> {
         |_| vec!["farm".into()],
     );
     let mut farm = Farm::new("dedicated", BOARDS, &cfg);
+    let mut rows = bring_up(&mut farm, release);
+    let pids = farm.relay_pids();
+    let wake_start = idle_wakeups(&pids);
+    rows.extend(sessions_and_memory(&farm));
+    rows.extend(hotplug(&mut farm));
+    let wake_end = idle_wakeups(&pids);
+    rows.push(row(
+        "idle wakeups in 5 s, broker + 32 devshims, at start",
+        wake_start.to_string(),
+        "0",
+        Some(wake_start == 0),
+    ));
+    rows.push(row(
+        "  the same after sessions and hotplug",
+        wake_end.to_string(),
+        "0",
+        Some(wake_end == 0),
+    ));
+    rows
+}
+
+/// Starts the broker, then (once it is ready) the devshims, and waits for
+/// the guest links: how many came up, how fast, what stopped the others,
+/// and the descriptor limit the broker runs with.
+fn bring_up(farm: &mut Farm, release: &Path) -> Vec<Row> {
     let mut rows = Vec::new();
     let root_instances = inotify_instances(0, None);
 
@@ -579,7 +604,7 @@ fn dedicated(release: &Path) -> Vec<Row> {
             .filter(|&i| devbroker_tests::exists(&farm.guest_link(i / PER_MACHINE, i)))
             .count()
     };
-    let (links, last) = settle(BOARDS, Duration::from_secs(60), || link_count(&farm));
+    let (links, last) = settle(BOARDS, Duration::from_secs(60), || link_count(farm));
     let links_time = last - t0;
     let shim_pids: Vec<i32> = farm.shims.iter().map(|s| s.pid()).collect();
     let shim_instances = inotify_instances(0, Some(&shim_pids));
@@ -639,12 +664,16 @@ fn dedicated(release: &Path) -> Vec<Row> {
         Some(soft == hard),
     ));
 
-    let pids = farm.relay_pids();
-    let wake_start = idle_wakeups(&pids);
+    rows
+}
+
+/// A session on every board at once: whether each carries bytes, and the
+/// broker's descriptors and memory idle, with them, and after they close.
+fn sessions_and_memory(farm: &Farm) -> Vec<Row> {
+    let mut rows = Vec::new();
     let fds_idle = procstat::fd_count(farm.broker_pid());
     let rss_idle = procstat::rss_kib(farm.broker_pid());
-
-    let (ends, raw) = open_sessions(&farm);
+    let (ends, raw) = open_sessions(farm);
     let (sessions, _) = settle(BOARDS, Duration::from_secs(30), || farm.sessions());
     let working = ends
         .iter()
@@ -708,21 +737,6 @@ fn dedicated(release: &Path) -> Vec<Row> {
         Some(rss_after as f64 <= rss_idle as f64 * 1.25 && left == 0),
     ));
 
-    let hot = hotplug(&mut farm);
-    rows.extend(hot);
-    let wake_end = idle_wakeups(&pids);
-    rows.push(row(
-        "idle wakeups in 5 s, broker + 32 devshims, at start",
-        wake_start.to_string(),
-        "0",
-        Some(wake_start == 0),
-    ));
-    rows.push(row(
-        "  the same after sessions and hotplug",
-        wake_end.to_string(),
-        "0",
-        Some(wake_end == 0),
-    ));
     rows
 }
 
