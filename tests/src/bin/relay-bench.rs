@@ -926,24 +926,21 @@ fn print_goals(figs: &BTreeMap<(usize, Client), Figures>, idle: &BTreeMap<usize,
     print_switch_ratios(figs, d, s);
 }
 
-fn main() {
-    let mib = env_usize("BENCH_MIB", 32);
-    let runs = env_usize("BENCH_RUNS", 3).max(1);
-    let release = std::env::current_exe()
-        .unwrap()
-        .parent()
-        .unwrap()
-        .to_path_buf();
+/// Medians over runs of what each path and client measured, and of each
+/// path's idle figures.
+type Results = (BTreeMap<(usize, Client), Figures>, BTreeMap<usize, Idle>);
+
+/// Measures every path with every client, `runs` times.
+fn run_all(release: &Path, mib: usize, runs: usize) -> Results {
     let paths = paths_to_run();
     let clients = clients_to_run();
-    let load0 = procstat::loadavg();
     let mut figs: BTreeMap<(usize, Client), Vec<Figures>> = BTreeMap::new();
     let mut idles: BTreeMap<usize, Vec<Idle>> = BTreeMap::new();
     for run in 1..=runs {
         eprintln!("run {run} of {runs}");
         for path in &paths {
             let i = PATHS.iter().position(|p| p == path).unwrap();
-            let mut rig = make_rig(path, &release);
+            let mut rig = make_rig(path, release);
             // Alternate which client goes first, so neither always gets
             // the fresher session.
             let mut order = clients.clone();
@@ -959,14 +956,27 @@ fn main() {
             }
         }
     }
-    let figs: BTreeMap<_, _> = figs
-        .into_iter()
-        .map(|(k, v)| (k, median_figures(&v)))
-        .collect();
-    let idle: BTreeMap<_, _> = idles
-        .into_iter()
-        .map(|(k, v)| (k, median_idle(&v)))
-        .collect();
+    (
+        figs.into_iter()
+            .map(|(k, v)| (k, median_figures(&v)))
+            .collect(),
+        idles
+            .into_iter()
+            .map(|(k, v)| (k, median_idle(&v)))
+            .collect(),
+    )
+}
+
+fn main() {
+    let mib = env_usize("BENCH_MIB", 32);
+    let runs = env_usize("BENCH_RUNS", 3).max(1);
+    let release = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .to_path_buf();
+    let load0 = procstat::loadavg();
+    let (figs, idle) = run_all(&release, mib, runs);
 
     println!(
         "relay-bench: {mib} MiB each way, {SMALL_TRIPS} 1-byte and {BIG_TRIPS} {BIG}-byte round trips (at most {}s each), 5 s idle; median of {runs} run(s); {} cores; load average {load0:.2} before, {:.2} after",
