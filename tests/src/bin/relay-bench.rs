@@ -18,16 +18,20 @@
 //!   write of up to 64 KiB. What asyncio tools and terminal programs do: a
 //!   relay sees every small batch the kernel hands over.
 //!
-//! Figures: MB/s each way; CPU seconds per MiB and context switches per
-//! 32 MiB of the relay processes (every thread), for each direction; echo
+//! Figures: MB/s each way, one way at a time and both at once (the eager
+//! client in its one loop, the blocking one with a writer thread); CPU
+//! seconds per MiB and context switches per 32 MiB of the relay processes
+//! (every thread), for each of those; echo
 //! round trips of 1 B and 5000 B (p50, p99); per path, wakeups in 5 s idle
 //! with a tool attached, and RSS. Each figure is the median of `BENCH_RUNS`
 //! runs. Timings are printed against goals, never asserted.
 //!
 //! Knobs: `BENCH_MIB` (default 32), `BENCH_RUNS` (default 3), `BENCH_ONLY`
 //! (paths to measure, comma-separated; any other value: devbroker only),
-//! `BENCH_CLIENT` (`blocking` or `eager`: that client only), `BENCH_LOG`
-//! (the relays' log level).
+//! `BENCH_CLIENT` (`blocking` or `eager`: that client only), `BENCH_PAYLOAD`
+//! (`random`, the default: all byte values, as a firmware image has them;
+//! `no-iac`: never 0xFF, the byte RFC 2217 escapes; `ff`: only 0xFF, an
+//! erased flash region), `BENCH_LOG` (the relays' log level).
 //!
 //! Run `cargo build --release -p devbroker -p devshim -p devbroker-tests`
 //! first; this uses the release broker and the static devshim.
@@ -175,9 +179,10 @@ impl ToolEnd {
     /// Writes `out` and reads until `want` payload bytes came back, as
     /// `client` does.
     fn transfer(&mut self, client: Client, out: &[u8], want: usize) {
+        let out = on_wire(self.telnet.is_some(), out);
         match client {
-            Client::Blocking => self.blocking(out, want),
-            Client::Eager => self.eager(out, want),
+            Client::Blocking => self.blocking(&out, want),
+            Client::Eager => self.eager(&out, want),
         }
     }
 
@@ -329,6 +334,8 @@ struct Leg {
 struct Figures {
     to_tool: Leg,
     to_board: Leg,
+    /// Both ways at once.
+    both: Leg,
     /// (p50, p99) in µs.
     rtt_small: (f64, f64),
     rtt_big: (f64, f64),
@@ -341,18 +348,75 @@ struct Idle {
     rss_kib: f64,
 }
 
-/// Payload without 0xFF, so the Telnet path needs no escaping.
-fn payload(n: usize, seed: u64) -> Vec<u8> {
-    devbroker_tests::random_bytes(n, seed)
-        .into_iter()
-        .map(|b| if b == 0xFF { 0xFE } else { b })
-        .collect()
+/// What the bytes moved are (`BENCH_PAYLOAD`).
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Payload {
+    /// Uniform random bytes, 0xFF one in 256: a firmware image or
+    /// compressed data. The default.
+    Random,
+    /// Random bytes without 0xFF: nothing for RFC 2217 (Telnet) to escape.
+    NoIac,
+    /// Every byte 0xFF: an erased flash region in an image.
+    Ff,
 }
 
-/// Moves `n` bytes between board and tool one way; MB/s, and what the
-/// relays spent on it.
-fn throughput(rig: &mut Rig, client: Client, n: usize, to_tool: bool) -> Leg {
-    let data = payload(n, if to_tool { 7 } else { 8 });
+impl Payload {
+    fn from_env() -> Payload {
+        match std::env::var("BENCH_PAYLOAD").as_deref() {
+            Err(_) | Ok("random") => Payload::Random,
+            Ok("no-iac") => Payload::NoIac,
+            Ok("ff") => Payload::Ff,
+            Ok(other) => panic!("BENCH_PAYLOAD: random, no-iac or ff, not {other:?}"),
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            Payload::Random => "random bytes (0xFF one in 256)",
+            Payload::NoIac => "random bytes without 0xFF",
+            Payload::Ff => "every byte 0xFF",
+        }
+    }
+}
+
+/// `n` bytes of the payload `BENCH_PAYLOAD` asks for.
+fn payload(n: usize, seed: u64) -> Vec<u8> {
+    static KIND: std::sync::OnceLock<Payload> = std::sync::OnceLock::new();
+    match KIND.get_or_init(Payload::from_env) {
+        Payload::Random => devbroker_tests::random_bytes(n, seed),
+        Payload::NoIac => devbroker_tests::random_bytes(n, seed)
+            .into_iter()
+            .map(|b| if b == 0xFF { 0xFE } else { b })
+            .collect(),
+        Payload::Ff => vec![0xFF; n],
+    }
+}
+
+/// What goes on the wire for `data`: as is, or Telnet-escaped (0xFF
+/// doubled) for a Telnet client.
+fn on_wire(telnet: bool, data: &[u8]) -> std::borrow::Cow<'_, [u8]> {
+    if telnet && wire::telnet::needs_escape(data) {
+        let mut out = Vec::with_capacity(data.len() + data.len() / 128);
+        wire::telnet::escape_into(data, &mut out);
+        out.into()
+    } else {
+        data.into()
+    }
+}
+
+/// Which way a throughput measurement moves data.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Way {
+    ToTool,
+    ToBoard,
+    /// Both at once, as a flashing tool or a terminal does: the eager
+    /// client in its one loop, the blocking one with a writer thread.
+    Both,
+}
+
+/// Moves `n` bytes between board and tool (each way, for [`Way::Both`]);
+/// MB/s (each way), and what the relays spent on it per MiB moved.
+fn throughput(rig: &mut Rig, client: Client, n: usize, way: Way) -> Leg {
     let board = rig.board_fd;
     let (cpu0, sw0) = (
         procstat::cpu_seconds(&rig.pids),
@@ -360,32 +424,59 @@ fn throughput(rig: &mut Rig, client: Client, n: usize, to_tool: bool) -> Leg {
     );
     let calls0 = rig.tool.reads + rig.tool.writes;
     let t0 = Instant::now();
-    if to_tool {
-        let writer =
-            std::thread::spawn(move || devbroker_tests::write_all_fd(board, &data).unwrap());
-        rig.tool.transfer(client, &[], n);
-        writer.join().unwrap();
-    } else {
-        let reader = std::thread::spawn(move || {
-            devbroker_tests::read_exact_timeout(board, n, Duration::from_secs(120))
-                .unwrap()
-                .len()
+    let board_side = board_threads(board, n, way);
+    let (out, want) = match way {
+        Way::ToTool => (Vec::new(), n),
+        Way::ToBoard => (payload(n, 8), 0),
+        Way::Both => (payload(n, 9), n),
+    };
+    if way == Way::Both && client == Client::Blocking {
+        let out = on_wire(rig.tool.telnet.is_some(), &out).into_owned();
+        let fd = rig.tool.fd.try_clone().unwrap();
+        let writer = std::thread::spawn(move || {
+            devbroker_tests::write_all_fd(fd.as_raw_fd(), &out).unwrap()
         });
-        rig.tool.transfer(client, &data, 0);
-        assert_eq!(reader.join().unwrap(), n);
+        rig.tool.transfer(client, &[], want);
+        writer.join().unwrap();
+        rig.tool.writes += 1;
+    } else {
+        rig.tool.transfer(client, &out, want);
+    }
+    for t in board_side {
+        t.join().unwrap();
     }
     let secs = t0.elapsed().as_secs_f64();
     let cpu = procstat::cpu_seconds(&rig.pids) - cpu0;
     let switches = procstat::switches_of(&rig.pids).saturating_sub(sw0);
-    let mib = n as f64 / MIB as f64;
+    let moved = if way == Way::Both { 2 * n } else { n };
+    let mib = moved as f64 / MIB as f64;
     let relays = !rig.pids.is_empty();
     let calls = rig.tool.reads + rig.tool.writes - calls0;
     Leg {
         mbs: n as f64 / secs / 1e6,
-        bytes_per_call: n as f64 / calls.max(1) as f64,
+        bytes_per_call: moved as f64 / calls.max(1) as f64,
         cpu_s_per_mib: relays.then_some(cpu / mib),
         switches_per_unit: relays.then_some(switches as f64 / mib * SWITCH_UNIT_MIB),
     }
+}
+
+/// The board's side of a throughput measurement: a thread writing `n`
+/// bytes to the tool, one reading `n` from it, or both.
+fn board_threads(board: RawFd, n: usize, way: Way) -> Vec<std::thread::JoinHandle<()>> {
+    let mut threads = Vec::new();
+    if way != Way::ToBoard {
+        let data = payload(n, 7);
+        threads.push(std::thread::spawn(move || {
+            devbroker_tests::write_all_fd(board, &data).unwrap()
+        }));
+    }
+    if way != Way::ToTool {
+        threads.push(std::thread::spawn(move || {
+            let got = devbroker_tests::read_exact_timeout(board, n, Duration::from_secs(120));
+            assert_eq!(got.unwrap().len(), n);
+        }));
+    }
+    threads
 }
 
 /// A board that echoes what it gets until dropped.
@@ -432,7 +523,7 @@ fn round_trips(rig: &mut Rig, client: Client, size: usize, count: usize) -> (f64
     rig.tool.keep = true;
     let t_start = Instant::now();
     for i in 0..count + WARMUP_TRIPS {
-        let msg: Vec<u8> = (0..size).map(|k| b'a' + ((i + k) % 26) as u8).collect();
+        let msg = payload(size, i as u64);
         rig.tool.kept.clear();
         let t0 = Instant::now();
         rig.tool.transfer(client, &msg, size);
@@ -459,11 +550,12 @@ fn measure(rig: &mut Rig, client: Client, mib: usize) -> Figures {
     eprintln!("  {} / {}", rig.name, client.name());
     rig.tool.set_mode(client);
     // Warm up and settle the session.
-    throughput(rig, client, MIB, true);
-    throughput(rig, client, MIB, false);
+    throughput(rig, client, MIB, Way::ToTool);
+    throughput(rig, client, MIB, Way::ToBoard);
     Figures {
-        to_tool: throughput(rig, client, mib * MIB, true),
-        to_board: throughput(rig, client, mib * MIB, false),
+        to_tool: throughput(rig, client, mib * MIB, Way::ToTool),
+        to_board: throughput(rig, client, mib * MIB, Way::ToBoard),
+        both: throughput(rig, client, mib * MIB, Way::Both),
         rtt_small: round_trips(rig, client, 1, SMALL_TRIPS),
         rtt_big: round_trips(rig, client, BIG, BIG_TRIPS),
     }
@@ -705,6 +797,7 @@ fn median_figures(runs: &[Figures]) -> Figures {
     Figures {
         to_tool: leg(&|f| f.to_tool),
         to_board: leg(&|f| f.to_board),
+        both: leg(&|f| f.both),
         rtt_small: (med(&|f| f.rtt_small.0), med(&|f| f.rtt_small.1)),
         rtt_big: (med(&|f| f.rtt_big.0), med(&|f| f.rtt_big.1)),
     }
@@ -761,6 +854,26 @@ fn print_table(figs: &BTreeMap<(usize, Client), Figures>, paths: &[&str]) {
     }
 }
 
+/// Both ways at once: MB/s each way, and the relays' CPU and switches per
+/// MiB moved (both directions counted).
+fn print_both(figs: &BTreeMap<(usize, Client), Figures>, paths: &[&str]) {
+    println!("both ways at once (the same MiB each way, at the same time):");
+    println!(
+        "  {:<9} {:<10} {:>12} {:>10} {:>15}",
+        "client", "path", "MB/s each", "CPU s/MiB", "switches/32MiB"
+    );
+    for ((i, client), f) in figs {
+        println!(
+            "  {:<9} {:<10} {:>12.1} {:>10} {:>15}",
+            client.name(),
+            paths[*i],
+            f.both.mbs,
+            opt(f.both.cpu_s_per_mib, 4),
+            opt(f.both.switches_per_unit, 0)
+        );
+    }
+}
+
 /// How big the pieces were that the tool got and gave: a relay that
 /// forwards each small read at once makes an eager tool's reads small.
 fn print_batches(figs: &BTreeMap<(usize, Client), Figures>, paths: &[&str]) {
@@ -802,6 +915,13 @@ const GOALS: &[Goal] = &[
         ok: |v| v >= 0.75,
     },
     Goal {
+        what: "both at once MB/s / socat",
+        goal: ">= 0.75",
+        base: "socat",
+        value: |d, s| d.both.mbs / s.both.mbs,
+        ok: |v| v >= 0.75,
+    },
+    Goal {
         what: "CPU/MiB to tool / socat",
         goal: "<= 2",
         base: "socat",
@@ -813,6 +933,13 @@ const GOALS: &[Goal] = &[
         goal: "<= 2",
         base: "socat",
         value: |d, s| cpu(d.to_board) / cpu(s.to_board),
+        ok: |v| v <= 2.0,
+    },
+    Goal {
+        what: "CPU/MiB both at once / socat",
+        goal: "<= 2",
+        base: "socat",
+        value: |d, s| cpu(d.both) / cpu(s.both),
         ok: |v| v <= 2.0,
     },
     Goal {
@@ -876,10 +1003,11 @@ fn print_switch_ratios(figs: &BTreeMap<(usize, Client), Figures>, d: usize, s: u
             a.switches_per_unit.unwrap_or(f64::NAN) / b.switches_per_unit.unwrap_or(f64::NAN)
         };
         println!(
-            "  {:<9} switches per 32 MiB / socat: to tool {:.2}, to board {:.2}",
+            "  {:<9} switches per 32 MiB / socat: to tool {:.2}, to board {:.2}, both at once {:.2}",
             client.name(),
             ratio(df.to_tool, sf.to_tool),
-            ratio(df.to_board, sf.to_board)
+            ratio(df.to_board, sf.to_board),
+            ratio(df.both, sf.both)
         );
     }
 }
@@ -979,8 +1107,9 @@ fn main() {
     let (figs, idle) = run_all(&release, mib, runs);
 
     println!(
-        "relay-bench: {mib} MiB each way, {SMALL_TRIPS} 1-byte and {BIG_TRIPS} {BIG}-byte round trips (at most {}s each), 5 s idle; median of {runs} run(s); {} cores; load average {load0:.2} before, {:.2} after",
+        "relay-bench: {mib} MiB each way, {SMALL_TRIPS} 1-byte and {BIG_TRIPS} {BIG}-byte round trips (at most {}s each), 5 s idle; {}; median of {runs} run(s); {} cores; load average {load0:.2} before, {:.2} after",
         TRIPS_TIME.as_secs(),
+        Payload::from_env().describe(),
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         procstat::loadavg()
     );
@@ -989,6 +1118,8 @@ fn main() {
     );
     println!();
     print_table(&figs, &PATHS);
+    println!();
+    print_both(&figs, &PATHS);
     println!();
     print_batches(&figs, &PATHS);
     println!();
