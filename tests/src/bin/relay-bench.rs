@@ -718,6 +718,8 @@ fn free_port() -> u16 {
         .port()
 }
 
+/// The bench's directory: boards' links, the broker's run directory. A
+/// static is never dropped, so `main` removes it at the end.
 fn tmpdir() -> PathBuf {
     static DIR: std::sync::OnceLock<tempfile::TempDir> = std::sync::OnceLock::new();
     DIR.get_or_init(|| {
@@ -1131,4 +1133,5 @@ fn main() {
         println!("{:<10} {:>20.0} {:>10.0}", PATHS[*i], v.wakeups, v.rss_kib);
     }
     print_goals(&figs, &idle);
+    let _ = fs::remove_dir_all(tmpdir());
 }
