@@ -16,6 +16,7 @@ pub mod control;
 pub use devbroker::fakeboard::FakeBoard;
 pub mod container;
 pub mod esptool;
+pub mod procstat;
 pub mod static_devshim;
 pub mod stepped;
 pub mod umockdev;
