@@ -131,6 +131,13 @@ impl Away {
         all
     }
 
+    /// Forgets the ttys of boards a reload removed or changed: they start
+    /// over from what is present. Other boards' away ttys keep their grace.
+    pub fn forget(&mut self, gone: impl Fn(&str) -> bool) {
+        self.last.retain(|k, _| !gone(&k.board));
+        self.ttys.retain(|k, _| !gone(&k.board));
+    }
+
     /// When the first grace runs out, if one runs.
     pub fn next_expiry(&self) -> Option<Instant> {
         self.ttys.values().map(|(_, until)| *until).min()
@@ -263,6 +270,27 @@ mod tests {
         assert!(away
             .update(&c, &none, t0 + Duration::from_secs(5))
             .is_empty());
+        assert!(away.with_away(&none).is_empty());
+        assert_eq!(away.next_expiry(), None);
+    }
+
+    #[test]
+    fn a_reload_forgets_only_the_boards_it_touched() {
+        let c = config("2s");
+        let mut away = Away::default();
+        let t0 = Instant::now();
+        let present: BTreeMap<TtyKey, Adapter> = [
+            (key("a"), adapter("ttyUSB0")),
+            (key("b"), adapter("ttyUSB1")),
+        ]
+        .into();
+        away.update(&c, &present, t0);
+        let none = BTreeMap::new();
+        // "b" has no board in this config: no grace, so only "a" is away.
+        assert_eq!(away.update(&c, &none, t0), [key("a")].into());
+        away.forget(|board| board == "b");
+        assert_eq!(away.with_away(&none).len(), 1, "a's grace survives");
+        away.forget(|board| board == "a");
         assert!(away.with_away(&none).is_empty());
         assert_eq!(away.next_expiry(), None);
     }

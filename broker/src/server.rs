@@ -325,8 +325,10 @@ impl Server {
         let after = plan::machines(&new);
         let r = self.shared.reconfigure(new.clone());
         self.config = new;
-        // Ttys of boards that went or changed are not away any more.
-        self.away = Away::default();
+        // Ttys of boards that went or changed are not away any more; the
+        // others keep their re-enumeration grace.
+        self.away
+            .forget(|b| r.removed.iter().chain(&r.changed).any(|x| x == b));
         for m in before.difference(&after) {
             self.control.remove(&Place::Machine(m.clone()));
             self.manifests.remove(m);

@@ -169,3 +169,50 @@ fn a_tool_opening_while_the_adapter_is_away_is_told_why() {
         String::from_utf8_lossy(&refusal)
     );
 }
+
+#[test]
+fn a_reload_while_the_adapter_is_away_keeps_the_session() {
+    // A grace long enough that the reload surely falls inside it.
+    let w = World::new(&CONFIG.replace("\"2s\"", "\"20s\""));
+    let board = w.plug(JTAG);
+    let b = w.broker();
+    let _s = w.shim("ci1");
+    let link = w.guest_link("ci1", JTAG);
+    wait_for(5 * S, "the guest link", || exists(&link));
+    let tool = Tool::open(&link).unwrap();
+    tool.write_all(b"before\n").unwrap();
+    expect(board.master_fd(), b"before\n", &w, "bytes before the reset");
+
+    board.unplug();
+    wait_for(2 * S, "the broker to see the adapter go", || {
+        !w.present("s3")
+    });
+    // Another board joins the config; s3 itself does not change.
+    let more = format!(
+        "{}\n[[board]]\nname = \"other\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"usb-other-if00\" }}\n",
+        &CONFIG.replace("\"2s\"", "\"20s\"")
+    );
+    std::fs::write(&w.config, more).unwrap();
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(b.pid()),
+        nix::sys::signal::Signal::SIGHUP,
+    )
+    .unwrap();
+    wait_for(5 * S, "the reload", || w.logs().contains("config reloaded"));
+    tool.write_all(b"while-away\n")
+        .unwrap_or_else(|e| panic!("{e}\n{}", w.logs()));
+    let board = w.plug(JTAG);
+    expect(
+        board.master_fd(),
+        b"while-away\n",
+        &w,
+        "bytes written while away, across the reload",
+    );
+    write_all_fd(board.master_fd(), b"after\n").unwrap();
+    expect(
+        tool.fd.as_raw_fd(),
+        b"after\n",
+        &w,
+        "bytes to the tool after the reload and replug",
+    );
+}
