@@ -34,15 +34,6 @@ pub enum Scope {
     Host,
 }
 
-/// ", and N more like it" for a warning that held others back.
-pub fn held_back(n: u64) -> String {
-    if n == 0 {
-        String::new()
-    } else {
-        format!(" (and {n} more like it not logged)")
-    }
-}
-
 /// Accepts control connections until `shutdown`.
 pub async fn serve(
     listener: UnixListener,
@@ -50,23 +41,21 @@ pub async fn serve(
     shared: Shared,
     shutdown: CancellationToken,
 ) {
-    let mut failures = crate::throttle::Throttle::per_window(1, Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = shutdown.cancelled() => return,
-            r = listener.accept() => match r {
-                Ok((sock, _)) => {
-                    tokio::spawn(connection(sock, scope.clone(), shared.clone(), shutdown.clone()));
-                }
-                Err(e) => {
-                    if let Some(held) = failures.allow() {
-                        tracing::warn!("control accept: {e}{}", held_back(held));
-                    }
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
+    let what = match &scope {
+        Scope::Admin => "the admin socket".to_string(),
+        Scope::Host => "the host control socket".to_string(),
+        Scope::Machine(m) => format!("machine {m}'s control socket"),
+    };
+    let cancel = shutdown.clone();
+    crate::accept::serve(listener, what, cancel, move |sock| {
+        tokio::spawn(connection(
+            sock,
+            scope.clone(),
+            shared.clone(),
+            shutdown.clone(),
+        ));
+    })
+    .await
 }
 
 /// Ends a connection's leases however the connection ends.

@@ -6,6 +6,7 @@
 //! [`adapter`]); I/O sits at the edges ([`source`], [`server`], [`session`],
 //! [`port`], [`control`]).
 
+pub mod accept;
 pub mod adapter;
 pub mod capture;
 pub mod cli;

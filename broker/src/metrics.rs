@@ -7,11 +7,12 @@
 //! request per connection, bounded in size and time.
 
 use std::fmt::Write as _;
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
-use tracing::{info, warn};
 
 use crate::config::MetricsListen;
 use crate::state::Shared;
@@ -222,42 +223,71 @@ async fn serve_one<S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin>(
     let _ = s.shutdown().await;
 }
 
-/// Serves the metrics on `listen` until `shutdown`.
-pub async fn serve(listen: MetricsListen, shared: Shared, shutdown: CancellationToken) {
-    match &listen {
+/// How many scrapes are answered at once; one more is closed unanswered.
+const MAX_CONNECTIONS: usize = 16;
+
+/// A bound metrics socket, which [`serve`] answers on.
+pub enum Listener {
+    Tcp(tokio::net::TcpListener),
+    Unix(tokio::net::UnixListener, std::path::PathBuf),
+}
+
+/// Binds where `listen` says — now, so that a start or a reload learns at
+/// once that it can't. A stale unix socket at the path is replaced; any
+/// other file there is left alone and refused.
+pub fn bind(listen: &MetricsListen) -> std::io::Result<Listener> {
+    match listen {
         MetricsListen::Tcp(addr) => {
-            let l = match tokio::net::TcpListener::bind(addr).await {
-                Ok(l) => l,
-                Err(e) => return warn!("can't serve metrics on {listen}: {e}"),
-            };
-            info!("metrics on http://{addr}/metrics");
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => return,
-                    r = l.accept() => if let Ok((s, _)) = r {
-                        tokio::spawn(serve_one(s, shared.clone()));
-                    },
-                }
-            }
+            let l = std::net::TcpListener::bind(addr)?;
+            l.set_nonblocking(true)?;
+            Ok(Listener::Tcp(tokio::net::TcpListener::from_std(l)?))
         }
         MetricsListen::Unix(path) => {
-            let _ = std::fs::remove_file(path);
-            let l = match tokio::net::UnixListener::bind(path) {
-                Ok(l) => l,
-                Err(e) => return warn!("can't serve metrics on {listen}: {e}"),
-            };
-            info!("metrics on {listen}");
-            loop {
-                tokio::select! {
-                    _ = shutdown.cancelled() => break,
-                    r = l.accept() => if let Ok((s, _)) = r {
-                        tokio::spawn(serve_one(s, shared.clone()));
-                    },
-                }
+            use std::os::unix::fs::FileTypeExt;
+            if std::fs::symlink_metadata(path).is_ok_and(|m| m.file_type().is_socket()) {
+                std::fs::remove_file(path)?;
             }
+            Ok(Listener::Unix(
+                tokio::net::UnixListener::bind(path)?,
+                path.clone(),
+            ))
+        }
+    }
+}
+
+/// Answers scrapes on `listener` until `shutdown`.
+pub async fn serve(listener: Listener, shared: Shared, shutdown: CancellationToken) {
+    let busy = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    match listener {
+        Listener::Tcp(l) => {
+            crate::accept::serve(l, "the metrics socket".into(), shutdown, move |s| {
+                spawn_one(s, &shared, &busy)
+            })
+            .await
+        }
+        Listener::Unix(l, path) => {
+            crate::accept::serve(l, "the metrics socket".into(), shutdown, move |s| {
+                spawn_one(s, &shared, &busy)
+            })
+            .await;
             let _ = std::fs::remove_file(path);
         }
     }
+}
+
+/// Answers one scrape, if fewer than [`MAX_CONNECTIONS`] are being answered.
+fn spawn_one<S>(s: S, shared: &Shared, busy: &Arc<Semaphore>)
+where
+    S: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let Ok(permit) = busy.clone().try_acquire_owned() else {
+        return;
+    };
+    let shared = shared.clone();
+    tokio::spawn(async move {
+        serve_one(s, shared).await;
+        drop(permit);
+    });
 }
 
 #[cfg(test)]

@@ -19,7 +19,7 @@ use tracing::{debug, error, info, warn};
 use wire::manifest::{Manifest, CONTROL_SOCKET};
 
 use crate::adapter::Adapter;
-use crate::config::Config;
+use crate::config::{Config, MetricsListen};
 use crate::control::{self, Scope};
 use crate::peer::{self, Peer};
 use crate::plan::{self, Access, SocketSpec};
@@ -28,7 +28,6 @@ use crate::rundir::{Place, RunDir};
 use crate::session;
 use crate::source::{Source, SourceEvent};
 use crate::state::{Reconfigured, Shared};
-use crate::throttle::Throttle;
 
 /// Default run directory.
 pub const DEFAULT_RUN_DIR: &str = crate::cli::DEFAULT_RUN_DIR;
@@ -119,27 +118,47 @@ struct Server {
     /// When to try writing indexes again after a failure.
     retry_at: Option<tokio::time::Instant>,
     /// The metrics server, if the config asks for one.
-    metrics: Option<(crate::config::MetricsListen, CancellationToken)>,
+    metrics: Option<Metrics>,
+}
+
+/// The metrics server at work.
+struct Metrics {
+    listen: MetricsListen,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
 }
 
 impl Server {
-    /// Serves the metrics where the config says (and only there).
-    fn serve_metrics(&mut self) {
-        if self.metrics.as_ref().map(|(l, _)| l) == self.config.metrics.as_ref() {
-            return;
+    /// Serves the metrics on `listen`, or nowhere, stopping them where they
+    /// were served before (the old socket is closed before the new is bound).
+    async fn serve_metrics(&mut self, listen: Option<&MetricsListen>) -> std::io::Result<()> {
+        if self.metrics.as_ref().map(|m| &m.listen) == listen {
+            return Ok(());
         }
-        if let Some((_, cancel)) = self.metrics.take() {
-            cancel.cancel();
+        if let Some(m) = self.metrics.take() {
+            m.cancel.cancel();
+            let _ = m.task.await;
         }
-        if let Some(listen) = self.config.metrics.clone() {
-            let cancel = self.shutdown.child_token();
-            tokio::spawn(crate::metrics::serve(
-                listen.clone(),
-                self.shared.clone(),
-                cancel.clone(),
-            ));
-            self.metrics = Some((listen, cancel));
+        let Some(listen) = listen else {
+            return Ok(());
+        };
+        let l = crate::metrics::bind(listen)?;
+        match listen {
+            MetricsListen::Tcp(addr) => info!("metrics on http://{addr}/metrics"),
+            MetricsListen::Unix(_) => info!("metrics on {listen}"),
         }
+        let cancel = self.shutdown.child_token();
+        let task = tokio::spawn(crate::metrics::serve(
+            l,
+            self.shared.clone(),
+            cancel.clone(),
+        ));
+        self.metrics = Some(Metrics {
+            listen: listen.clone(),
+            cancel,
+            task,
+        });
+        Ok(())
     }
 
     /// Serves a control socket.
@@ -300,7 +319,7 @@ impl Server {
     /// refused, its problems logged, and the running one kept. Otherwise
     /// boards added, removed or changed take effect — sessions on boards
     /// that did not change go on — and machines come and go.
-    fn reload(&mut self, path: &std::path::Path) -> Result<Reconfigured, String> {
+    async fn reload(&mut self, path: &std::path::Path) -> Result<Reconfigured, String> {
         crate::notify::reloading();
         let new = match crate::config::load(path) {
             Ok(c) => c,
@@ -321,6 +340,19 @@ impl Server {
         for w in crate::config::warnings(&new) {
             warn!("{w}");
         }
+        if let Err(e) = self.serve_metrics(new.metrics.as_ref()).await {
+            let why = format!(
+                "reload refused: can't serve metrics on {}: {e}; still running with the config loaded before",
+                new.metrics.as_ref().map_or(String::new(), |l| l.to_string())
+            );
+            error!("{why}");
+            let old = self.config.metrics.clone();
+            if let Err(e) = self.serve_metrics(old.as_ref()).await {
+                error!("metrics are off: can't serve them again where they were: {e}");
+            }
+            crate::notify::ready(&self.shared);
+            return Err(why);
+        }
         let before = plan::machines(&self.config);
         let after = plan::machines(&new);
         let r = self.shared.reconfigure(new.clone());
@@ -340,7 +372,6 @@ impl Server {
                 warn!(machine = %m, "{e:#}");
             }
         }
-        self.serve_metrics();
         info!(
             added = ?r.added,
             removed = ?r.removed,
@@ -385,7 +416,11 @@ pub async fn run(
         retry_at: None,
         metrics: None,
     };
-    server.serve_metrics();
+    if let Some(l) = &server.config.metrics.clone() {
+        server.serve_metrics(Some(l)).await.with_context(|| {
+            format!("can't serve metrics on {l} ([metrics] listen): free it or name another")
+        })?;
+    }
     server.serve_control(Place::Host)?;
     for m in &machines {
         server.add_machine(m)?;
@@ -413,7 +448,7 @@ pub async fn run(
             _ = hangup.recv() => {
                 match &opts.config {
                     Some(path) => {
-                        let _ = server.reload(path);
+                        let _ = server.reload(path).await;
                     }
                     None => warn!("SIGHUP: this broker has no config file to reload"),
                 }
@@ -422,7 +457,7 @@ pub async fn run(
             // `devbroker reload` (systemctl reload), on the admin socket.
             Some(ask) = reloads.recv() => {
                 let r = match &opts.config {
-                    Some(path) => server.reload(path),
+                    Some(path) => server.reload(path).await,
                     None => Err("this broker has no config file to reload".into()),
                 };
                 let _ = ask.send(r);
@@ -484,23 +519,11 @@ struct Ctx {
 }
 
 async fn accept_loop(l: UnixListener, ctx: Ctx, cancel: CancellationToken) {
-    let mut failures = Throttle::per_window(1, Duration::from_secs(10));
-    loop {
-        tokio::select! {
-            _ = cancel.cancelled() => return,
-            r = l.accept() => match r {
-                Ok((sock, _)) => {
-                    tokio::spawn(connection(sock, ctx.clone()));
-                }
-                Err(e) => {
-                    if let Some(held) = failures.allow() {
-                        warn!("accept on {}: {e}{}", ctx.spec.tty, crate::control::held_back(held));
-                    }
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
-                }
-            }
-        }
-    }
+    let what = ctx.spec.tty.to_string();
+    crate::accept::serve(l, what, cancel, move |sock| {
+        tokio::spawn(connection(sock, ctx.clone()));
+    })
+    .await
 }
 
 async fn connection(sock: UnixStream, ctx: Ctx) {

@@ -7,6 +7,15 @@
 
 use std::time::{Duration, Instant};
 
+/// ", and N more like it" for a warning that held others back.
+pub fn held_back(n: u64) -> String {
+    if n == 0 {
+        String::new()
+    } else {
+        format!(" (and {n} more like it not logged)")
+    }
+}
+
 /// A budget of warnings.
 #[derive(Debug)]
 pub struct Throttle {
