@@ -110,6 +110,15 @@ pub struct Grant {
     pub waited: std::time::Duration,
 }
 
+/// What a new config did to the leases.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct Reconfigured {
+    /// Boards whose lease ended: gone, or their holder may no longer use them.
+    pub freed: Vec<String>,
+    /// Requests no board fits any more, by connection, and why.
+    pub refused: Vec<(u64, String)>,
+}
+
 /// The host's leases and queue.
 #[derive(Debug, Default)]
 pub struct Leases {
@@ -249,6 +258,18 @@ impl Leases {
         Ok(None)
     }
 
+    /// Ends the lease on `board`, if any.
+    fn unhold(&mut self, board: &str) -> Option<Lease> {
+        let l = self.held.remove(board)?;
+        if let Some(h) = self.holding.get_mut(&l.conn) {
+            h.remove(board);
+            if h.is_empty() {
+                self.holding.remove(&l.conn);
+            }
+        }
+        Some(l)
+    }
+
     fn hold(&mut self, board: &str, conn: u64, client: Tenant) {
         self.next += 1;
         self.held.insert(
@@ -315,13 +336,7 @@ impl Leases {
     pub fn release(&mut self, conn: u64, board: &str) -> Result<(), Refusal> {
         match self.held.get(board) {
             Some(l) if l.conn == conn => {
-                self.held.remove(board);
-                if let Some(h) = self.holding.get_mut(&conn) {
-                    h.remove(board);
-                    if h.is_empty() {
-                        self.holding.remove(&conn);
-                    }
-                }
+                self.unhold(board);
                 Ok(())
             }
             _ => Err(Refusal::new(
@@ -384,33 +399,34 @@ impl Leases {
     /// Takes a new config: leases on boards that are gone, or that their
     /// holder may no longer use, end; waiting requests are filed anew under
     /// the boards the config now gives them (keeping their place), and a
-    /// request no board fits any more waits with no candidates until its
-    /// connection gives up. Returns the boards freed.
-    pub fn reconfigure(&mut self, config: &Config) -> Vec<String> {
-        let gone: Vec<String> = self
+    /// request no board fits any more is refused.
+    pub fn reconfigure(&mut self, config: &Config) -> Reconfigured {
+        let freed: Vec<String> = self
             .held
             .iter()
             .filter(|(b, l)| !allowed(config, b, &l.client))
             .map(|(b, _)| b.clone())
             .collect();
-        for b in &gone {
-            if let Some(l) = self.held.remove(b) {
-                if let Some(h) = self.holding.get_mut(&l.conn) {
-                    h.remove(b);
-                    if h.is_empty() {
-                        self.holding.remove(&l.conn);
-                    }
-                }
-            }
+        for b in &freed {
+            self.unhold(b);
         }
         self.queues.clear();
+        let mut fit_none = Vec::new();
         for (seq, w) in self.waiters.iter_mut() {
             w.candidates = candidates(config, &w.want, &w.client);
+            if w.candidates.is_empty() {
+                fit_none.push(*seq);
+            }
             for b in &w.candidates {
                 self.queues.entry(b.clone()).or_default().insert(*seq);
             }
         }
-        gone
+        let refused = fit_none
+            .into_iter()
+            .filter_map(|seq| self.unqueue(seq))
+            .map(|w| (w.conn, not_available(&w.want, &w.client)))
+            .collect();
+        Reconfigured { freed, refused }
     }
 
     /// Boards someone waits for: what to try granting when adapters change.
@@ -542,6 +558,37 @@ match = { serial = "B" }
             grants(l.grant(freed.iter().map(String::as_str), ALL)),
             [(4, "esp-a".to_string())]
         );
+        assert_eq!(l.waiting_for("esp-a"), 0);
+    }
+
+    #[test]
+    fn a_reload_ends_leases_and_refuses_waits_it_no_longer_allows() {
+        let c = cfg();
+        let mut l = Leases::default();
+        // ci1 holds esp-a and ci2 waits for it; ci2 takes esp-b by type.
+        assert!(l.request(&c, 1, m("ci1"), board("esp-a"), ALL, MAX).is_ok());
+        assert_eq!(
+            l.request(&c, 2, m("ci2"), board("esp-a"), ALL, MAX),
+            Ok(None)
+        );
+        assert_eq!(
+            l.request(&c, 3, m("ci2"), Want::Type("esp32".into()), ALL, MAX),
+            Ok(Some("esp-b".into()))
+        );
+        // esp-a is gone from the new config.
+        let without_a = crate::config::parse(
+            std::path::Path::new("t"),
+            &CONF[CONF.find("[[board]]\nname = \"esp-b\"").unwrap()..],
+        )
+        .unwrap();
+        let r = l.reconfigure(&without_a);
+        assert_eq!(r.freed, ["esp-a"]);
+        assert_eq!(
+            r.refused,
+            [(2, "board esp-a is not available to machine ci2".to_string())]
+        );
+        assert!(l.position(2).is_none(), "a refused request no longer waits");
+        assert!(l.machine_holds("ci2", "esp-b"), "other leases stay");
         assert_eq!(l.waiting_for("esp-a"), 0);
     }
 

@@ -16,7 +16,8 @@ pub fn release_soon() {
     tokio::spawn(async {
         tokio::time::sleep(Duration::from_secs(1)).await;
         PENDING.store(false, Ordering::Relaxed);
-        release();
+        // A trim walks the allocator's arenas: not on a relay's thread.
+        let _ = tokio::task::spawn_blocking(release).await;
     });
 }
 

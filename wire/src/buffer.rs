@@ -65,6 +65,16 @@ impl Elastic {
         self.short = 0;
     }
 
+    /// Frees `scratch` — a buffer of the relay that holds what one read
+    /// brought, escaped or joined, so at most twice this buffer's size and
+    /// up to twice that again as a `Vec` grows — once it is bigger than
+    /// that: after this buffer shrank because the session quieted down.
+    pub fn fit(&self, scratch: &mut Vec<u8>) {
+        if scratch.capacity() > 4 * self.buf.len() {
+            *scratch = Vec::new();
+        }
+    }
+
     /// Notes that a read brought `n` bytes: a full buffer grows, a run of
     /// short reads shrinks it. Call it only while nothing in the buffer is
     /// still needed.
@@ -106,5 +116,19 @@ mod tests {
         b.slice()[..3].copy_from_slice(b"abc");
         b.grow();
         assert_eq!(&b.slice()[..3], b"abc", "growing keeps what it holds");
+    }
+
+    #[test]
+    fn a_scratch_buffer_is_freed_only_once_the_session_quiets() {
+        let mut b = Elastic::new();
+        b.filled(SMALL);
+        let mut scratch = Vec::with_capacity(3 * CHUNK);
+        b.fit(&mut scratch);
+        assert_eq!(scratch.capacity(), 3 * CHUNK, "kept while streaming");
+        for _ in 0..SHRINK_AFTER {
+            b.filled(1);
+        }
+        b.fit(&mut scratch);
+        assert_eq!(scratch.capacity(), 0, "freed once quiet");
     }
 }

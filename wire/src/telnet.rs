@@ -77,6 +77,20 @@ pub enum Event<'a> {
     Malformed(&'static str),
 }
 
+impl Event<'_> {
+    /// The event, kept past the buffer it was decoded from: every event but
+    /// data, which borrows the input (`None`).
+    pub fn detached(self) -> Option<Event<'static>> {
+        match self {
+            Event::Data(_) => None,
+            Event::Negotiate(v, o) => Some(Event::Negotiate(v, o)),
+            Event::Subnegotiation(o, p) => Some(Event::Subnegotiation(o, p)),
+            Event::Command(b) => Some(Event::Command(b)),
+            Event::Malformed(why) => Some(Event::Malformed(why)),
+        }
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum State {
     Data,

@@ -2,7 +2,7 @@
 //! that say what is now in force.
 
 use std::io;
-use std::os::fd::BorrowedFd;
+use std::os::fd::{AsRawFd, BorrowedFd};
 
 use tracing::{debug, warn};
 use wire::rfc2217::{control, Command, LineSettings};
@@ -11,36 +11,70 @@ use wire::termios::{self, When};
 use crate::port;
 use crate::throttle::Throttle;
 
-/// A change to the port's settings; `None` when the value is not valid.
-type Change = Box<dyn FnOnce(&mut libc::termios2) -> Option<()> + Send>;
-
-/// How a SET-BAUDRATE, SET-DATASIZE, SET-PARITY or SET-STOPSIZE changes the
-/// port's settings, and which field of them its reply reports.
-struct SettingChange {
-    change: Change,
-    report: fn(&LineSettings) -> Command,
+/// A SET-BAUDRATE, SET-DATASIZE, SET-PARITY or SET-STOPSIZE: a change to
+/// the port's settings whose reply reports one field of them.
+#[derive(Debug, Clone, Copy)]
+enum Setting {
+    Baud(u32),
+    DataSize(u8),
+    Parity(u8),
+    StopSize(u8),
 }
 
-/// The settings change of a command, if it is one. A value of 0 asks for
-/// the current value and changes nothing.
-fn setting_change(cmd: &Command) -> Option<SettingChange> {
-    let (change, report): (Change, fn(&LineSettings) -> Command) = match *cmd {
-        Command::SetBaudRate(b) => (
-            Box::new(move |t| (b != 0).then(|| termios::set_baud(t, b))),
-            |s| Command::SetBaudRate(s.baud),
-        ),
-        Command::SetDataSize(v) => (Box::new(move |t| termios::set_data_size(t, v)), |s| {
-            Command::SetDataSize(s.data_size)
-        }),
-        Command::SetParity(v) => (Box::new(move |t| termios::set_parity(t, v)), |s| {
-            Command::SetParity(s.parity)
-        }),
-        Command::SetStopSize(v) => (Box::new(move |t| termios::set_stop_size(t, v)), |s| {
-            Command::SetStopSize(s.stop_size)
-        }),
-        _ => return None,
-    };
-    Some(SettingChange { change, report })
+impl Setting {
+    fn of(cmd: &Command) -> Option<Setting> {
+        Some(match *cmd {
+            Command::SetBaudRate(b) => Setting::Baud(b),
+            Command::SetDataSize(v) => Setting::DataSize(v),
+            Command::SetParity(v) => Setting::Parity(v),
+            Command::SetStopSize(v) => Setting::StopSize(v),
+            _ => return None,
+        })
+    }
+
+    /// Changes `t`; `None` when the value is not valid. A value of 0 asks
+    /// for the current value and changes nothing.
+    fn change(self, t: &mut libc::termios2) -> Option<()> {
+        match self {
+            Setting::Baud(0) => None,
+            Setting::Baud(b) => {
+                termios::set_baud(t, b);
+                Some(())
+            }
+            Setting::DataSize(v) => termios::set_data_size(t, v),
+            Setting::Parity(v) => termios::set_parity(t, v),
+            Setting::StopSize(v) => termios::set_stop_size(t, v),
+        }
+    }
+
+    /// The reply: the value now in force.
+    fn report(self, s: &LineSettings) -> Command {
+        match self {
+            Setting::Baud(_) => Command::SetBaudRate(s.baud),
+            Setting::DataSize(_) => Command::SetDataSize(s.data_size),
+            Setting::Parity(_) => Command::SetParity(s.parity),
+            Setting::StopSize(_) => Command::SetStopSize(s.stop_size),
+        }
+    }
+}
+
+/// Waits, if dropped before it is disarmed, for a blocking job on the
+/// port's descriptor to end — cutting a drain short by purging what waits
+/// to go out — so the port is never closed under the job, even when the
+/// relay's future is dropped mid-change (a panic, the runtime ending).
+struct JobGuard<'a> {
+    fd: BorrowedFd<'a>,
+    /// Disconnects when the job ends.
+    ended: Option<std::sync::mpsc::Receiver<()>>,
+}
+
+impl Drop for JobGuard<'_> {
+    fn drop(&mut self) {
+        if let Some(ended) = self.ended.take() {
+            let _ = port::purge(self.fd, wire::rfc2217::purge::TRANSMIT);
+            let _ = ended.recv();
+        }
+    }
 }
 
 /// Applies a client's command to the port and returns the reply: the value
@@ -49,23 +83,32 @@ fn setting_change(cmd: &Command) -> Option<SettingChange> {
 /// awaits it to the end, even when it stops, so the port (and so `fd`) is
 /// never closed under it.
 pub(super) async fn apply(
-    fd: BorrowedFd<'static>,
+    fd: BorrowedFd<'_>,
     cmd: Command,
     label: &str,
     suspend: &tokio::sync::watch::Sender<bool>,
     warnings: &mut Throttle,
 ) -> Option<Command> {
-    if let Some(SettingChange { change, report }) = setting_change(&cmd) {
-        let applied = tokio::task::spawn_blocking(move || -> io::Result<Command> {
+    if let Some(setting) = Setting::of(&cmd) {
+        let raw = fd.as_raw_fd();
+        let (ends, ended) = std::sync::mpsc::channel::<()>();
+        let job = tokio::task::spawn_blocking(move || -> io::Result<Command> {
+            let _ends = ends;
+            // SAFETY: `guard` below keeps the port open until this job ends.
+            let fd = unsafe { BorrowedFd::borrow_raw(raw) };
             let mut t = termios::get(fd)?;
-            if change(&mut t).is_some() {
+            if setting.change(&mut t).is_some() {
                 termios::set(fd, &t, When::AfterDrain)?;
                 t = termios::get(fd)?;
             }
-            Ok(report(&termios::to_settings(&t)))
-        })
-        .await
-        .unwrap_or_else(|e| Err(io::Error::other(e)));
+            Ok(setting.report(&termios::to_settings(&t)))
+        });
+        let mut guard = JobGuard {
+            fd,
+            ended: Some(ended),
+        };
+        let applied = job.await.unwrap_or_else(|e| Err(io::Error::other(e)));
+        guard.ended = None;
         return match applied {
             Ok(c) => {
                 debug!(tty = %label, "applied {cmd:?}: {c:?}");
@@ -127,9 +170,10 @@ pub(super) async fn apply(
         // read the port now.
         Command::NotifyModemState(_) => port::modem_state(fd).map(Command::NotifyModemState),
         Command::NotifyLineState(_) => None,
+        // Settings changes are handled above.
         Command::SetBaudRate(_)
         | Command::SetDataSize(_)
         | Command::SetParity(_)
-        | Command::SetStopSize(_) => unreachable!("settings changes are handled above"),
+        | Command::SetStopSize(_) => None,
     }
 }

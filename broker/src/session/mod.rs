@@ -78,7 +78,7 @@ struct Relay<'a> {
     /// The port's own descriptor, for controls beside the async stream
     /// that carries its data (not a duplicate: an emulated adapter answers
     /// ioctls only on the descriptor it was opened as).
-    fd: BorrowedFd<'static>,
+    fd: BorrowedFd<'a>,
     guard: &'a SessionGuard,
     label: &'a str,
     /// Either direction ending stops the other.
@@ -248,9 +248,9 @@ async fn relay(
     opened: &str,
 ) -> End {
     guard.set_fd(Some(port::fd(port)));
-    // SAFETY: `port` outlives this relay (it is borrowed for all of it), and
-    // every control started on its descriptor — here or on the blocking
-    // pool — is awaited to its end before the relay returns.
+    // SAFETY: `port` is borrowed for the whole relay, which `fd` does not
+    // outlive (a control on the blocking pool is waited for: `JobGuard`);
+    // the stream's halves below only read and write through it.
     let fd = unsafe { BorrowedFd::borrow_raw(port.as_raw_fd()) };
     let relay = Relay {
         fd,

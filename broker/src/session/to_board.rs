@@ -24,6 +24,8 @@ pub(super) struct ToBoard {
     input: Input,
     /// Data the old port refused, for the new one.
     retry: Option<Vec<u8>>,
+    /// The command decoded after `retry`'s data: handled once it is written.
+    pending: Option<Event<'static>>,
     commands: Commands,
     /// Where data cut by escaped 0xFFs is joined for one write.
     gather: Vec<u8>,
@@ -68,6 +70,7 @@ impl ToBoard {
                 len: 0,
             },
             retry: None,
+            pending: None,
             gather: Vec::new(),
             commands: Commands {
                 neg,
@@ -94,6 +97,7 @@ impl ToBoard {
         let ToBoard {
             input,
             retry,
+            pending,
             commands,
             gather,
         } = self;
@@ -111,6 +115,9 @@ impl ToBoard {
             counters
                 .to_board
                 .fetch_add(d.len() as u64, Ordering::Relaxed);
+        }
+        if let Some(ev) = pending.take() {
+            commands.handle(ev, relay, &mut stopped).await;
         }
         let Input {
             sock,
@@ -146,12 +153,19 @@ impl ToBoard {
                 *pos += used;
                 let d = run.bytes();
                 if !d.is_empty() {
+                    // Cut short, the data and the command after it wait
+                    // for the next port, in this order.
                     tokio::select! {
                         r = port.write_all(d) => if let Err(e) = r {
                             *retry = Some(d.to_vec());
+                            *pending = ev.and_then(Event::detached);
                             return Some(End::AdapterGone(e.to_string()));
                         },
-                        _ = &mut stopped => { *retry = Some(d.to_vec()); return None }
+                        _ = &mut stopped => {
+                            *retry = Some(d.to_vec());
+                            *pending = ev.and_then(Event::detached);
+                            return None
+                        }
                     }
                     counters
                         .to_board
@@ -161,10 +175,7 @@ impl ToBoard {
                     commands.handle(ev, relay, &mut stopped).await;
                 }
             }
-            if gather.capacity() > buf.len() {
-                // The session quieted down: so does the join buffer.
-                *gather = Vec::new();
-            }
+            buf.fit(gather);
         }
     }
 }
@@ -188,6 +199,7 @@ impl Commands {
                     let mut out = Vec::new();
                     telnet::negotiate(rv, ro, &mut out);
                     tokio::select! {
+                        biased;
                         _ = self.replies.send(out) => {}
                         _ = &mut *stopped => {}
                     }
@@ -198,7 +210,7 @@ impl Commands {
                     if let Command::Signature(s) = &cmd {
                         if let Some(tool) = wire::rfc2217::ToolSignature::parse(s) {
                             debug!(tty = %label, "the tool is {} (pid {} in the client's namespace)", tool.comm, tool.pid);
-                            relay.guard.set_tool(tool).await;
+                            relay.guard.set_tool(tool);
                             return;
                         }
                     }
@@ -215,6 +227,7 @@ impl Commands {
                     };
                     if let Some(reply) = reply {
                         tokio::select! {
+                            biased;
                             _ = self.replies.send(reply.to_bytes(Direction::ServerToClient)) => {}
                             _ = &mut *stopped => {}
                         }

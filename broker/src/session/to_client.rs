@@ -138,9 +138,7 @@ impl ToClient {
                         _ = &mut aborted => return None,
                     }
                     buf.filled(n);
-                    if buf.len() < CHUNK && esc.capacity() > CHUNK {
-                        *esc = Vec::new();
-                    }
+                    buf.fit(esc);
                 }
             }
         }

@@ -241,8 +241,20 @@ impl Shared {
         }
         inner.config = config;
         let Inner { leases, config, .. } = &mut *inner;
-        let freed = leases.reconfigure(config);
-        let wanted: Vec<String> = freed.into_iter().chain(leases.wanted_boards()).collect();
+        let lease_changes = leases.reconfigure(config);
+        for (conn, why) in lease_changes.refused {
+            if let Some((_, tx)) = inner.conns.get(&conn) {
+                let _ = tx.send(wire::control::Reply::error(
+                    wire::control::ErrorCode::NotAvailable,
+                    format!("{why} under the config reloaded"),
+                ));
+            }
+        }
+        let wanted: Vec<String> = lease_changes
+            .freed
+            .into_iter()
+            .chain(inner.leases.wanted_boards())
+            .collect();
         Self::grant(&mut inner, &wanted);
         drop(inner);
         self.changed.notify_one();

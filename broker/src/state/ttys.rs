@@ -172,8 +172,9 @@ impl SessionGuard {
     }
 
     /// Records the tool devshim says has the port open (a client SIGNATURE):
-    /// its pid in the client's namespace is looked up on the host.
-    pub async fn set_tool(&self, tool: wire::rfc2217::ToolSignature) {
+    /// its pid in the client's namespace is looked up on the host, off the
+    /// relay (a scan of `/proc`).
+    pub fn set_tool(&self, tool: wire::rfc2217::ToolSignature) {
         let client = {
             let inner = self.shared.inner.lock().unwrap();
             inner
@@ -183,22 +184,25 @@ impl SessionGuard {
                 .filter(|s| s.id == self.id)
                 .and_then(|s| s.pid)
         };
-        let host = match client {
-            Some(c) => tokio::task::spawn_blocking(move || crate::peer::host_pid(c, tool.pid))
-                .await
-                .ok()
-                .flatten(),
-            None => None,
-        };
-        let mut inner = self.shared.inner.lock().unwrap();
-        if let Some(s) = inner
-            .ttys
-            .get_mut(&self.key)
-            .and_then(|t| t.session.as_mut())
-            .filter(|s| s.id == self.id)
-        {
-            s.tool = Some((tool.comm, host));
-        }
+        let (shared, key, id) = (self.shared.clone(), self.key.clone(), self.id);
+        tokio::spawn(async move {
+            let host = match client {
+                Some(c) => tokio::task::spawn_blocking(move || crate::peer::host_pid(c, tool.pid))
+                    .await
+                    .ok()
+                    .flatten(),
+                None => None,
+            };
+            let mut inner = shared.inner.lock().unwrap();
+            if let Some(s) = inner
+                .ttys
+                .get_mut(&key)
+                .and_then(|t| t.session.as_mut())
+                .filter(|s| s.id == id)
+            {
+                s.tool = Some((tool.comm, host));
+            }
+        });
     }
 
     /// Records the session's open port, so sequences can run on it (the
