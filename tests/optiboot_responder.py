@@ -24,7 +24,7 @@ import sys
 import time
 
 FD, EDGES = 3, 4
-WATCHDOG = 1.0
+WATCHDOG = 3.0
 INSYNC, OK, EOP = 0x14, 0x10, 0x20
 SIGNATURE = bytes([0x1E, 0x95, 0x0F])  # ATmega328P
 # Bytes of argument each command takes before CRC_EOP.

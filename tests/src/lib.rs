@@ -426,6 +426,14 @@ impl Tool {
     pub fn write_all(&self, data: &[u8]) -> io::Result<()> {
         self.file().write_all(data)
     }
+
+    /// Sets the tool's baud rate, after what it wrote has drained (as
+    /// `tcsetattr(TCSADRAIN)`).
+    pub fn set_baud(&self, baud: u32) {
+        let mut t = wire::termios::get(&self.fd).unwrap();
+        wire::termios::set_baud(&mut t, baud);
+        wire::termios::set(&self.fd, &t, wire::termios::When::AfterDrain).unwrap();
+    }
 }
 
 /// poll + read on any fd, `Ok(None)` on timeout.
@@ -661,4 +669,35 @@ pub fn devbroker_cli(args: &[&str]) -> (bool, String) {
         out.status.success(),
         String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
     )
+}
+
+/// [`devbroker_cli`] that must end within 30 s: a command opening a FIFO
+/// planted in its way would block forever.
+pub fn cli_within(args: &[&str]) -> (bool, String) {
+    use std::io::{Read, Seek};
+    let mut out = tempfile::tempfile().unwrap();
+    let mut child = Command::new(bin("devbroker"))
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(out.try_clone().unwrap())
+        .stderr(out.try_clone().unwrap())
+        .die_with_parent()
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        if t0.elapsed() > Duration::from_secs(30) {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("devbroker {args:?} did not finish within 30 s (blocked on a FIFO?)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let mut text = String::new();
+    out.rewind().unwrap();
+    out.read_to_string(&mut text).unwrap();
+    (status.success(), text)
 }

@@ -195,6 +195,13 @@ pub fn preload_path() -> Result<PathBuf, String> {
     ))
 }
 
+/// The by-id name of the FT232R in `testdata/ftdi-ft232r.umockdev`
+/// (serial A1B2C3; a config matches it with
+/// `{ usb = "0403:6001", serial = "A1B2C3" }`).
+pub const FT232R_BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
+/// Its tty node in the testbed.
+pub const FT232R_NODE: &str = "/dev/ttyUSB0";
+
 /// A file of `tests/testdata`.
 pub fn testdata(name: &str) -> String {
     let p = Path::new(env!("CARGO_MANIFEST_DIR"))

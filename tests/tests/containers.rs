@@ -162,12 +162,30 @@ fn job_on_a_booted_container(private_users: bool) {
         assert!(c.uid_shift() > 0);
     }
     // Not even the container's root writes in the broker's directory: with
-    // -U it isn't the owner, without it the bind is read-only.
-    let wrote = c.exec(&["touch", "/run/devbroker/planted"]).unwrap();
-    assert!(
-        !wrote.status.success(),
-        "the container's root wrote in /run/devbroker"
+    // -U it isn't the owner, without it the bind is read-only. (The index
+    // first proves the directory is bound in.)
+    let index = w.run.join(format!("machines/{name}/ttys.json"));
+    wait_for(Duration::from_secs(10), "the machine's index", || {
+        index.exists()
+    });
+    let wrote = c
+        .exec(&[
+            "sh",
+            "-c",
+            "test -e /run/devbroker/ttys.json || exit 9; touch /run/devbroker/planted",
+        ])
+        .unwrap();
+    let err = String::from_utf8_lossy(&wrote.stderr);
+    assert_eq!(
+        wrote.status.code(),
+        Some(1),
+        "the container's root wrote in /run/devbroker, or it is not bound: {err}"
     );
+    assert!(
+        err.contains("Read-only file system") || err.contains("Permission denied"),
+        "{err}"
+    );
+    assert!(!exists(&w.run.join(format!("machines/{name}/planted"))));
 
     // Plugged while the container runs: appears inside within 1 s.
     let board = w.plug(FTDI);

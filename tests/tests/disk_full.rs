@@ -107,10 +107,14 @@ fn the_console_log_goes_on_once_there_is_room_again() {
     });
     let filler = fs_.fill();
     write_all_fd(board.master_fd(), b"printed while the disk is full\r\n").unwrap();
+    let failed = format!(
+        "console log {}: No space left on device (os error 28); keeping what comes in the ring and trying again every 1s",
+        log.display()
+    );
     wait_for(5 * S, "the log to fail", || {
         fs::read_to_string(w.path("broker.log"))
             .unwrap_or_default()
-            .contains("console log")
+            .contains(&failed)
     });
     fs::remove_file(filler).unwrap();
     // The log is tried again at most every second: keep printing until a
@@ -126,5 +130,10 @@ fn the_console_log_goes_on_once_there_is_room_again() {
     assert!(
         text.contains("bytes of console output could not be logged]"),
         "{text}"
+    );
+    let said = fs::read_to_string(w.path("broker.log")).unwrap();
+    assert!(
+        said.contains(&format!("console log {} works again (", log.display())),
+        "{said}"
     );
 }

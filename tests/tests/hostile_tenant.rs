@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 use std::os::unix::fs::MetadataExt;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use devbroker_tests::container::{self, BootOptions, Container, TreeCopy};
@@ -53,52 +53,11 @@ impl Sentinels {
         self.dir.path().join("dir")
     }
 
-    /// Every path under the sentinel directory with its content hash, owner
-    /// and mode.
+    /// Every path under the sentinel directory with its type, content hash,
+    /// owner and mode.
     fn snapshot(&self) -> BTreeMap<String, String> {
-        let mut out = BTreeMap::new();
-        fn walk(p: &Path, out: &mut BTreeMap<String, String>) {
-            let m = std::fs::symlink_metadata(p).unwrap();
-            let content = if m.is_file() {
-                format!("{:x}", fnv(&std::fs::read(p).unwrap()))
-            } else {
-                String::new()
-            };
-            out.insert(
-                p.display().to_string(),
-                format!(
-                    "{} {}:{} {:o} {content}",
-                    kind(&m),
-                    m.uid(),
-                    m.gid(),
-                    m.mode()
-                ),
-            );
-            if m.is_dir() {
-                for e in std::fs::read_dir(p).unwrap() {
-                    walk(&e.unwrap().path(), out);
-                }
-            }
-        }
-        walk(self.dir.path(), &mut out);
-        out
+        snapshot(self.dir.path())
     }
-}
-
-fn kind(m: &std::fs::Metadata) -> &'static str {
-    if m.file_type().is_symlink() {
-        "link"
-    } else if m.is_dir() {
-        "dir"
-    } else {
-        "file"
-    }
-}
-
-fn fnv(b: &[u8]) -> u64 {
-    b.iter().fold(0xcbf29ce484222325u64, |h, x| {
-        (h ^ *x as u64).wrapping_mul(0x100000001b3)
-    })
 }
 
 fn sh(c: &Container, script: &str) -> (bool, String) {
@@ -151,7 +110,7 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     let mut args = setup_args(&name, &tree_s, &w, &state_s);
     let shim = devshim().to_str().unwrap().to_string();
     args.extend(["--devshim", &shim]);
-    let (ok, out) = devbroker_cli(&args);
+    let (ok, out) = cli_within(&args);
     assert!(ok, "setup: {out}");
     let _broker = w.broker();
     let board = w.plug(FTDI);
@@ -168,11 +127,16 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     let target_dir = sentinels.subdir().display().to_string();
 
     // The machine directory is the host's: the container's root can't plant
-    // anything there.
+    // anything there. (Its index first proves the directory is bound in.)
+    let index = w.run.join(format!("machines/{name}/ttys.json"));
+    wait_for(Duration::from_secs(10), "the machine's index", || {
+        index.exists()
+    });
     let (ok, out) = sh(
         &c,
         &format!(
-            "ln -s {target} /run/devbroker/.ttys.json.tmp || echo refused-link; \
+            "test -e /run/devbroker/ttys.json || exit 9; \
+             ln -s {target} /run/devbroker/.ttys.json.tmp || echo refused-link; \
              mkfifo /run/devbroker/.ttys.json.tmp || echo refused-fifo; \
              ln -s {target} /run/devbroker/shared.console.sock || echo refused-sock; \
              touch /run/devbroker/x || echo refused-file"
@@ -225,7 +189,7 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     let setup = |expect_ok: bool, why: &str| {
         let mut again = setup_args(&name, &tree_s, &w, &state_s);
         again.extend(["--devshim", &shim]);
-        let (ok, out) = devbroker_cli(&again);
+        let (ok, out) = cli_within(&again);
         assert_eq!(ok, expect_ok, "{why}: {out}");
         out
     };
@@ -262,17 +226,56 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
         ),
     );
     assert!(ok && out.contains("planted"), "{out}");
-    let (_, out) = devbroker_cli(&[
+    // check reads the host's files only (drop-ins, .nspawn files, udev
+    // rules; empty directories stand in for the host's drop-ins and rules):
+    // setup's own .nspawn file has nothing to fix.
+    let empty = w.path("empty");
+    std::fs::create_dir_all(&empty).unwrap();
+    let (ok, out) = cli_within(&[
         "machine",
         "check",
         &name,
         "--fix",
         "--nspawn-dir",
         "/run/systemd/nspawn",
+        "--systemd-dir",
+        empty.to_str().unwrap(),
+        "--udev-dir",
+        empty.to_str().unwrap(),
     ]);
-    eprintln!("check --fix: {out}");
-    let (_, out) = devbroker_cli(&["machine", "remove", &name, "--state-dir", &state_s]);
-    eprintln!("remove: {out}");
+    assert!(ok, "check --fix: {out}");
+    assert!(
+        out.contains(&format!(
+            "machine {name}: no leftovers of binding devices by hand"
+        )),
+        "check --fix: {out}"
+    );
+    let nspawn = PathBuf::from(format!("/run/systemd/nspawn/{name}.nspawn"));
+    assert!(nspawn.exists(), "setup's {}", nspawn.display());
+    // remove takes back what setup added and leaves the planted links and
+    // FIFO, naming them.
+    let record = state.join(format!("machines/{name}.json"));
+    assert!(record.exists(), "setup's record {}", record.display());
+    let (ok, out) = cli_within(&["machine", "remove", &name, "--state-dir", &state_s]);
+    assert!(ok, "remove: {out}");
+    let etc = tree.path().join("etc");
+    for want in [
+        format!("removed {}", nspawn.display()),
+        format!(
+            "kept {}: it is a symbolic link (to {target}); setup never writes through links",
+            etc.join("hostname").display()
+        ),
+        format!(
+            "kept {}: {} is a FIFO where setup writes its temporary file",
+            etc.join("passwd").display(),
+            etc.join(".passwd.devbroker-tmp").display()
+        ),
+        format!("machine {name}: removed what setup added"),
+    ] {
+        assert!(out.contains(&want), "remove says {want:?}: {out}");
+    }
+    assert!(!exists(&nspawn), "remove left {}: {out}", nspawn.display());
+    assert!(!record.exists(), "remove left its record: {out}");
     assert_eq!(
         before,
         sentinels.snapshot(),
@@ -282,7 +285,7 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     // Leases move the shared board between machines while the container's
     // root keeps trying to swap links into its directory.
     let script = format!(
-        "for i in $(seq 200); do ln -s {target} /run/devbroker/.x 2>/dev/null; mv -f /run/devbroker/.x /run/devbroker/shared.console.sock 2>/dev/null; done; echo done"
+        "test -e /run/devbroker/ttys.json || exit 9; for i in $(seq 200); do ln -s {target} /run/devbroker/.x 2>/dev/null; mv -f /run/devbroker/.x /run/devbroker/shared.console.sock 2>/dev/null; done; echo done"
     );
     let mut c1 = ControlClient::connect(&w.run.join(format!("machines/{name}/control.sock")));
     let mut c2 = ControlClient::connect(&w.run.join("machines/other/control.sock"));
@@ -296,8 +299,8 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
             let r = c2.ask(serde_json::json!({"request": "release", "board": "shared"}));
             assert_eq!(r["reply"], "released", "{r}");
         }
-        let (_, out) = h.join().unwrap();
-        assert!(out.contains("done"), "{out}");
+        let (ok, out) = h.join().unwrap();
+        assert!(ok && out.contains("done"), "{out}");
     });
     // The broker still answers everyone.
     let r = c2.ask(serde_json::json!({"request": "list"}));

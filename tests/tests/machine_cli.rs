@@ -9,8 +9,6 @@
 use std::fs;
 use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use devbroker_tests::*;
 
@@ -108,38 +106,6 @@ impl Host {
         fs::set_permissions(&p, fs::Permissions::from_mode(0o700)).unwrap();
         p
     }
-}
-
-/// `devbroker ARGS` that must end within 30 s: setup opening a FIFO would
-/// block forever.
-fn cli_within(args: &[&str]) -> (bool, String) {
-    let out = tempfile::tempfile().unwrap();
-    let mut child = Command::new(bin("devbroker"))
-        .args(args)
-        .stdin(Stdio::null())
-        .stdout(out.try_clone().unwrap())
-        .stderr(out.try_clone().unwrap())
-        .die_with_parent()
-        .spawn()
-        .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        if t0.elapsed() > Duration::from_secs(30) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("devbroker {args:?} did not finish within 30 s (blocked on a FIFO?)");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    let mut text = String::new();
-    use std::io::{Read, Seek};
-    let mut out = out;
-    out.rewind().unwrap();
-    out.read_to_string(&mut text).unwrap();
-    (status.success(), text)
 }
 
 fn mkfifo(p: &Path) {

@@ -64,21 +64,35 @@ while True:
             pass
 "#;
 
-/// A pyserial job: echoes checked for `secs` seconds; prints how many.
+/// A pyserial job: echoes checked until /root/job.stop appears (at most
+/// `secs` seconds); keeps the count so far in /root/job.count and prints it.
 const JOB: &str = r#"
-import serial, sys, time
+import os, serial, sys, time
 s = serial.Serial(sys.argv[1], 115200, timeout=5)
 end = time.time() + float(sys.argv[2])
 n = 0
-while time.time() < end:
+while not os.path.exists('/root/job.stop'):
+    assert time.time() < end, 'not told to stop within %s s' % sys.argv[2]
     msg = b'ping %d\n' % n
     s.write(msg)
     got = s.read(len(msg))
     assert got == msg, (n, got)
     n += 1
+    with open('/root/job.count.tmp', 'w') as f:
+        f.write(str(n))
+    os.replace('/root/job.count.tmp', '/root/job.count')
     time.sleep(0.01)
 print('echoes', n)
 "#;
+
+/// How many echoes the job has checked so far.
+fn echoes(c: &Container) -> u64 {
+    let out = c.exec(&["cat", "/root/job.count"]).unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or(0)
+}
 
 fn config(boards: &[&str]) -> String {
     let mut c = String::new();
@@ -161,15 +175,21 @@ fn the_package_installs_runs_reloads_and_logs_plainly() {
     });
     sh(
         &c,
-        "systemd-run --unit=job python3 /root/job.py /guest/serial/by-id/usb-Fake_b1-if00 6",
+        "systemd-run --unit=job python3 /root/job.py /guest/serial/by-id/usb-Fake_b1-if00 120",
     );
-    std::thread::sleep(Duration::from_millis(500));
+    wait_for(20 * S, "the job's session to move bytes", || echoes(&c) > 0);
 
     // Reload with b2 added: served after `systemctl reload` returns; the job goes on.
     write_config(&c, &config(&["b1", "b2"]));
     sh(
         &c,
         "systemctl reload devbroker && test -S /run/devbroker/machines/local/b2.console.sock",
+    );
+    let at_reload = echoes(&c);
+    wait_for(
+        20 * S,
+        "the job's session to move bytes after the reload",
+        || echoes(&c) > at_reload,
     );
     let status = sh(&c, "systemctl show -p StatusText --value devbroker");
     assert!(status.contains("2 of 2 boards present"), "{status}");
@@ -186,6 +206,7 @@ fn the_package_installs_runs_reloads_and_logs_plainly() {
         &c,
         "systemctl is-active devbroker && test -S /run/devbroker/machines/local/b2.console.sock",
     );
+    sh(&c, "touch /root/job.stop");
     wait_for(20 * S, "the job to finish", || {
         !c.exec(&["systemctl", "is-active", "--quiet", "job"])
             .unwrap()
@@ -193,9 +214,14 @@ fn the_package_installs_runs_reloads_and_logs_plainly() {
             .success()
     });
     let job = sh(&c, "journalctl -u job --no-pager -o cat");
+    let total: u64 = job
+        .lines()
+        .find_map(|l| l.strip_prefix("echoes "))
+        .and_then(|n| n.trim().parse().ok())
+        .unwrap_or_else(|| panic!("the job's count: {job}"));
     assert!(
-        job.contains("echoes"),
-        "the job's session went on through the reload:\n{job}"
+        total > at_reload,
+        "the job's session went on through the reload ({total} echoes, {at_reload} at the reload):\n{job}"
     );
     let result = sh(&c, "systemctl show -p Result --value job");
     assert_eq!(result.trim(), "success", "{job}");

@@ -22,13 +22,6 @@ match = { by-id = "usb-Espressif_USB_JTAG_serial_debug_unit_F4:12:FA:00:11:22-if
 
 const S: Duration = Duration::from_secs(1);
 
-fn set_tool_baud(tool: &Tool, baud: u32) {
-    let fd = &tool.fd;
-    let mut t = wire::termios::get(fd).unwrap();
-    wire::termios::set_baud(&mut t, baud);
-    wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();
-}
-
 fn expect(fd: i32, want: &[u8], w: &World, what: &str) {
     let got = read_exact_timeout(fd, want.len(), 5 * S)
         .unwrap_or_else(|e| panic!("{what}: {e}\n{}", w.logs()));
@@ -45,7 +38,7 @@ fn within_the_grace_the_session_resumes_with_its_line_settings() {
     wait_for(5 * S, "the guest link", || exists(&link));
     let pty = std::fs::read_link(&link).unwrap();
     let tool = Tool::open(&link).unwrap();
-    set_tool_baud(&tool, 460800);
+    tool.set_baud(460800);
     wait_for(5 * S, "the board at 460800", || board.baud() == 460800);
     tool.write_all(b"before\n").unwrap();
     expect(board.master_fd(), b"before\n", &w, "bytes before the reset");

@@ -96,13 +96,19 @@ fn a_machine_reads_only_what_its_board_printed_during_its_own_lease() {
     m2.lease_board("shared");
     let s2 = session(&w, "m2");
     print(&w, &board, "secret of m2\r\n");
+    let text = log_text(&mut m2, "shared");
     assert!(
-        !log_text(&mut m2, "shared").contains("m1 flashes"),
-        "m2 does not read what the board printed for m1"
+        text.contains("secret of m2"),
+        "m2 reads what the board printed in its lease: {text}"
+    );
+    assert!(
+        !text.contains("m1 flashes"),
+        "m2 does not read what the board printed for m1: {text}"
     );
     // m1's follow ends instead of streaming m2's output.
     let r = follower.next();
     assert_eq!(r["reply"], "error", "{r}");
+    assert_eq!(r["code"], "not-held", "{r}");
     assert!(
         r["message"]
             .as_str()
@@ -113,22 +119,39 @@ fn a_machine_reads_only_what_its_board_printed_during_its_own_lease() {
     // And m1 may not read the board at all while m2 holds it.
     let r = m1.ask(json!({"request": "log", "board": "shared"}));
     assert_eq!(r["reply"], "error", "{r}");
+    assert_eq!(r["code"], "not-held", "{r}");
+    assert!(
+        r["message"]
+            .as_str()
+            .unwrap()
+            .starts_with("machine m1 does not hold board shared: lease it first"),
+        "{r}"
+    );
     drop(s2);
     release(&mut m2, "shared");
 
     // m1 again: only what comes from now on.
     m1.lease_board("shared");
+    let s1 = session(&w, "m1");
+    print(&w, &board, "m1 flashes again\r\n");
     let text = log_text(&mut m1, "shared");
+    assert!(
+        text.contains("m1 flashes again"),
+        "m1 reads what the board printed in its new lease: {text}"
+    );
     assert!(!text.contains("secret of m2"), "{text}");
     assert!(
-        !text.contains("m1 flashes"),
+        !text.contains("m1 flashes\r"),
         "an earlier lease is not this one: {text}"
     );
+    drop(s1);
     // The admin sees everything.
     let mut admin = ControlClient::connect(&w.run.join("broker.sock"));
     let all = log_text(&mut admin, "shared");
     assert!(
-        all.contains("m1 flashes") && all.contains("secret of m2"),
+        all.contains("m1 flashes\r")
+            && all.contains("secret of m2")
+            && all.contains("m1 flashes again"),
         "{all}"
     );
 }
@@ -393,6 +416,8 @@ fn a_machine_past_its_limits_is_refused_and_others_go_on() {
             return false;
         };
         let _ = s.write_all(b"{\"request\":\"hello\",\"version\":1,\"client\":\"t\"}\n");
+        // A probe the broker leaves unanswered must not hang the wait.
+        s.set_read_timeout(Some(S)).unwrap();
         let mut line = String::new();
         let _ = std::io::BufRead::read_line(&mut std::io::BufReader::new(&s), &mut line);
         line.contains("\"hello\"")

@@ -15,7 +15,7 @@ use devbroker::config::{self, UsbId};
 use devbroker::plan::{self, TtyKey};
 use devbroker::source::udev::UdevSource;
 use devbroker::source::{AdapterStream, Source, SourceEvent};
-use devbroker_tests::umockdev::{self, testdata};
+use devbroker_tests::umockdev::{self, testdata, FT232R_BY_ID};
 use devbroker_tests::{
     exists, join_within, read_exact_timeout, wait_for, write_all_fd, Tool, World,
 };
@@ -25,7 +25,6 @@ const FT232_TTY: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/t
 const FT232_TTY1: &str =
     "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2/1-2:1.0/ttyUSB1/tty/ttyUSB1";
 const FT232_USB: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2";
-const FT232_BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
 
 /// A built-in UART and a virtual console: ttys that are no USB serial adapters.
 const NOT_ADAPTERS: &str = "\
@@ -105,8 +104,8 @@ fn ft232_description(n: u32) -> String {
 fn ft232() -> Adapter {
     Adapter {
         id: FT232_TTY.into(),
-        device: PathBuf::from("/dev/serial/by-id").join(FT232_BY_ID),
-        by_id: Some(FT232_BY_ID.into()),
+        device: PathBuf::from("/dev/serial/by-id").join(FT232R_BY_ID),
+        by_id: Some(FT232R_BY_ID.into()),
         serial: Some("A1B2C3".into()),
         path: Some("pci-0000:00:14.0-usb-0:2:1.0".into()),
         usb: UsbId::parse("0403:6001"),
@@ -137,7 +136,7 @@ fn ft232_found_at_start_with_its_identities() {
     assert!(tb
         .root_dir()
         .join("dev/serial/by-id")
-        .join(FT232_BY_ID)
+        .join(FT232R_BY_ID)
         .exists());
     assert!(tb.dev_fd("/dev/ttyUSB0").is_some());
 }
@@ -194,7 +193,7 @@ fn hotplug_add_and_remove() {
             let more = events_until_quiet(&mut stream, Duration::from_millis(100)).await;
             assert!(more.is_empty(), "unexpected events: {more:?}");
             assert!(!Path::new(tty).exists(), "the tty is still in the testbed");
-            assert!(!Path::new("/dev/serial/by-id").join(FT232_BY_ID).exists());
+            assert!(!Path::new("/dev/serial/by-id").join(FT232R_BY_ID).exists());
         }
     });
 }
@@ -262,13 +261,13 @@ fn broker_follows_hotplug_and_hangs_up_sessions_on_unplug() {
     tb.add_from_string(NOT_ADAPTERS).unwrap();
     // One handler for the adapter in both rounds (a replug takes the next
     // node); it is attached before the devices exist.
-    let by_id = format!("/dev/serial/by-id/{FT232_BY_ID}");
+    let by_id = format!("/dev/serial/by-id/{FT232R_BY_ID}");
     let line = tb.emulate_serial("/dev/ttyUSB0", &["/dev/ttyUSB1", &by_id]);
     let w = World::new(FT232_CONFIG);
     let _broker = w.broker_udev();
     let _shim = w.shim("ci1");
     let sock = w.run.join("machines/ci1/esp1.console.sock");
-    let link = w.guest_link("ci1", FT232_BY_ID);
+    let link = w.guest_link("ci1", FT232R_BY_ID);
     let limit = Duration::from_secs(5);
     std::thread::sleep(Duration::from_millis(100));
     assert!(!exists(&sock), "a socket before the adapter is plugged in");

@@ -12,11 +12,10 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use devbroker_tests::umockdev::{self, testdata};
+use devbroker_tests::container;
+use devbroker_tests::umockdev::{self, testdata, FT232R_BY_ID, FT232R_NODE};
 use devbroker_tests::*;
 
-const BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
-const NODE: &str = "/dev/ttyUSB0";
 const S: Duration = Duration::from_secs(1);
 
 const CONFIG: &str = r#"
@@ -51,19 +50,18 @@ fn ihex(data: &[u8]) -> String {
 #[test]
 fn avrdude_arduino_resets_the_board_by_dtr_under_devshim_run() {
     let tb = umockdev::testbed!();
-    if which("avrdude").is_none() {
-        assert!(std::env::var_os("CI").is_none(), "avrdude is not installed");
-        println!("skipped: avrdude is not installed (apt-get install avrdude)");
+    if container::find_program("avrdude").is_none() {
+        skip("avrdude is not installed (apt-get install avrdude)");
         return;
     }
     tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
         .unwrap();
-    let line = tb.emulate_serial(NODE, &[&format!("/dev/serial/by-id/{BY_ID}")]);
+    let line = tb.emulate_serial(FT232R_NODE, &[&format!("/dev/serial/by-id/{FT232R_BY_ID}")]);
     let (edges_r, edges_w) = nix::unistd::pipe().unwrap();
     line.tell_edges(edges_w);
     let w = World::new(CONFIG);
     let log = w.path("uno.log");
-    let board = tb.dev_fd(NODE).expect("the adapter's pty");
+    let board = tb.dev_fd(FT232R_NODE).expect("the adapter's pty");
     let _uno = {
         use std::os::fd::AsRawFd;
         use std::os::unix::process::CommandExt;
@@ -102,14 +100,15 @@ fn avrdude_arduino_resets_the_board_by_dtr_under_devshim_run() {
     wait_for(10 * S, "the Uno to start", || said().contains("ready"));
     let _broker = w.broker_udev();
     let _shim = w.shim("ci1");
-    let link = w.guest_link("ci1", BY_ID);
+    let link = w.guest_link("ci1", FT232R_BY_ID);
     wait_for(5 * S, "the guest link", || exists(&link));
     w.endpoint_port("ci1", &link);
 
     // A console holds the port: the session's open reset the board, whose
     // bootloader then gave way to the sketch.
     let _console = Tool::open(&link).unwrap();
-    wait_for(5 * S, "the open's reset, then the sketch", || {
+    // The sketch starts after optiboot's watchdog (3 s) of silence.
+    wait_for(20 * S, "the open's reset, then the sketch", || {
         said()
             .lines()
             .collect::<Vec<_>>()
@@ -154,13 +153,4 @@ fn avrdude_arduino_resets_the_board_by_dtr_under_devshim_run() {
     assert!(uno.iter().any(|l| l == "prog_page 0x0000 128"), "{report}");
     assert!(uno.iter().any(|l| l == "read_page 0x0080 128"), "{report}");
     println!("avrdude -c arduino under devshim run: {:?}", t0.elapsed());
-}
-
-/// The path of `prog` on `PATH`.
-fn which(prog: &str) -> Option<std::path::PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(prog))
-            .find(|p| p.exists())
-    })
 }

@@ -16,11 +16,9 @@ use std::time::{Duration, Instant};
 
 use devbroker_tests::container::{self, Machine};
 use devbroker_tests::esptool;
-use devbroker_tests::umockdev::{self, testdata};
+use devbroker_tests::umockdev::{self, testdata, FT232R_BY_ID, FT232R_NODE};
 use devbroker_tests::*;
 
-const BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
-const NODE: &str = "/dev/ttyUSB0";
 const MAC: &str = "24:0a:c4:12:34:56";
 const S: Duration = Duration::from_secs(1);
 
@@ -62,9 +60,11 @@ impl Rig {
     fn venv() -> Option<PathBuf> {
         match esptool::venv(esptool::V5) {
             Ok(v) => Some(v),
-            Err(e) if std::env::var_os("CI").is_some() => panic!("esptool {}: {e}", esptool::V5),
             Err(e) => {
-                println!("skipped: esptool can't be installed here: {e}");
+                skip(&format!(
+                    "esptool {} can't be installed here: {e}",
+                    esptool::V5
+                ));
                 None
             }
         }
@@ -76,12 +76,12 @@ impl Rig {
         let venv = Rig::venv()?;
         tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
             .unwrap();
-        let line = tb.emulate_serial(NODE, &[&format!("/dev/serial/by-id/{BY_ID}")]);
+        let line = tb.emulate_serial(FT232R_NODE, &[&format!("/dev/serial/by-id/{FT232R_BY_ID}")]);
         let (edges_r, edges_w) = nix::unistd::pipe().unwrap();
         line.tell_edges(edges_w);
         let w = World::new(&config(machine.unwrap_or("ci1")));
         let log = w.path("chip.log");
-        let board = tb.dev_fd(NODE).expect("the adapter's pty");
+        let board = tb.dev_fd(FT232R_NODE).expect("the adapter's pty");
         use std::os::fd::AsRawFd;
         let chip = esptool::responder(
             board.as_raw_fd(),
@@ -93,7 +93,7 @@ impl Rig {
         drop(edges_r);
         // A container's machine is set up before the broker starts.
         let broker = machine.is_none().then(|| w.broker_udev());
-        let link = w.guest_link("ci1", BY_ID);
+        let link = w.guest_link("ci1", FT232R_BY_ID);
         let shim = machine.is_none().then(|| {
             let shim = w.shim("ci1");
             wait_for(5 * S, "the guest link", || exists(&link));
@@ -195,15 +195,15 @@ impl Rig {
         assert!(!report.contains("NOT reset"), "{report}");
         // The chip boots its firmware once EN has been up for its RC delay,
         // after esptool's hard reset returned.
-        let t0 = Instant::now();
-        while !self
-            .chip_said()
-            .last()
-            .is_some_and(|l| l.starts_with("boot"))
-            && t0.elapsed() < S
-        {
-            std::thread::sleep(Duration::from_millis(5));
-        }
+        wait_for(
+            10 * S,
+            &format!("the chip to boot after esptool's hard reset\n{report}"),
+            || {
+                self.chip_said()
+                    .last()
+                    .is_some_and(|l| l.starts_with("boot"))
+            },
+        );
         let said = self.chip_said()[since..].to_vec();
         let boots: Vec<&str> = said
             .iter()
@@ -366,7 +366,7 @@ fn esptool5_in_a_booted_container(tb: umockdev::UMockdev, private_users: bool) {
     )
     .unwrap();
     let c = m.boot(private_users, &[]);
-    let link = format!("/dev/serial/by-id/{BY_ID}");
+    let link = format!("/dev/serial/by-id/{FT232R_BY_ID}");
     let t0 = Instant::now();
     while !c.exec(&["test", "-e", &link]).unwrap().status.success() {
         assert!(
@@ -442,7 +442,7 @@ fn esptool5_in_a_booted_container(tb: umockdev::UMockdev, private_users: bool) {
 /// the venv are made (once, cached) before the child under umockdev runs.
 fn container_prerequisites() -> bool {
     if let Some(why) = container::skip_reason() {
-        println!("skipped: {why}");
+        skip(&why);
         return false;
     }
     container::base_tree().expect("the container tree");

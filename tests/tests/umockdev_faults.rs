@@ -20,11 +20,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
-use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog, UMockdev};
+use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog, UMockdev, FT232R_BY_ID};
 use devbroker_tests::*;
 use wire::rfc2217::parity;
 
-const BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
 const USB: &str = "/sys/devices/pci0000:00/0000:00:14.0/usb1/1-2";
 const S: Duration = Duration::from_secs(1);
 /// The rate the tool sets; sessions start at the config's 115200.
@@ -73,7 +72,7 @@ fn tty_syspath(n: u32) -> String {
 }
 
 fn by_id_path() -> String {
-    format!("/dev/serial/by-id/{BY_ID}")
+    format!("/dev/serial/by-id/{FT232R_BY_ID}")
 }
 
 /// The adapter's line for every node it may come back on, and its by-id
@@ -87,13 +86,6 @@ fn emulate(tb: &UMockdev) -> SerialLog {
 fn unplug(tb: &UMockdev, n: u32) {
     assert!(tb.hang_up(&node(n)), "{} has no pty", node(n));
     tb.unplug(&tty_syspath(n), USB);
-}
-
-fn set_tool_baud(tool: &Tool, baud: u32) {
-    let fd = &tool.fd;
-    let mut t = wire::termios::get(fd).unwrap();
-    wire::termios::set_baud(&mut t, baud);
-    wire::termios::set(fd, &t, wire::termios::When::AfterDrain).unwrap();
 }
 
 /// The settings clients set on the adapter since its `nth` open (from 1).
@@ -151,7 +143,7 @@ impl Fixture {
         let w = World::new(config);
         let broker = w.broker_udev();
         let shim = w.shim_with("ci1", shim_args);
-        let link = w.guest_link("ci1", BY_ID);
+        let link = w.guest_link("ci1", FT232R_BY_ID);
         let sock = w.run.join(format!("machines/ci1/{board}.console.sock"));
         (
             Fixture {
@@ -220,7 +212,7 @@ impl Fixture {
         wait_for(5 * S, "the guest link", || exists(&self.link));
         let tool = Tool::open(&self.link).unwrap();
         self.wait_open(nth);
-        set_tool_baud(&tool, baud);
+        tool.set_baud(baud);
         let t0 = Instant::now();
         while rate_since_open(&self.line, nth) != Some(baud) {
             assert!(

@@ -11,12 +11,10 @@
 use std::time::{Duration, Instant};
 
 use devbroker_tests::stepped::Stepped as Py;
-use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog};
+use devbroker_tests::umockdev::{self, testdata, LineEvent, SerialLog, FT232R_BY_ID, FT232R_NODE};
 use devbroker_tests::*;
 use wire::rfc2217::parity;
 
-const BY_ID: &str = "usb-FTDI_FT232R_USB_UART_A1B2C3-if00-port0";
-const NODE: &str = "/dev/ttyUSB0";
 const S: Duration = Duration::from_secs(1);
 
 /// The FT232R of the test data, named by USB id and serial number as
@@ -69,12 +67,12 @@ fn pyserial_line_controls_reach_the_adapter() {
     let t0 = Instant::now();
     tb.add_from_string(&testdata("ftdi-ft232r.umockdev"))
         .unwrap();
-    let by_id = format!("/dev/serial/by-id/{BY_ID}");
-    let line = tb.emulate_serial(NODE, &[&by_id]);
+    let by_id = format!("/dev/serial/by-id/{FT232R_BY_ID}");
+    let line = tb.emulate_serial(FT232R_NODE, &[&by_id]);
     let w = World::new(CONFIG);
     let _broker = w.broker_udev();
     let _shim = w.shim("ci1");
-    let port = w.endpoint_port("ci1", &w.guest_link("ci1", BY_ID));
+    let port = w.endpoint_port("ci1", &w.guest_link("ci1", FT232R_BY_ID));
     let url = format!("rfc2217://127.0.0.1:{port}");
     println!(
         "umockdev line control: endpoint up after {:?}",
@@ -192,7 +190,7 @@ fn pyserial_line_controls_reach_the_adapter() {
     let cflag = line.termios().unwrap().cflag;
     assert_ne!(cflag & libc::HUPCL, 0, "{}", why(&line));
     // The backing pty has the rate too (it forces 8 bits, no parity).
-    let board = tb.dev_fd(NODE).expect("the adapter's pty");
+    let board = tb.dev_fd(FT232R_NODE).expect("the adapter's pty");
     use std::os::fd::AsRawFd;
     let pty = wire::termios::get(&board).unwrap();
     assert_eq!(pty.c_ospeed, 460800);
