@@ -9,8 +9,9 @@
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Instant;
 
 use tokio::sync::broadcast;
 
@@ -144,6 +145,14 @@ pub type Chunk = (u64, Arc<[u8]>);
 /// How long a log that failed to write waits before it is tried again.
 const LOG_RETRY: std::time::Duration = std::time::Duration::from_secs(1);
 
+/// Where a capture's log stands.
+#[derive(Debug)]
+enum Sink {
+    Open(RotatingLog),
+    /// It failed: tried again from then on.
+    Down(Instant),
+}
+
 /// The log file of a capture, kept trying after a failure (a full disk):
 /// what could not be written is counted and noted in the log once it works
 /// again.
@@ -152,61 +161,59 @@ struct LogFile {
     path: PathBuf,
     max: u64,
     keep: u32,
-    log: Option<RotatingLog>,
-    /// Bytes lost since the last failure, and when to try again.
+    sink: Sink,
+    /// Bytes lost since the last failure.
     lost: u64,
-    retry_at: Option<std::time::Instant>,
 }
 
 impl LogFile {
     fn new(path: PathBuf, max: u64, keep: u32) -> LogFile {
-        let mut f = LogFile {
+        let sink = match RotatingLog::open(path.clone(), max, keep) {
+            Ok(l) => Sink::Open(l),
+            Err(e) => Self::down(&path, &e),
+        };
+        LogFile {
             path,
             max,
             keep,
-            log: None,
+            sink,
             lost: 0,
-            retry_at: None,
-        };
-        f.reopen();
-        f
-    }
-
-    fn reopen(&mut self) -> bool {
-        match RotatingLog::open(self.path.clone(), self.max, self.keep) {
-            Ok(l) => {
-                self.log = Some(l);
-                true
-            }
-            Err(e) => {
-                self.failed(&e, 0);
-                false
-            }
         }
     }
 
-    fn failed(&mut self, e: &io::Error, lost: u64) {
-        if self.retry_at.is_none() {
-            tracing::warn!(
-                "console log {}: {e}; keeping what comes in the ring and trying again every {}s",
-                self.path.display(),
-                LOG_RETRY.as_secs()
-            );
-        }
-        self.log = None;
-        self.lost += lost;
-        self.retry_at = Some(std::time::Instant::now() + LOG_RETRY);
+    /// A log that just failed, said once.
+    fn down(path: &Path, e: &io::Error) -> Sink {
+        tracing::warn!(
+            "console log {}: {e}; keeping what comes in the ring and trying again every {}s",
+            path.display(),
+            LOG_RETRY.as_secs()
+        );
+        Sink::Down(Instant::now() + LOG_RETRY)
     }
 
     fn write(&mut self, data: &[u8]) {
-        if let Some(at) = self.retry_at {
-            if std::time::Instant::now() < at || !self.reopen() {
-                self.lost += data.len() as u64;
-                return;
+        if let Sink::Down(at) = self.sink {
+            let now = Instant::now();
+            let reopened = if now < at {
+                None
+            } else {
+                RotatingLog::open(self.path.clone(), self.max, self.keep).ok()
+            };
+            match reopened {
+                Some(l) => self.sink = Sink::Open(l),
+                None => {
+                    // Still failing: not said again, tried again later.
+                    if now >= at {
+                        self.sink = Sink::Down(now + LOG_RETRY);
+                    }
+                    self.lost += data.len() as u64;
+                    return;
+                }
             }
-            self.retry_at = None;
         }
-        let Some(log) = &mut self.log else { return };
+        let Sink::Open(log) = &mut self.sink else {
+            return;
+        };
         let mut r = Ok(());
         if self.lost > 0 {
             let note = format!(
@@ -224,7 +231,8 @@ impl LogFile {
             }
         }
         if let Err(e) = r.and_then(|()| log.write(data)) {
-            self.failed(&e, data.len() as u64);
+            self.sink = Self::down(&self.path, &e);
+            self.lost += data.len() as u64;
         }
     }
 }
@@ -376,7 +384,7 @@ mod tests {
         // Not before the retry time...
         c.record(b"also lost ");
         assert!(!p.exists());
-        c.inner.lock().unwrap().log.as_mut().unwrap().retry_at = Some(std::time::Instant::now());
+        c.inner.lock().unwrap().log.as_mut().unwrap().sink = Sink::Down(Instant::now());
         c.record(b"kept");
         let text = fs::read_to_string(&p).unwrap();
         assert_eq!(

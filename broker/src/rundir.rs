@@ -21,7 +21,8 @@
 //! write `RUN/machines`) is refused, not followed.
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::io::{self, Write};
+use std::ffi::OsStr;
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -31,6 +32,8 @@ use rustix::fs::{AtFlags, FileType, Mode, OFlags};
 use tokio::net::UnixListener;
 use tracing::warn;
 use wire::manifest::{Manifest, FILE as MANIFEST};
+
+use crate::machine::tree::{create_file_at, own_dir_at, CreateFault, DirFault, Meta};
 
 /// Where in the run directory a socket lives.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
@@ -60,40 +63,19 @@ pub struct RunDir {
 /// making it if missing, and gives it `mode` and root's ownership by
 /// descriptor.
 fn own_dir(parent: impl AsFd, name: &str, mode: u32, shown: &Path) -> anyhow::Result<OwnedFd> {
-    let flags = OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC;
-    let fd = match rustix::fs::openat(&parent, name, flags, Mode::empty()) {
-        Ok(fd) => fd,
-        Err(rustix::io::Errno::NOENT) => {
-            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
-                Ok(()) | Err(rustix::io::Errno::EXIST) => {}
-                Err(e) => return Err(io::Error::from(e)).with_context(|| format!("can't create {}", shown.display())),
-            }
-            rustix::fs::openat(&parent, name, flags, Mode::empty())
-                .map_err(io::Error::from)
-                .with_context(|| format!("can't open {}", shown.display()))?
-        }
-        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => bail!(
-            "{} is not a directory (a symbolic link, or a file): the broker never follows links in its run directory; remove it",
-            shown.display()
+    let shown = shown.display();
+    let fail =
+        |e: rustix::io::Errno, what: String| anyhow::Error::new(io::Error::from(e)).context(what);
+    match own_dir_at(parent, OsStr::new(name), Meta::new((0, 0), mode), true) {
+        Ok((fd, _)) => Ok(fd),
+        Err(DirFault::NotADirectory) => bail!(
+            "{shown} is not a directory (a symbolic link, or a file): the broker never follows links in its run directory; remove it"
         ),
-        Err(e) => return Err(io::Error::from(e)).with_context(|| format!("can't open {}", shown.display())),
-    };
-    let st = rustix::fs::fstat(&fd).map_err(io::Error::from)?;
-    if st.st_uid != 0 || st.st_gid != 0 {
-        rustix::fs::fchown(
-            &fd,
-            Some(rustix::process::Uid::ROOT),
-            Some(rustix::process::Gid::ROOT),
-        )
-        .map_err(io::Error::from)
-        .with_context(|| format!("can't make {} root's", shown.display()))?;
+        Err(DirFault::Make(e)) => Err(fail(e, format!("can't create {shown}"))),
+        Err(DirFault::Open(e)) => Err(fail(e, format!("can't open {shown}"))),
+        Err(DirFault::Owner(e)) => Err(fail(e, format!("can't make {shown} root's"))),
+        Err(DirFault::Mode(e)) => Err(fail(e, format!("can't set the mode of {shown}"))),
     }
-    if st.st_mode & 0o7777 != mode {
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))
-            .map_err(io::Error::from)
-            .with_context(|| format!("can't set the mode of {}", shown.display()))?;
-    }
-    Ok(fd)
 }
 
 /// Removes what a broker left in a directory: sockets, the index and its
@@ -123,19 +105,13 @@ pub fn write_file_at(dir: impl AsFd, name: &str, bytes: &[u8], mode: u32) -> io:
         Ok(()) | Err(rustix::io::Errno::NOENT) => {}
         Err(e) => return Err(e.into()),
     }
-    let fd = rustix::fs::openat(
-        &dir,
-        tmp.as_str(),
-        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-        Mode::from_raw_mode(mode),
-    )?;
-    rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode))?;
-    let mut f = std::fs::File::from(fd);
-    let written = f.write_all(bytes);
-    drop(f);
-    if let Err(e) = written {
-        let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
-        return Err(e);
+    match create_file_at(&dir, OsStr::new(&tmp), bytes, mode, None) {
+        Ok(f) => drop(f),
+        Err(CreateFault::Create(e)) => return Err(e.into()),
+        Err(CreateFault::Write(e)) => {
+            let _ = rustix::fs::unlinkat(&dir, tmp.as_str(), AtFlags::empty());
+            return Err(e);
+        }
     }
     rustix::fs::renameat(&dir, tmp.as_str(), &dir, name).map_err(io::Error::from)
 }
@@ -364,14 +340,22 @@ mod tests {
         names.iter().map(|s| s.to_string()).collect()
     }
 
-    #[test]
-    fn the_index_is_never_written_through_a_link_or_into_a_fifo() {
+    /// A run directory with `names`' machine directories, and a host file
+    /// (mode 0600) for links to aim at: the temporary directory, `RUN`,
+    /// the victim and the run directory.
+    fn run_with_victim(names: &[&str]) -> (tempfile::TempDir, PathBuf, PathBuf, RunDir) {
         let d = tempfile::tempdir().unwrap();
         let run = d.path().join("run");
         let victim = d.path().join("victim");
         std::fs::write(&victim, b"precious").unwrap();
         std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let rd = RunDir::prepare(&run, &machines(&["m1", "m2"])).unwrap();
+        let rd = RunDir::prepare(&run, &machines(names)).unwrap();
+        (d, run, victim, rd)
+    }
+
+    #[test]
+    fn the_index_is_never_written_through_a_link_or_into_a_fifo() {
+        let (_d, run, victim, rd) = run_with_victim(&["m1", "m2"]);
         let m1 = run.join("machines/m1");
         std::os::unix::fs::symlink(&victim, m1.join(".ttys.json.tmp")).unwrap();
         let man = Manifest {
@@ -399,12 +383,7 @@ mod tests {
 
     #[test]
     fn sockets_get_their_mode_before_they_appear() {
-        let d = tempfile::tempdir().unwrap();
-        let run = d.path().join("run");
-        let victim = d.path().join("victim");
-        std::fs::write(&victim, b"x").unwrap();
-        std::fs::set_permissions(&victim, std::fs::Permissions::from_mode(0o600)).unwrap();
-        let rd = RunDir::prepare(&run, &machines(&["m1"])).unwrap();
+        let (_d, run, victim, rd) = run_with_victim(&["m1"]);
         let sock = run.join("machines/m1/b.t.sock");
         std::os::unix::fs::symlink(&victim, &sock).unwrap();
         let rt = tokio::runtime::Builder::new_current_thread()

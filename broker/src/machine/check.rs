@@ -3,8 +3,6 @@
 //! from starting when a board is unplugged).
 
 use std::fs;
-use std::io::Read;
-use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 use super::tree::Tree;
@@ -111,29 +109,28 @@ pub fn scan(p: &Places) -> Vec<Finding> {
             .into_iter()
             .map(|f| (f, FileKind::UdevRules)),
     );
+    let Ok(host) = Tree::host() else {
+        return Vec::new();
+    };
     files
         .into_iter()
         .flat_map(|(f, k)| {
-            read_text(&f)
+            config_text(&host, &f)
                 .map(|t| scan_text(&f, &t, k))
                 .unwrap_or_default()
         })
         .collect()
 }
 
-/// A host configuration file's text, if it is a regular file (opened
-/// without blocking, so a FIFO among the rules can't hang `check`).
-fn read_text(path: &Path) -> std::io::Result<String> {
-    let mut f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)?;
-    if !f.metadata()?.is_file() {
-        return Err(std::io::Error::other("not a regular file"));
-    }
-    let mut s = String::new();
-    f.read_to_string(&mut s)?;
-    Ok(s)
+/// A host configuration file's text, if it is (or links to) a regular
+/// file: a link to a tty is never opened, a FIFO never waited on. A link
+/// is read, so that its findings are reported ([`fix`] then refuses to
+/// write through it and says so).
+fn config_text(host: &Tree, file: &Path) -> Option<String> {
+    let abs = std::path::absolute(file).ok()?;
+    let rel = abs.strip_prefix("/").unwrap_or(&abs);
+    let (bytes, _) = host.read_through_links(rel).ok()??;
+    String::from_utf8(bytes).ok()
 }
 
 fn conf_files(dir: &Path, suffix: &str) -> Vec<PathBuf> {
@@ -237,5 +234,35 @@ mod tests {
         assert_eq!(n.iter().map(|x| x.line).collect::<Vec<_>>(), [1, 3]);
         let u = scan_text(f, "SUBSYSTEM==\"tty\", KERNEL==\"ttyUSB[0-9]*\", MODE=\"0666\"\nKERNEL==\"ttyS0\", MODE=\"0666\"\n", FileKind::UdevRules);
         assert_eq!(u.len(), 1);
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let d = tempfile::tempdir().unwrap();
+        let udev = d.path().join("rules.d");
+        fs::create_dir(&udev).unwrap();
+        let line = "KERNEL==\"ttyUSB[0-9]*\", MODE=\"0666\"\n";
+        fs::write(udev.join("50-boards.rules"), line).unwrap();
+        let elsewhere = d.path().join("elsewhere.rules");
+        fs::write(&elsewhere, line).unwrap();
+        std::os::unix::fs::symlink(&elsewhere, udev.join("60-link.rules")).unwrap();
+        // A link to a regular file is read (and reported); a link to a
+        // device is never opened, a FIFO never waited on.
+        std::os::unix::fs::symlink("/dev/null", udev.join("70-null.rules")).unwrap();
+        nix::unistd::mkfifo(
+            &udev.join("80-fifo.rules"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let found = scan(&Places {
+            machine: "ci".into(),
+            systemd_dir: d.path().join("systemd"),
+            nspawn_dirs: vec![],
+            udev_dir: udev.clone(),
+        });
+        assert_eq!(
+            found.iter().map(|f| f.file.clone()).collect::<Vec<_>>(),
+            [udev.join("50-boards.rules"), udev.join("60-link.rules")]
+        );
     }
 }

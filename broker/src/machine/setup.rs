@@ -221,7 +221,8 @@ pub fn is_static_elf(bytes: &[u8]) -> bool {
     })
 }
 
-fn steps_for(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8, u32)> {
+fn steps_for(opts: &SetupOptions, roots: &Roots) -> anyhow::Result<(Vec<Step>, u8, u32)> {
+    let tree = roots.tree.as_ref().expect("setup opens the tree");
     // A tree used with private users (-U) is owned by its shifted root.
     let shift = tree
         .root_meta()
@@ -359,7 +360,14 @@ fn steps_for(opts: &SetupOptions, tree: &Tree) -> anyhow::Result<(Vec<Step>, u8,
     // Read-only: connecting to a socket needs no write access, and even a
     // container root that is root on the host (no -U) can't put anything in
     // the broker's directory. An earlier setup's writable bind is replaced.
-    let earlier = std::fs::read_to_string(&nspawn_file).unwrap_or_default();
+    // Read as every other file setup edits: never through a link, never
+    // from a FIFO or a device.
+    let earlier = {
+        let (t, rel) = roots.at(&nspawn_file);
+        t.read(rel)?
+            .map(|(b, _)| String::from_utf8_lossy(&b).into_owned())
+            .unwrap_or_default()
+    };
     if ini::values(&earlier, "Files", "Bind")
         .iter()
         .any(|(_, v)| *v == bind)
@@ -501,27 +509,24 @@ fn look(roots: &Roots, step: &Step) -> anyhow::Result<Now> {
     let found = t.lstat(rel)?;
     let mut content = None;
     match (&step.content, &found) {
-        (Content::File { .. } | Content::Edited { .. }, Found::File(_)) => {
-            content = t.read(rel)?.map(|(b, _)| b);
+        // Refused as writing it would refuse it.
+        (Content::File { .. } | Content::Edited { .. }, _) => {
+            t.check_replaceable(rel, &found, false)?;
+            if let Found::File(_) = found {
+                content = t.read(rel)?.map(|(b, _)| b);
+            }
         }
-        (Content::File { .. } | Content::Edited { .. }, Found::Missing) => {}
-        (
-            Content::File { .. } | Content::Edited { .. } | Content::Dir { .. },
-            Found::Link(target, _),
-        ) => {
+        (Content::Symlink { .. }, _) => t.check_replaceable(rel, &found, true)?,
+        (Content::Dir { .. }, Found::Link(target, _)) => {
             return Err(t.link_in_the_way(rel, target).into());
-        }
-        (Content::File { .. } | Content::Edited { .. }, Found::Dir(_)) => {
-            bail!("{p} is a directory where setup writes a file: remove it")
-        }
-        (Content::Symlink { .. }, Found::Dir(_)) => {
-            bail!("{p} is a directory where setup makes a link: remove it")
         }
         (Content::Dir { .. }, Found::File(_)) => {
             bail!("{p} is a file where setup makes a directory: remove it")
         }
-        (_, Found::Other(k)) => bail!("{p} is a {k}; setup never opens those: remove it"),
-        (Content::Symlink { .. }, _) | (Content::Dir { .. }, _) => {}
+        (Content::Dir { .. }, Found::Other(k)) => {
+            bail!("{p} is a {k}, not a directory; setup never opens those: remove it")
+        }
+        (Content::Dir { .. }, Found::Missing | Found::Dir(_)) => {}
     }
     Ok(Now { found, content })
 }
@@ -611,8 +616,7 @@ fn describe(step: &Step, now: &Now, diff: &mut String) {
 pub fn setup(opts: &SetupOptions) -> anyhow::Result<SetupReport> {
     check_names(opts)?;
     let roots = Roots::new(Some(open_tree(&opts.tree)?))?;
-    let tree = roots.tree.as_ref().expect("opened");
-    let (steps, subnet, shift) = steps_for(opts, tree)?;
+    let (steps, subnet, shift) = steps_for(opts, &roots)?;
     let mut report = SetupReport {
         subnet,
         uid_shift: shift,
@@ -649,8 +653,7 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<SetupReport> {
         entries: vec![],
     });
     record.tree = Some(opts.tree.clone());
-    let backups = Record::backup_dir(&opts.state_dir, &opts.name);
-    fs::create_dir_all(&backups).with_context(|| format!("can't create {}", backups.display()))?;
+    let backups = backup_dir(&roots.host, &opts.state_dir, &opts.name)?;
     for (step, now) in &todo {
         let (t, rel) = roots.at(&step.path);
         let parent_owner = if roots.in_tree(&step.path) {
@@ -677,7 +680,8 @@ pub fn setup(opts: &SetupOptions) -> anyhow::Result<SetupReport> {
             (None, found, Content::Dir { .. }) => (Some(PathBuf::new()), found.meta()),
             (None, found, _) => {
                 let b = backups.join(format!("{}", record.entries.len()));
-                keep_backup(found, now.content.as_deref(), &b)?;
+                keep_backup(&roots.host, found, now.content.as_deref(), &b)
+                    .with_context(|| format!("can't keep a backup of {}", step.path.display()))?;
                 (Some(b), found.meta())
             }
         };
@@ -716,13 +720,52 @@ fn save(record: &Record, state_dir: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Who runs setup (root), as the owner of what it keeps for itself.
+fn me() -> (u32, u32) {
+    (
+        nix::unistd::geteuid().as_raw(),
+        nix::unistd::getegid().as_raw(),
+    )
+}
+
+/// `abs` below the host's root, as [`Tree::host`] resolves it.
+fn host_rel(abs: &Path) -> io::Result<PathBuf> {
+    let abs = std::path::absolute(abs)?;
+    Ok(abs.strip_prefix("/").unwrap_or(&abs).to_path_buf())
+}
+
+/// Makes the machine's backup directory, or takes an existing one back:
+/// setup's own and 0700, through its descriptor (never through a link),
+/// as it holds copies of the tree's `/etc/shadow` and `/etc/gshadow`.
+fn backup_dir(host: &Tree, state_dir: &Path, machine: &str) -> anyhow::Result<PathBuf> {
+    let backups = Record::backup_dir(state_dir, machine);
+    let shown = || format!("can't create {}", backups.display());
+    if let Some(up) = backups.parent() {
+        fs::create_dir_all(up).with_context(shown)?;
+    }
+    host.dir(&host_rel(&backups)?, Meta::new(me(), 0o700))
+        .with_context(shown)?;
+    Ok(backups)
+}
+
 /// Keeps a copy of what was there (a file's content or a link) in the
-/// host's state directory.
-fn keep_backup(found: &Found, content: Option<&[u8]>, to: &Path) -> io::Result<()> {
-    let _ = fs::remove_file(to);
+/// backup directory: a file is created afresh (whatever had its name is
+/// unlinked first), never through a link, readable by setup's user only.
+fn keep_backup(host: &Tree, found: &Found, content: Option<&[u8]>, to: &Path) -> io::Result<()> {
+    let rel = host_rel(to)?;
+    host.remove_file(&rel)?;
     match found {
-        Found::Link(target, _) => std::os::unix::fs::symlink(target, to),
-        _ => fs::write(to, content.unwrap_or_default()),
+        Found::Link(target, _) => host.symlink_atomic(&rel, target, me()),
+        _ => {
+            if host.create_new(&rel, content.unwrap_or_default(), Meta::new(me(), 0o600))? {
+                Ok(())
+            } else {
+                Err(io::Error::other(format!(
+                    "{} appeared while setup was writing it",
+                    to.display()
+                )))
+            }
+        }
     }
 }
 
@@ -892,6 +935,163 @@ fn restore(t: &Tree, rel: &Path, b: &Path, before: Option<Meta>) -> anyhow::Resu
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{symlink, MetadataExt, PermissionsExt};
+
+    /// A container tree with just what setup needs, and options that keep
+    /// everything setup touches below `d`.
+    fn fake_machine(d: &Path) -> SetupOptions {
+        let tree = d.join("machines/ci");
+        for dir in ["etc", "lib/systemd/system"] {
+            fs::create_dir_all(tree.join(dir)).unwrap();
+        }
+        for (file, text, mode) in [
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n", 0o644),
+            ("etc/group", "root:x:0:\n", 0o644),
+            (
+                "etc/shadow",
+                "root:$6$salt$hash:19000:0:99999:7:::\n",
+                0o640,
+            ),
+            ("etc/gshadow", "root:*::\n", 0o640),
+            ("lib/systemd/system/systemd-networkd.service", "", 0o644),
+            ("lib/systemd/system/systemd-networkd.socket", "", 0o644),
+        ] {
+            fs::write(tree.join(file), text).unwrap();
+            fs::set_permissions(tree.join(file), fs::Permissions::from_mode(mode)).unwrap();
+        }
+        // The smallest static ELF is_static_elf takes: no program headers.
+        let mut shim = b"\x7fELF\x02".to_vec();
+        shim.resize(64, 0);
+        fs::write(d.join("devshim"), shim).unwrap();
+        fs::create_dir_all(d.join("nspawn")).unwrap();
+        SetupOptions {
+            name: "ci".into(),
+            tree,
+            nspawn_dir: d.join("nspawn"),
+            run_dir: d.join("run"),
+            user: "sai".into(),
+            uid: 883,
+            devshim: d.join("devshim"),
+            state_dir: d.join("state"),
+            machines_dir: d.join("machines"),
+            other_machines: vec![],
+            dry_run: false,
+        }
+    }
+
+    fn mode(p: &Path) -> u32 {
+        fs::symlink_metadata(p).unwrap().mode() & 0o7777
+    }
+
+    #[test]
+    fn backups_are_setups_alone() {
+        let d = tempfile::tempdir().unwrap();
+        let host = Tree::host().unwrap();
+        let state = d.path().join("state");
+        // An earlier setup's directory, readable by everyone.
+        let old = Record::backup_dir(&state, "ci");
+        fs::create_dir_all(&old).unwrap();
+        fs::set_permissions(&old, fs::Permissions::from_mode(0o755)).unwrap();
+        fs::write(old.join("3"), "stale").unwrap();
+        fs::set_permissions(old.join("3"), fs::Permissions::from_mode(0o644)).unwrap();
+        let victim = d.path().join("victim");
+        fs::write(&victim, "host\n").unwrap();
+        symlink(&victim, old.join("4")).unwrap();
+
+        let backups = backup_dir(&host, &state, "ci").unwrap();
+        assert_eq!(backups, old);
+        assert_eq!(mode(&backups), 0o700);
+        let shadow = Found::File(Meta::new((0, 0), 0o640));
+        for n in ["3", "4", "5"] {
+            keep_backup(
+                &host,
+                &shadow,
+                Some(b"root:$6$x:1::::::\n"),
+                &backups.join(n),
+            )
+            .unwrap();
+            let m = fs::symlink_metadata(backups.join(n)).unwrap();
+            assert!(m.is_file(), "{n}");
+            assert_eq!(m.mode() & 0o7777, 0o600, "{n}");
+            assert_eq!(fs::read(backups.join(n)).unwrap(), b"root:$6$x:1::::::\n");
+        }
+        assert_eq!(
+            fs::read(&victim).unwrap(),
+            b"host\n",
+            "never through the link"
+        );
+        let link = Found::Link("/usr/share/zoneinfo/UTC".into(), Meta::new(me(), 0o777));
+        keep_backup(&host, &link, None, &backups.join("3")).unwrap();
+        assert_eq!(
+            fs::read_link(backups.join("3")).unwrap(),
+            Path::new("/usr/share/zoneinfo/UTC")
+        );
+        // A link where the directory goes is refused, its target untouched.
+        let elsewhere = d.path().join("elsewhere");
+        fs::create_dir(&elsewhere).unwrap();
+        fs::set_permissions(&elsewhere, fs::Permissions::from_mode(0o755)).unwrap();
+        symlink(&elsewhere, Record::backup_dir(&state, "ci2")).unwrap();
+        assert!(backup_dir(&host, &state, "ci2").is_err());
+        assert_eq!(mode(&elsewhere), 0o755);
+    }
+
+    #[test]
+    fn setup_keeps_shadow_backups_from_other_users() {
+        if !nix::unistd::geteuid().is_root() {
+            eprintln!("skipped: setup gives files to the container's users, which needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let opts = fake_machine(d.path());
+        // An earlier setup's backup directory, as it used to be made.
+        let backups = Record::backup_dir(&opts.state_dir, "ci");
+        fs::create_dir_all(&backups).unwrap();
+        fs::set_permissions(&backups, fs::Permissions::from_mode(0o755)).unwrap();
+        setup(&opts).unwrap();
+        assert_eq!(mode(&backups), 0o700);
+        let record = Record::load(&opts.state_dir, "ci").unwrap().unwrap();
+        for (file, was) in [
+            ("etc/shadow", "root:$6$salt$hash:19000:0:99999:7:::\n"),
+            ("etc/gshadow", "root:*::\n"),
+            ("etc/passwd", "root:x:0:0:root:/root:/bin/bash\n"),
+        ] {
+            let e = record.find(&opts.tree.join(file)).unwrap();
+            let b = e.backup.as_ref().unwrap();
+            assert!(b.starts_with(&backups), "{}", b.display());
+            assert_eq!(mode(b), 0o600, "{file}");
+            assert_eq!(fs::read_to_string(b).unwrap(), was);
+        }
+        // The tree's files keep their own modes.
+        assert_eq!(mode(&opts.tree.join("etc/shadow")), 0o640);
+        remove("ci", &opts.state_dir).unwrap();
+        assert_eq!(
+            fs::read_to_string(opts.tree.join("etc/shadow")).unwrap(),
+            "root:$6$salt$hash:19000:0:99999:7:::\n"
+        );
+    }
+
+    #[test]
+    fn a_fifo_for_the_nspawn_file_is_refused_not_read() {
+        let d = tempfile::tempdir().unwrap();
+        let opts = SetupOptions {
+            dry_run: true,
+            ..fake_machine(d.path())
+        };
+        let nspawn = opts.nspawn_dir.join("ci.nspawn");
+        nix::unistd::mkfifo(&nspawn, nix::sys::stat::Mode::from_bits_truncate(0o644)).unwrap();
+        let e = format!("{:#}", setup(&opts).unwrap_err());
+        assert!(e.contains("ci.nspawn is a FIFO, not a regular file"), "{e}");
+        fs::remove_file(&nspawn).unwrap();
+        symlink(d.path().join("devshim"), &nspawn).unwrap();
+        let e = format!("{:#}", setup(&opts).unwrap_err());
+        assert!(e.contains("ci.nspawn is a symbolic link"), "{e}");
+        fs::remove_file(&nspawn).unwrap();
+        let rep = setup(&opts).unwrap();
+        assert!(
+            rep.changed.iter().any(|p| p.ends_with("ci.nspawn")),
+            "{rep:?}"
+        );
+    }
 
     #[test]
     fn subnets() {

@@ -32,7 +32,7 @@ use std::ffi::{OsStr, OsString};
 use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -160,11 +160,6 @@ impl Tree {
             path: path.to_path_buf(),
             hostile,
         })
-    }
-
-    /// The root's path, as given.
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     /// The root's own owner and mode.
@@ -338,7 +333,61 @@ impl Tree {
         .map_err(|e| self.refuse(rel, format_args!("can't be opened: {e}")))?;
         let now = rustix::fs::fstat(&fd).map_err(err)?;
         self.regular(rel, &dir, name, &now)?;
-        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino) {
+        self.read_looked(rel, fd, &st, &now).map(Some)
+    }
+
+    /// Reads the regular file `rel` resolves to, links on the way and at
+    /// its end followed inside the root (as [`Tree::is_file`] does): for
+    /// host configuration an admin may keep elsewhere through a link.
+    /// Anything but a regular file (a link to a tty, a FIFO) is refused
+    /// and never opened for reading; `None` when nothing is there.
+    pub fn read_through_links(&self, rel: &Path) -> io::Result<Option<(Vec<u8>, Meta)>> {
+        self.check_rel(rel)?;
+        let look = match rustix::fs::openat2(
+            &self.root,
+            rel,
+            OFlags::PATH | OFlags::CLOEXEC,
+            Mode::empty(),
+            ResolveFlags::IN_ROOT | ResolveFlags::NO_MAGICLINKS,
+        ) {
+            Ok(fd) => fd,
+            Err(rustix::io::Errno::NOENT) => return Ok(None),
+            Err(e) => return Err(self.refuse(rel, format_args!("can't be opened: {e}"))),
+        };
+        let st = rustix::fs::fstat(&look).map_err(err)?;
+        match FileType::from_raw_mode(st.st_mode) {
+            FileType::RegularFile => {}
+            other => {
+                return Err(self.refuse(
+                    rel,
+                    format_args!("is a {}, not a regular file", kind_name(other)),
+                ))
+            }
+        }
+        // Reopened through the descriptor: the same file, whatever its
+        // path leads to by now.
+        let fd = rustix::fs::open(
+            format!("/proc/self/fd/{}", look.as_raw_fd()),
+            OFlags::RDONLY | OFlags::NONBLOCK | OFlags::NOCTTY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .map_err(|e| self.refuse(rel, format_args!("can't be opened: {e}")))?;
+        let now = rustix::fs::fstat(&fd).map_err(err)?;
+        self.read_looked(rel, fd, &st, &now).map(Some)
+    }
+
+    /// Reads `fd` (`now`), opened for reading after an `O_PATH` look found
+    /// the regular file `st` at `rel`, up to [`READ_LIMIT`].
+    fn read_looked(
+        &self,
+        rel: &Path,
+        fd: OwnedFd,
+        st: &Stat,
+        now: &Stat,
+    ) -> io::Result<(Vec<u8>, Meta)> {
+        if FileType::from_raw_mode(now.st_mode) != FileType::RegularFile
+            || (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino)
+        {
             return Err(self.refuse(
                 rel,
                 "changed while setup read it: something in the container is racing setup; stop the container and try again",
@@ -358,7 +407,7 @@ impl Tree {
                 ),
             ));
         }
-        Ok(Some((bytes, Meta::of(&now))))
+        Ok((bytes, Meta::of(now)))
     }
 
     /// Refuses anything but a regular file at `name` (described by `st`).
@@ -381,15 +430,6 @@ impl Tree {
         }
     }
 
-    /// The target of the link at `rel`; `None` when nothing is there.
-    pub fn read_link(&self, rel: &Path) -> io::Result<Option<PathBuf>> {
-        match self.lstat(rel)? {
-            Found::Missing => Ok(None),
-            Found::Link(t, _) => Ok(Some(t)),
-            _ => Err(self.refuse(rel, "is not a symbolic link")),
-        }
-    }
-
     /// The temporary name setup writes `name` under, in the same directory.
     fn temp_name(name: &OsStr) -> OsString {
         let mut t = OsString::from(".");
@@ -398,26 +438,41 @@ impl Tree {
         t
     }
 
-    /// Clears the way for `rel`'s temporary file: a stale one an
-    /// interrupted run left (a regular file, or a link when `link_ok`) is
-    /// unlinked — unlinking never follows anything. Anything else there is
+    /// Whether what is at `rel`'s temporary name `tmp` in `dir` is a stale
+    /// temporary file an interrupted run left (a regular file, or a link
+    /// when `link_ok`); false when nothing is there. Anything else there is
     /// not setup's and is refused.
-    fn clear_temp(&self, rel: &Path, dir: &OwnedFd, tmp: &OsStr, link_ok: bool) -> io::Result<()> {
-        let trel = rel.with_file_name(tmp);
+    fn stale_temp(
+        &self,
+        rel: &Path,
+        dir: &OwnedFd,
+        tmp: &OsStr,
+        link_ok: bool,
+    ) -> io::Result<bool> {
+        let trel = || rel.with_file_name(tmp);
         match lstat_at(dir, tmp)? {
-            Found::Missing => Ok(()),
-            Found::File(_) => unlink_at(dir, tmp, AtFlags::empty()),
-            Found::Link(..) if link_ok => unlink_at(dir, tmp, AtFlags::empty()),
-            Found::Link(t, _) => Err(self.link_in_the_way(&trel, &t)),
+            Found::Missing => Ok(false),
+            Found::File(_) => Ok(true),
+            Found::Link(..) if link_ok => Ok(true),
+            Found::Link(t, _) => Err(self.link_in_the_way(&trel(), &t)),
             Found::Dir(_) => Err(self.refuse(
-                &trel,
+                &trel(),
                 "is a directory where setup writes its temporary file: remove it",
             )),
             Found::Other(k) => Err(self.refuse(
-                &trel,
+                &trel(),
                 format_args!("is a {k} where setup writes its temporary file: remove it"),
             )),
         }
+    }
+
+    /// Clears the way for `rel`'s temporary file: a stale one is unlinked
+    /// (unlinking never follows anything); anything else is refused.
+    fn clear_temp(&self, rel: &Path, dir: &OwnedFd, tmp: &OsStr, link_ok: bool) -> io::Result<()> {
+        if self.stale_temp(rel, dir, tmp, link_ok)? {
+            unlink_at(dir, tmp, AtFlags::empty())?;
+        }
+        Ok(())
     }
 
     /// Whether `rel` could be written now: its temporary file's place is
@@ -429,24 +484,31 @@ impl Tree {
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
             Err(e) => return Err(e),
         };
-        let tmp = Self::temp_name(name);
-        match lstat_at(&dir, &tmp)? {
+        self.stale_temp(rel, &dir, &Self::temp_name(name), link)
+            .map(drop)
+    }
+
+    /// Refuses to replace `found`, what is at `rel`, with a file (or, with
+    /// `link_ok`, a link) when it is a directory, anything not regular, or
+    /// (for files) a link.
+    pub fn check_replaceable(&self, rel: &Path, found: &Found, link_ok: bool) -> io::Result<()> {
+        let what = if link_ok { "a link" } else { "a file" };
+        match found {
             Found::Missing | Found::File(_) => Ok(()),
-            Found::Link(..) if link => Ok(()),
-            Found::Link(t, _) => Err(self.link_in_the_way(&rel.with_file_name(&tmp), &t)),
+            Found::Link(..) if link_ok => Ok(()),
+            Found::Link(t, _) => Err(self.link_in_the_way(rel, t)),
             Found::Dir(_) => Err(self.refuse(
-                &rel.with_file_name(&tmp),
-                "is a directory where setup writes its temporary file: remove it",
+                rel,
+                format_args!("is a directory where setup puts {what}: remove it"),
             )),
             Found::Other(k) => Err(self.refuse(
-                &rel.with_file_name(&tmp),
-                format_args!("is a {k} where setup writes its temporary file: remove it"),
+                rel,
+                format_args!("is a {k}, not a regular file; setup never opens those: remove it"),
             )),
         }
     }
 
-    /// Refuses to replace what is at `name` with a file or a link when it is
-    /// a directory, or (for files) a link or anything not regular.
+    /// [`Tree::check_replaceable`] for what is at `name` in `dir` now.
     fn replaceable(
         &self,
         rel: &Path,
@@ -454,15 +516,7 @@ impl Tree {
         name: &OsStr,
         link_ok: bool,
     ) -> io::Result<()> {
-        match lstat_at(dir, name)? {
-            Found::Missing | Found::File(_) => Ok(()),
-            Found::Link(..) if link_ok => Ok(()),
-            Found::Link(t, _) => Err(self.link_in_the_way(rel, &t)),
-            Found::Dir(_) => Err(self.refuse(rel, "is a directory: remove it")),
-            Found::Other(k) => {
-                Err(self.refuse(rel, format_args!("is a {k}, not a regular file: remove it")))
-            }
-        }
+        self.check_replaceable(rel, &lstat_at(dir, name)?, link_ok)
     }
 
     /// Replaces (or creates) the regular file at `rel` with `bytes`, owned
@@ -475,23 +529,16 @@ impl Tree {
         self.replaceable(rel, &dir, name, false)?;
         let tmp = Self::temp_name(name);
         self.clear_temp(rel, &dir, &tmp, false)?;
-        let fd = rustix::fs::openat(
-            &dir,
-            &tmp,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        )
-        .map_err(|e| self.raced(&rel.with_file_name(&tmp), e))?;
-        let written = (|| -> io::Result<()> {
-            let mut f = File::from(fd);
-            f.write_all(bytes)?;
-            // chown first: it clears set-id bits a chmod would have set.
-            rustix::fs::fchown(&f, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(err)?;
-            rustix::fs::fchmod(&f, Mode::from_raw_mode(meta.mode)).map_err(err)?;
+        let made = match create_file_at(&dir, &tmp, bytes, meta.mode, Some((meta.uid, meta.gid))) {
+            Ok(f) => Ok(f),
+            Err(CreateFault::Create(e)) => return Err(self.raced(&rel.with_file_name(&tmp), e)),
+            Err(CreateFault::Write(e)) => Err(e),
+        };
+        let written = made.and_then(|f| {
             f.sync_all()?;
             self.replaceable(rel, &dir, name, false)?;
             rustix::fs::renameat(&dir, &tmp, &dir, name).map_err(err)
-        })();
+        });
         if let Err(e) = written {
             let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
             return Err(io::Error::new(
@@ -507,24 +554,14 @@ impl Tree {
     /// link); false when something is.
     pub fn create_new(&self, rel: &Path, bytes: &[u8], meta: Meta) -> io::Result<bool> {
         let (dir, name) = self.parent(rel)?;
-        let fd = match rustix::fs::openat(
-            &dir,
-            name,
-            OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::from_raw_mode(0o600),
-        ) {
-            Ok(fd) => fd,
-            Err(rustix::io::Errno::EXIST) => return Ok(false),
-            Err(e) => return Err(self.refuse(rel, format_args!("can't be created: {e}"))),
+        let done = match create_file_at(&dir, name, bytes, meta.mode, Some((meta.uid, meta.gid))) {
+            Ok(f) => f.sync_all(),
+            Err(CreateFault::Create(rustix::io::Errno::EXIST)) => return Ok(false),
+            Err(CreateFault::Create(e)) => {
+                return Err(self.refuse(rel, format_args!("can't be created: {e}")))
+            }
+            Err(CreateFault::Write(e)) => Err(e),
         };
-        let mut f = File::from(fd);
-        let done = f
-            .write_all(bytes)
-            .and_then(|()| {
-                rustix::fs::fchown(&f, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(err)
-            })
-            .and_then(|()| rustix::fs::fchmod(&f, Mode::from_raw_mode(meta.mode)).map_err(err))
-            .and_then(|()| f.sync_all());
         if let Err(e) = done {
             let _ = rustix::fs::unlinkat(&dir, name, AtFlags::empty());
             return Err(self.refuse(rel, format_args!("can't be written: {e}")));
@@ -540,16 +577,38 @@ impl Tree {
         self.replaceable(rel, &dir, name, true)?;
         let tmp = Self::temp_name(name);
         self.clear_temp(rel, &dir, &tmp, true)?;
-        rustix::fs::symlinkat(target, &dir, &tmp)
-            .map_err(|e| self.raced(&rel.with_file_name(&tmp), e))?;
-        let done = rustix::fs::chownat(
-            &dir,
-            &tmp,
-            Some(uid(owner.0)),
-            Some(gid(owner.1)),
-            AtFlags::SYMLINK_NOFOLLOW,
-        )
-        .and_then(|()| rustix::fs::renameat(&dir, &tmp, &dir, name));
+        let trel = rel.with_file_name(&tmp);
+        rustix::fs::symlinkat(target, &dir, &tmp).map_err(|e| self.raced(&trel, e))?;
+        let done = (|| -> io::Result<()> {
+            // The link itself, held by a descriptor: chowned through that,
+            // never by a name someone could swap in between.
+            let fd = rustix::fs::openat(
+                &dir,
+                &tmp,
+                OFlags::PATH | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+                Mode::empty(),
+            )
+            .map_err(err)?;
+            let st = rustix::fs::fstat(&fd).map_err(err)?;
+            let ours = FileType::from_raw_mode(st.st_mode) == FileType::Symlink
+                && rustix::fs::readlinkat(&fd, "", Vec::new())
+                    .is_ok_and(|t| t.as_bytes() == target.as_os_str().as_bytes());
+            if !ours {
+                return Err(self.refuse(
+                    &trel,
+                    "is not the link setup made there: something in the container is racing setup; stop the container and try again",
+                ));
+            }
+            rustix::fs::chownat(
+                &fd,
+                "",
+                Some(uid(owner.0)),
+                Some(gid(owner.1)),
+                AtFlags::EMPTY_PATH,
+            )
+            .map_err(err)?;
+            rustix::fs::renameat(&dir, &tmp, &dir, name).map_err(err)
+        })();
         if let Err(e) = done {
             let _ = rustix::fs::unlinkat(&dir, &tmp, AtFlags::empty());
             return Err(self.refuse(rel, format_args!("can't be made a link: {e}")));
@@ -562,15 +621,9 @@ impl Tree {
     /// a chown through it would give a host directory away.
     pub fn dir(&self, rel: &Path, meta: Meta) -> io::Result<bool> {
         let (dir, name) = self.parent(rel)?;
-        let made = match rustix::fs::mkdirat(&dir, name, Mode::from_raw_mode(0o700)) {
-            Ok(()) => true,
-            Err(rustix::io::Errno::EXIST) => false,
-            Err(e) => return Err(self.refuse(rel, format_args!("can't be made: {e}"))),
-        };
-        let fd = self.open_dir(rel, &dir, name)?;
-        rustix::fs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(err)?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode)).map_err(err)?;
-        Ok(made)
+        own_dir_at(&dir, name, meta, true)
+            .map(|(_, made)| made)
+            .map_err(|f| self.dir_fault(rel, &dir, name, f))
     }
 
     /// Gives the existing directory `rel` `meta`, if it is still a
@@ -584,34 +637,29 @@ impl Tree {
         if !matches!(lstat_at(&dir, name)?, Found::Dir(_)) {
             return Ok(false);
         }
-        let fd = self.open_dir(rel, &dir, name)?;
-        rustix::fs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid))).map_err(err)?;
-        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode)).map_err(err)?;
-        Ok(true)
+        own_dir_at(&dir, name, meta, false)
+            .map(|_| true)
+            .map_err(|f| self.dir_fault(rel, &dir, name, f))
     }
 
-    /// Opens the directory `name` in `dir` without following a link.
-    fn open_dir(&self, rel: &Path, dir: &OwnedFd, name: &OsStr) -> io::Result<OwnedFd> {
-        match rustix::fs::openat(
-            dir,
-            name,
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
-            Mode::empty(),
-        ) {
-            Ok(fd) => Ok(fd),
-            // With O_DIRECTORY a link gives ENOTDIR, without it ELOOP.
-            Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => match lstat_at(dir, name)? {
-                Found::Link(t, _) => Err(self.refuse(
+    /// The message for what kept [`own_dir_at`] from `name` in `dir`.
+    fn dir_fault(&self, rel: &Path, dir: &OwnedFd, name: &OsStr, fault: DirFault) -> io::Error {
+        match fault {
+            DirFault::Make(e) => self.refuse(rel, format_args!("can't be made: {e}")),
+            DirFault::NotADirectory => match lstat_at(dir, name) {
+                Ok(Found::Link(t, _)) => self.refuse(
                     rel,
                     format_args!(
                         "is a symbolic link (to {}); setup never changes the owner or mode of what a link in {} points to: remove it",
                         t.display(),
                         if self.hostile { "a container's tree" } else { "a host directory" }
                     ),
-                )),
-                _ => Err(self.refuse(rel, "is not a directory: remove it")),
+                ),
+                Ok(_) => self.refuse(rel, "is not a directory: remove it"),
+                Err(e) => e,
             },
-            Err(e) => Err(self.refuse(rel, format_args!("can't be opened: {e}"))),
+            DirFault::Open(e) => self.refuse(rel, format_args!("can't be opened: {e}")),
+            DirFault::Owner(e) | DirFault::Mode(e) => err(e),
         }
     }
 
@@ -726,6 +774,107 @@ impl Tree {
     }
 }
 
+/// What kept [`own_dir_at`] from a directory.
+#[derive(Debug)]
+pub(crate) enum DirFault {
+    /// `mkdirat` failed (with something else than `EEXIST`).
+    Make(rustix::io::Errno),
+    /// A link, a file or anything else but a directory is there.
+    NotADirectory,
+    Open(rustix::io::Errno),
+    Owner(rustix::io::Errno),
+    Mode(rustix::io::Errno),
+}
+
+/// Opens the directory `name` in `parent` with `O_DIRECTORY|O_NOFOLLOW`
+/// (never through a link), making it (0700) first if it is missing and
+/// `make`, and gives it `meta` through that descriptor, changing only what
+/// differs. Returns the descriptor and whether the directory was made.
+pub(crate) fn own_dir_at(
+    parent: impl AsFd,
+    name: &OsStr,
+    meta: Meta,
+    make: bool,
+) -> Result<(OwnedFd, bool), DirFault> {
+    let open = || {
+        rustix::fs::openat(
+            &parent,
+            name,
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+    };
+    let mut made = false;
+    let opened = match open() {
+        Err(rustix::io::Errno::NOENT) if make => {
+            match rustix::fs::mkdirat(&parent, name, Mode::from_raw_mode(0o700)) {
+                Ok(()) => made = true,
+                Err(rustix::io::Errno::EXIST) => {}
+                Err(e) => return Err(DirFault::Make(e)),
+            }
+            open()
+        }
+        r => r,
+    };
+    let fd = match opened {
+        Ok(fd) => fd,
+        // With O_DIRECTORY a link gives ENOTDIR, without it ELOOP.
+        Err(rustix::io::Errno::LOOP | rustix::io::Errno::NOTDIR) => {
+            return Err(DirFault::NotADirectory)
+        }
+        Err(e) => return Err(DirFault::Open(e)),
+    };
+    let st = rustix::fs::fstat(&fd).map_err(DirFault::Open)?;
+    let chowned = (st.st_uid, st.st_gid) != (meta.uid, meta.gid);
+    if chowned {
+        rustix::fs::fchown(&fd, Some(uid(meta.uid)), Some(gid(meta.gid)))
+            .map_err(DirFault::Owner)?;
+    }
+    if chowned || st.st_mode & 0o7777 != meta.mode {
+        rustix::fs::fchmod(&fd, Mode::from_raw_mode(meta.mode)).map_err(DirFault::Mode)?;
+    }
+    Ok((fd, made))
+}
+
+/// What kept [`create_file_at`] from a file.
+#[derive(Debug)]
+pub(crate) enum CreateFault {
+    /// Nothing was created (`EEXIST`: something has that name).
+    Create(rustix::io::Errno),
+    /// The file was created but could not be written, owned or moded: it
+    /// is still there, for the caller to unlink.
+    Write(io::Error),
+}
+
+/// Creates the regular file `name` in `dir` only if nothing has that name
+/// (`O_CREAT|O_EXCL|O_NOFOLLOW`: never through a link, never into a FIFO),
+/// mode 0600 until it is written, then gives it `owner` (if any) and `mode`
+/// through its descriptor.
+pub(crate) fn create_file_at(
+    dir: impl AsFd,
+    name: &OsStr,
+    bytes: &[u8],
+    mode: u32,
+    owner: Option<(u32, u32)>,
+) -> Result<File, CreateFault> {
+    let fd = rustix::fs::openat(
+        &dir,
+        name,
+        OFlags::WRONLY | OFlags::CREATE | OFlags::EXCL | OFlags::NOFOLLOW | OFlags::CLOEXEC,
+        Mode::from_raw_mode(0o600),
+    )
+    .map_err(CreateFault::Create)?;
+    let mut f = File::from(fd);
+    f.write_all(bytes).map_err(CreateFault::Write)?;
+    // chown first: it clears set-id bits a chmod would have set.
+    if let Some((u, g)) = owner {
+        rustix::fs::fchown(&f, Some(uid(u)), Some(gid(g)))
+            .map_err(|e| CreateFault::Write(err(e)))?;
+    }
+    rustix::fs::fchmod(&f, Mode::from_raw_mode(mode)).map_err(|e| CreateFault::Write(err(e)))?;
+    Ok(f)
+}
+
 /// What is at `name` in `dir`, not followed.
 fn lstat_at(dir: &OwnedFd, name: &OsStr) -> io::Result<Found> {
     let st = match rustix::fs::statat(dir, name, AtFlags::SYMLINK_NOFOLLOW) {
@@ -764,6 +913,13 @@ fn gid(g: u32) -> Gid {
 mod tests {
     use super::*;
     use std::os::unix::fs::{symlink, MetadataExt};
+
+    fn me() -> (u32, u32) {
+        (
+            nix::unistd::getuid().as_raw(),
+            nix::unistd::getgid().as_raw(),
+        )
+    }
 
     fn tree() -> (tempfile::TempDir, Tree) {
         let d = tempfile::tempdir().unwrap();
@@ -817,11 +973,8 @@ mod tests {
     fn writes_replace_files_and_keep_away_from_links() {
         let (d, t) = tree();
         let rel = Path::new("etc/hostname");
-        let me = (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        );
-        t.write_atomic(rel, b"one\n", Meta::new(me, 0o640)).unwrap();
+        t.write_atomic(rel, b"one\n", Meta::new(me(), 0o640))
+            .unwrap();
         let m = std::fs::symlink_metadata(d.path().join("t/etc/hostname")).unwrap();
         assert_eq!(m.mode() & 0o7777, 0o640);
         assert_eq!(
@@ -830,12 +983,13 @@ mod tests {
         );
         // A stale temporary file is cleared; a link in its place is refused.
         std::fs::write(d.path().join("t/etc/.hostname.devbroker-tmp"), "stale").unwrap();
-        t.write_atomic(rel, b"two\n", Meta::new(me, 0o644)).unwrap();
+        t.write_atomic(rel, b"two\n", Meta::new(me(), 0o644))
+            .unwrap();
         let victim = d.path().join("victim");
         std::fs::write(&victim, "host\n").unwrap();
         symlink(&victim, d.path().join("t/etc/.hostname.devbroker-tmp")).unwrap();
         let e = t
-            .write_atomic(rel, b"three\n", Meta::new(me, 0o644))
+            .write_atomic(rel, b"three\n", Meta::new(me(), 0o644))
             .unwrap_err();
         assert!(
             e.to_string()
@@ -849,7 +1003,7 @@ mod tests {
         std::fs::remove_file(d.path().join("t/etc/.hostname.devbroker-tmp")).unwrap();
         symlink(&victim, d.path().join("t/etc/motd")).unwrap();
         assert!(t
-            .write_atomic(Path::new("etc/motd"), b"x", Meta::new(me, 0o644))
+            .write_atomic(Path::new("etc/motd"), b"x", Meta::new(me(), 0o644))
             .is_err());
         assert_eq!(std::fs::read(&victim).unwrap(), b"host\n");
     }
@@ -857,12 +1011,8 @@ mod tests {
     #[test]
     fn parents_are_made_and_links_to_nowhere_refused() {
         let (d, t) = tree();
-        let me = (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        );
         let made = t
-            .make_parents(Path::new("usr/local/bin/devshim"), Meta::new(me, 0o755))
+            .make_parents(Path::new("usr/local/bin/devshim"), Meta::new(me(), 0o755))
             .unwrap();
         assert_eq!(
             made,
@@ -876,7 +1026,7 @@ mod tests {
         std::fs::create_dir(&outside).unwrap();
         symlink(&outside, d.path().join("t/etc/systemd")).unwrap();
         let e = t
-            .make_parents(Path::new("etc/systemd/network/x"), Meta::new(me, 0o755))
+            .make_parents(Path::new("etc/systemd/network/x"), Meta::new(me(), 0o755))
             .unwrap_err();
         assert!(
             e.to_string().contains("etc/systemd is a symbolic link to"),
@@ -893,10 +1043,6 @@ mod tests {
     #[test]
     fn directories_are_never_chowned_through_links() {
         let (d, t) = tree();
-        let me = (
-            nix::unistd::getuid().as_raw(),
-            nix::unistd::getgid().as_raw(),
-        );
         let outside = d.path().join("outside");
         std::fs::create_dir(&outside).unwrap();
         std::fs::set_permissions(
@@ -907,11 +1053,209 @@ mod tests {
         std::fs::create_dir(d.path().join("t/home")).unwrap();
         symlink(&outside, d.path().join("t/home/sai")).unwrap();
         let e = t
-            .dir(Path::new("home/sai"), Meta::new(me, 0o750))
+            .dir(Path::new("home/sai"), Meta::new(me(), 0o750))
             .unwrap_err();
         assert!(e.to_string().contains("home/sai is a symbolic link"), "{e}");
         assert_eq!(std::fs::metadata(&outside).unwrap().mode() & 0o7777, 0o700);
-        assert!(t.dir(Path::new("home/bob"), Meta::new(me, 0o750)).unwrap());
-        assert!(!t.dir(Path::new("home/bob"), Meta::new(me, 0o750)).unwrap());
+        assert!(t
+            .dir(Path::new("home/bob"), Meta::new(me(), 0o750))
+            .unwrap());
+        assert!(!t
+            .dir(Path::new("home/bob"), Meta::new(me(), 0o750))
+            .unwrap());
+    }
+
+    #[test]
+    fn links_are_chowned_through_their_descriptor() {
+        let (d, t) = tree();
+        let victim = d.path().join("victim");
+        std::fs::write(&victim, "host\n").unwrap();
+        let before = std::fs::metadata(&victim).unwrap();
+        // Root hands a link to the tree's (shifted) root; others their own.
+        let owner = if nix::unistd::geteuid().is_root() {
+            (100_000, 100_001)
+        } else {
+            me()
+        };
+        let rel = Path::new("etc/localtime");
+        t.symlink_atomic(rel, &victim, owner).unwrap();
+        let l = std::fs::symlink_metadata(d.path().join("t/etc/localtime")).unwrap();
+        assert!(l.file_type().is_symlink());
+        assert_eq!((l.uid(), l.gid()), owner);
+        assert_eq!(
+            std::fs::read_link(d.path().join("t/etc/localtime")).unwrap(),
+            victim
+        );
+        let after = std::fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (after.uid(), after.gid(), after.mode()),
+            (before.uid(), before.gid(), before.mode()),
+            "the link's target is untouched"
+        );
+        assert!(!d.path().join("t/etc/.localtime.devbroker-tmp").exists());
+        // Replacing it, over a stale temporary link, works the same way.
+        symlink(&victim, d.path().join("t/etc/.localtime.devbroker-tmp")).unwrap();
+        t.symlink_atomic(rel, Path::new("/usr/share/zoneinfo/UTC"), owner)
+            .unwrap();
+        assert_eq!(
+            t.lstat(rel).unwrap(),
+            Found::Link("/usr/share/zoneinfo/UTC".into(), Meta::new(owner, 0o777))
+        );
+    }
+
+    #[test]
+    fn stale_temporary_files_are_judged_alike_before_and_while_writing() {
+        let (d, t) = tree();
+        let rel = Path::new("etc/hostname");
+        let tmp = d.path().join("t/etc/.hostname.devbroker-tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        let before = t.check_temp(rel, false).unwrap_err().to_string();
+        let during = t
+            .write_atomic(rel, b"x\n", Meta::new(me(), 0o644))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            before.ends_with(
+                "etc/.hostname.devbroker-tmp is a directory where setup writes its temporary file: remove it"
+            ),
+            "{before}"
+        );
+        assert_eq!(before, during);
+        std::fs::remove_dir(&tmp).unwrap();
+        nix::unistd::mkfifo(&tmp, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let e = t.check_temp(rel, true).unwrap_err().to_string();
+        assert!(
+            e.contains("is a FIFO where setup writes its temporary file"),
+            "{e}"
+        );
+        std::fs::remove_file(&tmp).unwrap();
+        std::fs::write(&tmp, "stale").unwrap();
+        t.check_temp(rel, false).unwrap();
+        t.write_atomic(rel, b"x\n", Meta::new(me(), 0o644)).unwrap();
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    fn replacing_refuses_directories_and_devices_with_one_message() {
+        let (d, t) = tree();
+        std::fs::create_dir(d.path().join("t/etc/motd")).unwrap();
+        let rel = Path::new("etc/motd");
+        let found = t.lstat(rel).unwrap();
+        let judged = t.check_replaceable(rel, &found, false).unwrap_err();
+        let written = t
+            .write_atomic(rel, b"x", Meta::new(me(), 0o644))
+            .unwrap_err();
+        assert!(
+            judged
+                .to_string()
+                .ends_with("etc/motd is a directory where setup puts a file: remove it"),
+            "{judged}"
+        );
+        assert!(
+            written.to_string().ends_with(&judged.to_string()),
+            "{written}"
+        );
+        assert!(t
+            .check_replaceable(rel, &Found::Other("FIFO"), true)
+            .unwrap_err()
+            .to_string()
+            .ends_with(
+                "etc/motd is a FIFO, not a regular file; setup never opens those: remove it"
+            ));
+        assert!(t.check_replaceable(rel, &Found::Missing, false).is_ok());
+    }
+
+    #[test]
+    fn own_dir_at_makes_fixes_and_refuses() {
+        let d = tempfile::tempdir().unwrap();
+        let top = rustix::fs::open(
+            d.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let name = OsStr::new("x");
+        let (_, made) = own_dir_at(&top, name, Meta::new(me(), 0o750), true).unwrap();
+        assert!(made);
+        let m = std::fs::metadata(d.path().join("x")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o750);
+        let (_, made) = own_dir_at(&top, name, Meta::new(me(), 0o700), true).unwrap();
+        assert!(!made, "an existing directory is taken as it is");
+        let m = std::fs::metadata(d.path().join("x")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o700, "and given its mode");
+        assert!(matches!(
+            own_dir_at(&top, OsStr::new("y"), Meta::new(me(), 0o700), false),
+            Err(DirFault::Open(rustix::io::Errno::NOENT))
+        ));
+        assert!(!d.path().join("y").exists(), "made only when asked");
+        symlink(d.path().join("x"), d.path().join("l")).unwrap();
+        assert!(matches!(
+            own_dir_at(&top, OsStr::new("l"), Meta::new(me(), 0o755), true),
+            Err(DirFault::NotADirectory)
+        ));
+        assert_eq!(
+            std::fs::metadata(d.path().join("x")).unwrap().mode() & 0o7777,
+            0o700,
+            "never through the link"
+        );
+    }
+
+    #[test]
+    fn create_file_at_never_goes_through_a_link() {
+        let d = tempfile::tempdir().unwrap();
+        let top = rustix::fs::open(
+            d.path(),
+            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
+            Mode::empty(),
+        )
+        .unwrap();
+        let f = create_file_at(&top, OsStr::new("a"), b"secret", 0o600, Some(me())).unwrap();
+        drop(f);
+        let m = std::fs::symlink_metadata(d.path().join("a")).unwrap();
+        assert_eq!((m.is_file(), m.mode() & 0o7777), (true, 0o600));
+        create_file_at(&top, OsStr::new("b"), b"", 0o644, None).unwrap();
+        let m = std::fs::symlink_metadata(d.path().join("b")).unwrap();
+        assert_eq!(m.mode() & 0o7777, 0o644, "the mode, not the umask's");
+        symlink(d.path().join("missing"), d.path().join("l")).unwrap();
+        assert!(matches!(
+            create_file_at(&top, OsStr::new("l"), b"x", 0o600, None),
+            Err(CreateFault::Create(rustix::io::Errno::EXIST))
+        ));
+        assert!(!d.path().join("missing").exists());
+    }
+
+    #[test]
+    fn reads_through_links_open_only_regular_files() {
+        let (d, t) = tree();
+        std::fs::write(d.path().join("t/etc/real"), "tree\n").unwrap();
+        symlink("/etc/real", d.path().join("t/etc/linked")).unwrap();
+        nix::unistd::mkfifo(
+            &d.path().join("t/etc/fifo"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        symlink("fifo", d.path().join("t/etc/to-fifo")).unwrap();
+        let (bytes, _) = t
+            .read_through_links(Path::new("etc/linked"))
+            .unwrap()
+            .unwrap();
+        assert_eq!(bytes, b"tree\n");
+        assert!(
+            t.read(Path::new("etc/linked")).is_err(),
+            "read never follows"
+        );
+        let e = t
+            .read_through_links(Path::new("etc/to-fifo"))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.ends_with("etc/to-fifo is a FIFO, not a regular file"),
+            "{e}"
+        );
+        assert!(t
+            .read_through_links(Path::new("etc/none"))
+            .unwrap()
+            .is_none());
+        assert!(t.read_through_links(Path::new("../etc/real")).is_err());
     }
 }
