@@ -27,17 +27,22 @@ mod broker_cli;
 #[path = "../guest-shim/src/cli.rs"]
 mod devshim_cli;
 
+/// How the static devshim is built.
+#[cfg(feature = "package")]
+#[path = "../guest-shim/static_build.rs"]
+mod static_build;
+
 #[cfg(feature = "package")]
 mod package {
     use std::path::{Path, PathBuf};
-    use std::process::Command;
 
-    use super::{broker_cli, devshim_cli};
+    use super::{broker_cli, devshim_cli, static_build};
 
     pub fn make() {
         for f in [
             "src/cli.rs",
             "../guest-shim/src",
+            "../guest-shim/static_build.rs",
             "../wire/src",
             "../Cargo.lock",
         ] {
@@ -90,51 +95,10 @@ mod package {
         }
     }
 
-    /// Builds devshim static and stripped with a nested cargo (its own
-    /// target directory, so it never waits on this build's lock; an explicit
-    /// `--target` so `+crt-static` reaches only the binary).
+    /// Builds devshim static and stripped (the recipe the suite uses).
     fn static_devshim(out: &Path) {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().unwrap();
-        let target = std::env::var("TARGET").unwrap();
-        let dir = root.join("target/devshim-package");
-        let mut cmd = Command::new(std::env::var("CARGO").unwrap_or_else(|_| "cargo".into()));
-        cmd.current_dir(root)
-            .args([
-                "build",
-                "--release",
-                "--locked",
-                "-p",
-                "devshim",
-                "--bin",
-                "devshim",
-                "--target",
-                &target,
-                "--target-dir",
-            ])
-            .arg(&dir);
-        for var in [
-            "RUSTFLAGS",
-            "CARGO_ENCODED_RUSTFLAGS",
-            "CARGO_BUILD_RUSTFLAGS",
-            "RUSTC_WORKSPACE_WRAPPER",
-            "CARGO_TARGET_DIR",
-            "CARGO_BUILD_TARGET",
-        ] {
-            cmd.env_remove(var);
-        }
-        cmd.env(
-            format!(
-                "CARGO_TARGET_{}_RUSTFLAGS",
-                target.to_uppercase().replace('-', "_")
-            ),
-            "-C target-feature=+crt-static -C relocation-model=static -C strip=symbols",
-        );
-        let status = cmd.status().expect("run cargo for the static devshim");
-        assert!(status.success(), "building the static devshim failed");
-        std::fs::copy(
-            dir.join(&target).join("release/devshim"),
-            out.join("devshim"),
-        )
-        .unwrap();
+        let built = static_build::build(root, &std::env::var("TARGET").unwrap());
+        std::fs::copy(built, out.join("devshim")).unwrap();
     }
 }

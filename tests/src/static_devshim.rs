@@ -1,15 +1,14 @@
 //! The static devshim that ships into containers, built for the suite when
 //! a test first asks for it — not by a build script, so `cargo check`,
-//! clippy and editors never start a second build.
-//!
-//! A nested cargo with an explicit `--target` applies `+crt-static` to the
-//! target artifacts only, not to build scripts and proc macros, and keeps its
-//! own target directory so it never waits on the outer build's lock. Cargo
-//! finds it up to date in a moment after the first time.
+//! clippy and editors never start a second build — by the recipe the
+//! package uses (the same binary, in the same place: after `cargo deb`,
+//! cargo finds it up to date at once).
 
 use std::path::PathBuf;
-use std::process::Command;
 use std::sync::OnceLock;
+
+#[path = "../../guest-shim/static_build.rs"]
+mod static_build;
 
 /// The workspace's root.
 fn workspace() -> PathBuf {
@@ -33,52 +32,5 @@ pub fn path() -> PathBuf {
 }
 
 fn build() -> PathBuf {
-    let root = workspace();
-    let target = host_triple();
-    let out_root = std::env::var("DEVBROKER_STATIC_TARGET_DIR")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| root.join("target/devshim-static"));
-    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(&root)
-        .args([
-            "build",
-            "--release",
-            "--locked",
-            "-p",
-            "devshim",
-            "--bin",
-            "devshim",
-            "--target",
-            &target,
-            "--target-dir",
-        ])
-        .arg(&out_root);
-    for var in [
-        "RUSTFLAGS",
-        "CARGO_ENCODED_RUSTFLAGS",
-        "CARGO_BUILD_RUSTFLAGS",
-        "RUSTC_WORKSPACE_WRAPPER",
-        "CARGO_TARGET_DIR",
-        "CARGO_BUILD_TARGET",
-        // A test under umockdev asking for devshim: the build must not run
-        // in the emulated world.
-        "LD_PRELOAD",
-        "UMOCKDEV_DIR",
-    ] {
-        cmd.env_remove(var);
-    }
-    let flags_var = format!(
-        "CARGO_TARGET_{}_RUSTFLAGS",
-        target.to_uppercase().replace('-', "_")
-    );
-    // Non-PIE static: `ldd` then reports "not a dynamic executable", and the
-    // binary runs on any x86_64 Linux userland, old glibc or none.
-    cmd.env(
-        flags_var,
-        "-C target-feature=+crt-static -C relocation-model=static -C strip=debuginfo",
-    );
-    let status = cmd.status().expect("run cargo for the static devshim");
-    assert!(status.success(), "building the static devshim failed");
-    out_root.join(&target).join("release/devshim")
+    static_build::build(&workspace(), &host_triple())
 }
