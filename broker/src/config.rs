@@ -30,6 +30,13 @@ pub struct Config {
     pub metrics: Option<MetricsListen>,
 }
 
+impl Config {
+    /// The board of that name, if the config has one.
+    pub fn board(&self, name: &str) -> Option<&Board> {
+        self.boards.iter().find(|b| b.name == name)
+    }
+}
+
 /// Where `[metrics] listen` serves the metrics.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MetricsListen {

@@ -88,17 +88,7 @@ struct Conn {
 /// in, from the socket's credentials and NSS (off the async threads).
 async fn host_client(sock: &UnixStream, shared: &Shared) -> std::io::Result<(Tenant, Option<i32>)> {
     let peer = Peer::of(sock)?;
-    let groups: Vec<String> = {
-        let mut g: Vec<String> = shared
-            .config()
-            .boards
-            .iter()
-            .flat_map(|b| b.host_groups.iter().cloned())
-            .collect();
-        g.sort();
-        g.dedup();
-        g
-    };
+    let groups = shared.host_groups();
     let pid = peer.pid;
     tokio::task::spawn_blocking(move || {
         let member = crate::peer::member_of(&peer, &groups);
@@ -317,6 +307,12 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
         Ok(r) => r,
         Err(e) => return Handled::Now(Reply::error(ErrorCode::BadRequest, e.to_string())),
     };
+    if !c.greeted && !matches!(req, Request::Hello { .. }) {
+        return Handled::Now(Reply::error(
+            ErrorCode::BadRequest,
+            "send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}",
+        ));
+    }
     if let Request::Run {
         board,
         tty,
@@ -324,18 +320,12 @@ fn handle(line: &[u8], c: &mut Conn, shared: &Shared) -> Handled {
         steps,
     } = req
     {
-        if !c.greeted {
-            return Handled::Now(Reply::error(ErrorCode::BadRequest, "send hello first"));
-        }
         return match start_sequence(shared, c, board, tty, sequence, steps) {
             Ok(fut) => Handled::Run(fut),
             Err(refusal) => Handled::Now(refusal.into()),
         };
     }
     if let Request::Reload {} = req {
-        if !c.greeted {
-            return Handled::Now(Reply::error(ErrorCode::BadRequest, "send hello first"));
-        }
         if c.client.is_some() {
             return Handled::Now(Reply::error(
                 ErrorCode::NotAvailable,
@@ -455,9 +445,6 @@ fn handle_now(req: Request, c: &mut Conn, shared: &Shared) -> Reply {
                 version: VERSION,
                 server: format!("devbroker {}", env!("CARGO_PKG_VERSION")),
             }
-        }
-        _ if !c.greeted => {
-            err("send hello first: {\"request\":\"hello\",\"version\":1,\"client\":\"NAME\"}")
         }
         Request::Status {} => Reply::Status(shared.status(c.client.as_ref())),
         Request::List {} => Reply::Boards {

@@ -149,7 +149,7 @@ pub struct Position {
 /// use a board shared with a host group it is in; root may use any board
 /// shared with host groups.
 pub fn allowed(config: &Config, board: &str, client: &Tenant) -> bool {
-    let Some(b) = config.boards.iter().find(|b| b.name == board) else {
+    let Some(b) = config.board(board) else {
         return false;
     };
     match client {

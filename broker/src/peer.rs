@@ -15,6 +15,9 @@ use std::os::fd::AsFd;
 /// host process `client` (a machine's devshim naming its tool). Only
 /// processes of that namespace are considered, so a machine can name no
 /// process outside its own. Scans `/proc`: call it off the async threads.
+/// For display only (`status` names the tool): unlike credentials, what
+/// `/proc` says may be stale by the time it is shown, and no decision rests
+/// on it.
 pub fn host_pid(client: i32, ns_pid: i32) -> Option<i32> {
     let ns_of = |pid: &str| std::fs::read_link(format!("/proc/{pid}/ns/pid")).ok();
     let ns = ns_of(&client.to_string())?;

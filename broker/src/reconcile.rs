@@ -77,9 +77,7 @@ pub struct Away {
 
 fn grace_of(config: &Config, key: &TtyKey) -> Duration {
     config
-        .boards
-        .iter()
-        .find(|b| b.name == key.board)
+        .board(&key.board)
         .map_or(Duration::ZERO, |b| b.reenumerate_grace)
 }
 

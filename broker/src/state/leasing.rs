@@ -90,9 +90,7 @@ impl Shared {
     fn granted(inner: &Inner, board: &str, client: &Tenant) -> Granted {
         let b = inner
             .config
-            .boards
-            .iter()
-            .find(|b| b.name == board)
+            .board(board)
             .expect("granted boards are configured");
         let ttys = b
             .ttys
@@ -211,7 +209,7 @@ impl Shared {
     /// dedicated to it, else while it holds the lease.
     pub fn machine_has(&self, machine: &str, board: &str) -> bool {
         let inner = self.inner.lock().unwrap();
-        let Some(b) = inner.config.boards.iter().find(|b| b.name == board) else {
+        let Some(b) = inner.config.board(board) else {
             return false;
         };
         b.dedicated_machine() == Some(machine) || inner.leases.machine_holds(machine, board)

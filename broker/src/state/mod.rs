@@ -14,7 +14,7 @@ mod sequences;
 mod status;
 mod ttys;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::{mpsc, Notify};
@@ -61,16 +61,12 @@ struct Inner {
 impl Inner {
     /// A board of the config, or an error naming it.
     fn board(&self, name: &str) -> Result<&crate::config::Board, Refusal> {
-        self.config
-            .boards
-            .iter()
-            .find(|b| b.name == name)
-            .ok_or_else(|| {
-                Refusal::new(
-                    ErrorCode::NotAvailable,
-                    format!("board {name} is not in the config"),
-                )
-            })
+        self.config.board(name).ok_or_else(|| {
+            Refusal::new(
+                ErrorCode::NotAvailable,
+                format!("board {name} is not in the config"),
+            )
+        })
     }
 
     /// A configured tty's state.
@@ -216,7 +212,7 @@ impl Shared {
         let old = std::mem::take(&mut inner.config.boards);
         let mut r = Reconfigured::default();
         for b in &old {
-            match config.boards.iter().find(|n| n.name == b.name) {
+            match config.board(&b.name) {
                 None => r.removed.push(b.name.clone()),
                 Some(n) if n != b => r.changed.push(b.name.clone()),
                 Some(_) => {}
@@ -231,12 +227,7 @@ impl Shared {
             inner.remove_board(name);
         }
         for name in r.added.iter().chain(&r.changed) {
-            let b = config
-                .boards
-                .iter()
-                .find(|b| &b.name == name)
-                .expect("named from the config")
-                .clone();
+            let b = config.board(name).expect("named from the config").clone();
             inner.add_board(&b);
         }
         inner.config = config;
@@ -262,7 +253,6 @@ impl Shared {
         r
     }
 
-    /// The config the broker runs with.
     /// One line of what the broker serves, for `systemctl status`.
     pub fn summary(&self) -> String {
         let inner = self.inner.lock().unwrap();
@@ -279,34 +269,36 @@ impl Shared {
         format!("{present} of {boards} boards present, {sessions} sessions, {leases} leases, {waiting} waiting")
     }
 
-    pub fn config(&self) -> Config {
-        self.inner.lock().unwrap().config.clone()
+    /// The host groups any board names, sorted and each once.
+    pub fn host_groups(&self) -> Vec<String> {
+        let inner = self.inner.lock().unwrap();
+        let groups: BTreeSet<&String> = inner
+            .config
+            .boards
+            .iter()
+            .flat_map(|b| &b.host_groups)
+            .collect();
+        groups.into_iter().cloned().collect()
     }
 }
 
 /// Whether every tty of `board` has its adapter (for the lease queue, which
 /// can't borrow all of [`Inner`]).
 fn inner_present(config: &Config, ttys: &BTreeMap<TtyKey, TtyState>, board: &str) -> bool {
-    config
-        .boards
-        .iter()
-        .find(|b| b.name == board)
-        .is_some_and(|b| {
-            b.ttys.iter().all(|t| {
-                ttys.get(&TtyKey {
-                    board: b.name.clone(),
-                    tty: t.name.clone(),
-                })
-                .is_some_and(|st| st.attachment.borrow().adapter.is_some())
+    config.board(board).is_some_and(|b| {
+        b.ttys.iter().all(|t| {
+            ttys.get(&TtyKey {
+                board: b.name.clone(),
+                tty: t.name.clone(),
             })
+            .is_some_and(|st| st.attachment.borrow().adapter.is_some())
         })
+    })
 }
 
 fn rate_of(config: &Config, key: &TtyKey) -> u32 {
     config
-        .boards
-        .iter()
-        .find(|b| b.name == key.board)
+        .board(&key.board)
         .and_then(|b| b.ttys.iter().find(|t| t.name == key.tty))
         .map_or(crate::config::DEFAULT_RATE, |t| t.rate)
 }
