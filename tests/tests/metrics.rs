@@ -90,3 +90,84 @@ fn metrics_count_bytes_sessions_refusals_and_lease_waits() {
     // Anything but GET /metrics is turned away.
     assert!(scrape(&sock, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404"));
 }
+
+#[test]
+fn a_reload_to_an_address_in_use_is_refused_and_the_metrics_stay() {
+    let tmp = tempfile::tempdir().unwrap();
+    let sock = tmp.path().join("metrics.sock");
+    let board = format!(
+        "[[board]]\nname = \"esp1\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"{FTDI}\" }}\n"
+    );
+    let w = World::new(&format!(
+        "[metrics]\nlisten = \"unix:{}\"\n\n{board}",
+        sock.display()
+    ));
+    let _b = w.broker();
+    wait_for(5 * S, "the metrics socket", || exists(&sock));
+    // Another program has the address the new config names.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    std::fs::write(
+        &w.config,
+        format!("[metrics]\nlisten = \"{addr}\"\n\n{board}"),
+    )
+    .unwrap();
+    let run = w.run.display().to_string();
+    let (ok, out) = devbroker_cli(&["reload", "--run-dir", &run]);
+    assert!(!ok, "the reload is refused:\n{out}");
+    assert!(
+        out.contains(&format!("can't serve metrics on {addr}")) && out.contains("in use"),
+        "the refusal names the address and why:\n{out}"
+    );
+    let text = scrape(&sock, "GET /metrics HTTP/1.1\r\n\r\n");
+    assert!(
+        text.starts_with("HTTP/1.1 200 OK\r\n") && text.contains("devbroker_tty_present"),
+        "the old socket is served again:\n{text}"
+    );
+    // Once the address is free, the same reload takes.
+    drop(taken);
+    let (ok, out) = devbroker_cli(&["reload", "--run-dir", &run]);
+    assert!(ok, "{out}\n{}", w.logs());
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(5 * S)).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\n\r\n").unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    assert!(text.contains("devbroker_tty_present"), "{text}");
+    assert!(!exists(&sock), "the unix socket is gone");
+}
+
+#[test]
+fn a_start_that_cannot_serve_the_metrics_fails_and_says_where() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = taken.local_addr().unwrap();
+    let w = World::new(&format!(
+        "[metrics]\nlisten = \"{addr}\"\n\n[[board]]\nname = \"esp1\"\nmachines = [\"ci1\"]\n[[board.tty]]\nname = \"console\"\nmatch = {{ by-id = \"{FTDI}\" }}\n"
+    ));
+    let mut b = std::process::Command::new(bin("devbroker"))
+        .args(["run", "--config"])
+        .arg(&w.config)
+        .arg("--run-dir")
+        .arg(&w.run)
+        .arg("--by-id-dir")
+        .arg(&w.by_id)
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut status = None;
+    wait_for(10 * S, "the broker to give up", || {
+        status = b.try_wait().unwrap();
+        status.is_some()
+    });
+    let mut err = String::new();
+    b.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    assert!(!status.unwrap().success(), "{err}");
+    assert!(
+        err.contains(&format!("can't serve metrics on {addr}")) && err.contains("in use"),
+        "the error names the address and why:\n{err}"
+    );
+    assert!(
+        std::os::unix::net::UnixStream::connect(w.run.join("broker.sock")).is_err(),
+        "nothing is left answering"
+    );
+}
