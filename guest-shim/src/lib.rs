@@ -15,6 +15,7 @@ pub mod lease;
 pub mod linecall;
 pub mod linesock;
 pub mod ports;
+pub mod procfs;
 pub mod pty;
 pub mod publish;
 pub mod run;

@@ -8,6 +8,7 @@
 //! `CSTOPB` and `CRTSCTS`). These are the calls that need the supervisor.
 
 use serde::{Deserialize, Serialize};
+use wire::termios::Layout;
 
 /// The requests the seccomp filter sends to the supervisor.
 pub const REQUESTS: &[u32] = &[
@@ -30,9 +31,12 @@ pub const REQUESTS: &[u32] = &[
 ];
 
 /// The kernel's `struct termios` (what `TCGETS`/`TCSETS` carry; not glibc's).
-pub const TERMIOS_LEN: usize = 36;
+pub const TERMIOS_LEN: usize = Layout::Termios.size();
 /// `struct termios2`.
-pub const TERMIOS2_LEN: usize = std::mem::size_of::<libc::termios2>();
+pub const TERMIOS2_LEN: usize = Layout::Termios2.size();
+/// The longest break a tool's call asks for: `TCSBRKP` counts tenths of a
+/// second, and is cut at a minute here. serve refuses longer ones.
+pub const MAX_BREAK_MS: u32 = 60_000;
 /// Offset of `c_cflag` in both.
 pub const CFLAG_OFFSET: usize = 8;
 
@@ -93,7 +97,7 @@ pub fn classify(req: u32, arg: u64) -> Option<Call> {
         libc::TCSBRK => Call::Drain,
         libc::TCSBRKP => Call::TimedBreak(match arg as u32 {
             0 => 250,
-            n => n.min(600) * 100,
+            n => n.min(MAX_BREAK_MS / 100) * 100,
         }),
         libc::TCSETS | libc::TCSETSW | libc::TCSETSF => Call::SetTermios {
             req,
@@ -178,8 +182,6 @@ pub struct LineReply {
     pub errno: i32,
     /// The modem bits after the request (`TIOCM_*`).
     pub modem: i32,
-    /// The tool's data size and parity bits ([`FRAMING`]), if it set any.
-    pub framing: Option<u32>,
     /// For `GetTermios`: the struct to give the tool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub termios: Option<Vec<u8>>,
@@ -198,15 +200,15 @@ pub fn termios_len(req: u32) -> Option<usize> {
 }
 
 /// How serve applies a tool's `TCSETS*` on its own side of the pty, after
-/// moving out everything the tool wrote (so the output is drained): the
-/// plain set of the same struct size, and whether to discard the tool's
-/// input first (`TCSETSF*`).
-pub fn set_after_drain(req: u32) -> Option<(libc::c_ulong, bool)> {
+/// moving out everything the tool wrote (so the output is drained): a plain
+/// set of the same struct, and whether to discard the tool's input first
+/// (`TCSETSF*`).
+pub fn set_after_drain(req: u32) -> Option<(Layout, bool)> {
     Some(match req as libc::c_ulong {
-        libc::TCSETS | libc::TCSETSW => (libc::TCSETS, false),
-        libc::TCSETSF => (libc::TCSETS, true),
-        libc::TCSETS2 | libc::TCSETSW2 => (libc::TCSETS2, false),
-        libc::TCSETSF2 => (libc::TCSETS2, true),
+        libc::TCSETS | libc::TCSETSW => (Layout::Termios, false),
+        libc::TCSETSF => (Layout::Termios, true),
+        libc::TCSETS2 | libc::TCSETSW2 => (Layout::Termios2, false),
+        libc::TCSETSF2 => (Layout::Termios2, true),
         _ => return None,
     })
 }
@@ -318,6 +320,10 @@ mod tests {
             Some(Call::TimedBreak(300))
         );
         assert_eq!(
+            classify(libc::TCSBRKP as u32, u32::MAX.into()),
+            Some(Call::TimedBreak(MAX_BREAK_MS))
+        );
+        assert_eq!(
             classify(libc::TIOCMBIS as u32, 0x1000),
             Some(Call::SetModem {
                 op: ModemOp::Bis,
@@ -382,11 +388,11 @@ mod tests {
         assert_eq!(termios_len(libc::TIOCMGET as u32), None);
         assert_eq!(
             set_after_drain(libc::TCSETSW as u32),
-            Some((libc::TCSETS, false))
+            Some((Layout::Termios, false))
         );
         assert_eq!(
             set_after_drain(libc::TCSETSF2 as u32),
-            Some((libc::TCSETS2, true))
+            Some((Layout::Termios2, true))
         );
         assert_eq!(set_after_drain(libc::TCGETS as u32), None);
     }
@@ -403,6 +409,34 @@ mod tests {
         let text = serde_json::to_string(&p).unwrap();
         assert_eq!(text, r#"{"request":{"call":"modem","op":"Bis","bits":2}}"#);
         assert_eq!(serde_json::from_str::<Packet>(&text).unwrap(), p);
+    }
+
+    #[test]
+    fn replies_read_by_supervisors_of_the_release_before() {
+        // That release's reply had a `framing` no supervisor read; it
+        // takes a reply without it as `None`, and a reply with it is read
+        // now as before.
+        #[derive(Deserialize)]
+        struct Before {
+            errno: i32,
+            modem: i32,
+            framing: Option<u32>,
+        }
+        let r = LineReply {
+            errno: 0,
+            modem: libc::TIOCM_DTR,
+            ..LineReply::default()
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"errno":0,"modem":2}"#);
+        let b: Before = serde_json::from_str(&text).unwrap();
+        assert_eq!((b.errno, b.modem, b.framing), (0, libc::TIOCM_DTR, None));
+        let old = r#"{"errno":5,"modem":0,"framing":48,"why":"the tty is gone"}"#;
+        let now: LineReply = serde_json::from_str(old).unwrap();
+        assert_eq!(
+            (now.errno, now.why.as_deref()),
+            (5, Some("the tty is gone"))
+        );
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! filter denies `pidfd_getfd`), the packet names the tool's process and
 //! descriptor instead ([`Target`]); serve checks through `/proc` that the
 //! process has the pty open, and that the asker (`SO_PEERCRED`) is root or
-//! has that process's uid — who could take over the process anyway.
+//! has that process's uid — who could take over the process anyway — and
+//! that it was the same process throughout (a pidfd holds it meanwhile).
 
 use std::collections::HashMap;
 use std::io::{self, IoSlice, IoSliceMut};
@@ -132,10 +133,6 @@ pub struct Client {
 impl Client {
     pub fn new(path: PathBuf) -> Client {
         Client { path, sock: None }
-    }
-
-    pub fn path(&self) -> &Path {
-        &self.path
     }
 
     fn connected(&mut self) -> io::Result<RawFd> {
@@ -288,14 +285,24 @@ fn pty_of(
     };
     let peer = socket::getsockopt(&conn, socket::sockopt::PeerCredentials)
         .map_err(|e| refused(libc::EPERM, e.to_string()))?;
-    let st =
-        nix::sys::stat::stat(format!("/proc/{}/fd/{}", t.pid, t.fd).as_str()).map_err(|e| {
-            refused(
-                libc::EBADF,
-                format!("process {} descriptor {}: {e}", t.pid, t.fd),
-            )
-        })?;
-    if peer.uid() != 0 && !uids_of(t.pid).contains(&peer.uid()) {
+    let gone = |e: &dyn std::fmt::Display| {
+        refused(
+            libc::EBADF,
+            format!("process {} descriptor {}: {e}", t.pid, t.fd),
+        )
+    };
+    // The process is held by its pidfd while /proc is read twice about it
+    // (its descriptor, then its uids): if it is still there after both, its
+    // pid named it all along, not a process that took the pid over in
+    // between. A thread is read about under its process's directory.
+    let (pidfd, tgid) = crate::procfs::pidfd_of_thread(t.pid).map_err(|e| gone(&e))?;
+    let task = format!("/proc/{tgid}/task/{}", t.pid);
+    let st = nix::sys::stat::stat(format!("{task}/fd/{}", t.fd).as_str()).map_err(|e| gone(&e))?;
+    let uids = uids_of(&task);
+    if crate::procfs::exited(pidfd.as_fd()).unwrap_or(true) {
+        return Err(gone(&"the process exited"));
+    }
+    if peer.uid() != 0 && !uids.contains(&peer.uid()) {
         return Err(refused(
             libc::EPERM,
             format!("uid {} may not act for process {}", peer.uid(), t.pid),
@@ -304,12 +311,12 @@ fn pty_of(
     Ok((st.st_dev, st.st_ino))
 }
 
-/// A process's real and effective uids.
-fn uids_of(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
+/// A task's real and effective uids (`task`: its `/proc` directory).
+fn uids_of(task: &str) -> Vec<u32> {
+    std::fs::read_to_string(format!("{task}/status"))
         .ok()
         .and_then(|s| {
-            s.lines().find_map(|l| l.strip_prefix("Uid:")).map(|v| {
+            crate::procfs::status_field(&s, "Uid").map(|v| {
                 v.split_whitespace()
                     .take(2)
                     .filter_map(|u| u.parse().ok())

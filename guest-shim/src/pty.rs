@@ -17,7 +17,7 @@ use rustix::fs::{Gid, Mode, OFlags, Uid};
 use rustix::io::Errno;
 use rustix::pty::{grantpt, openpt, ptsname, unlockpt, OpenptFlags};
 use tokio::io::unix::AsyncFd;
-use wire::termios::{self, When};
+use wire::termios::{self, Layout, When};
 
 /// Packet-mode status bits (`<linux/tty.h>`), first byte of each master read.
 pub mod pkt {
@@ -146,18 +146,19 @@ impl Pty {
         crate::linesock::id_of(self.slave.as_fd())
     }
 
-    /// Runs a tool's `TCGETS*`/`TCSETS*` (`req`, with the struct in `buf`)
-    /// on devshim's own slave descriptor: termios belong to the tty, so the
-    /// tool sees the same as if it had made the call (a set is reported on
-    /// the master as a packet-mode status byte, as the tool's would be).
-    /// `req` must not wait (no `TCSETSW*`/`TCSETSF*`).
-    pub fn slave_termios(&self, req: libc::c_ulong, buf: &mut [u8]) -> io::Result<()> {
-        debug_assert!(buf.len() >= crate::linecall::termios_len(req as u32).unwrap_or(usize::MAX));
-        // SAFETY: a TCGETS*/TCSETS* request with a buffer of its struct's size.
-        if unsafe { libc::ioctl(self.slave.as_raw_fd(), req, buf.as_mut_ptr()) } < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+    /// The tty's settings as a tool's `TCGETS`/`TCGETS2` (`layout`) reads
+    /// them, through devshim's own slave descriptor.
+    pub fn slave_termios(&self, layout: Layout) -> io::Result<Vec<u8>> {
+        termios::get_bytes(&self.slave, layout)
+    }
+
+    /// Applies a tool's settings struct (`layout`, at once: `TCSETS`/
+    /// `TCSETS2`) on devshim's own slave descriptor: termios belong to the
+    /// tty, so the tool sees the same as if it had made the call (the change
+    /// is reported on the master as a packet-mode status byte, as the tool's
+    /// would be).
+    pub fn set_slave_termios(&self, layout: Layout, bytes: &[u8]) -> io::Result<()> {
+        termios::set_bytes(&self.slave, layout, bytes)
     }
 
     /// Discards the tool's unread input as its `tcflush(TCIFLUSH)` would

@@ -29,25 +29,28 @@
 //! runs with `no_new_privs`: setuid binaries don't gain privileges.
 
 use std::collections::HashMap;
-use std::io::{self, IoSlice, IoSliceMut};
+use std::io::{self, IoSliceMut};
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
 use std::time::SystemTime;
 
-use nix::sys::uio::{process_vm_readv, process_vm_writev, RemoteIoVec};
-use nix::unistd::Pid;
 use tracing::debug;
 
 use crate::bpf;
 use crate::linecall::{self, Call, LineReply, LineRequest, Target};
-use crate::linesock;
+use crate::{linesock, procfs};
 
 /// `DEVSHIM_SUPERVISE=off` runs commands unsupervised.
 pub const ENV_SWITCH: &str = "DEVSHIM_SUPERVISE";
 
+/// Whether `DEVSHIM_SUPERVISE` turns supervision off.
+fn switched_off() -> bool {
+    std::env::var(ENV_SWITCH).is_ok_and(|v| v == "off" || v == "0")
+}
+
 /// Why supervision can't be had here, if it can't; `None` when it can.
 pub fn unavailable() -> Option<String> {
-    if std::env::var(ENV_SWITCH).is_ok_and(|v| v == "off" || v == "0") {
+    if switched_off() {
         return Some(format!("{ENV_SWITCH}=off"));
     }
     if !cfg!(any(target_arch = "x86_64", target_arch = "aarch64")) {
@@ -98,15 +101,6 @@ fn kernel_version() -> Option<(u32, u32)> {
     Some((it.next()?.parse().ok()?, it.next()?.parse().ok()?))
 }
 
-fn pidfd_open(pid: i32) -> io::Result<OwnedFd> {
-    let pid = rustix::process::Pid::from_raw(pid)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "pid 0"))?;
-    Ok(rustix::process::pidfd_open(
-        pid,
-        rustix::process::PidfdFlags::empty(),
-    )?)
-}
-
 fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_getfd(pidfd, targetfd, flags) returns a new descriptor
     // (close-on-exec) or -1.
@@ -116,24 +110,6 @@ fn pidfd_getfd(pidfd: BorrowedFd<'_>, fd: RawFd) -> io::Result<OwnedFd> {
     }
     // SAFETY: a fresh descriptor we own.
     Ok(unsafe { OwnedFd::from_raw_fd(r as RawFd) })
-}
-
-/// The pidfd of the process that thread `tid` belongs to: `pidfd_open`
-/// takes only a thread-group leader before Linux 6.9, and a tool may call
-/// from any thread (Go does).
-fn pidfd_of_thread(tid: u32) -> io::Result<OwnedFd> {
-    match pidfd_open(tid as i32) {
-        Err(e) if e.raw_os_error() == Some(libc::EINVAL) => {
-            let status = std::fs::read_to_string(format!("/proc/{tid}/status"))?;
-            let tgid = status
-                .lines()
-                .find_map(|l| l.strip_prefix("Tgid:"))
-                .and_then(|v| v.trim().parse::<i32>().ok())
-                .ok_or_else(|| io::Error::other("no Tgid"))?;
-            pidfd_open(tgid)
-        }
-        other => other,
-    }
 }
 
 /// The child's end of the handshake: what it sends before `exec`.
@@ -157,7 +133,7 @@ pub struct Prepared {
 /// be had: `cmd` is left as it was.
 pub fn prepare(cmd: &mut tokio::process::Command, state_dir: &Path) -> Option<Prepared> {
     if let Some(why) = unavailable() {
-        if !std::env::var(ENV_SWITCH).is_ok_and(|v| v == "off" || v == "0") {
+        if !switched_off() {
             eprintln!(
                 "devshim: running without line control ({why}): DTR/RTS, break and parity on devshim ptys fail with ENOTTY; use the RFC 2217 endpoint or `devshim ctl` instead"
             );
@@ -482,7 +458,7 @@ impl Supervisor {
         if !self.pidfd_getfd {
             return Err(target);
         }
-        match pidfd_of_thread(tid).and_then(|p| pidfd_getfd(p.as_fd(), fd)) {
+        match procfs::pidfd_of_thread(tid).and_then(|(p, _)| pidfd_getfd(p.as_fd(), fd)) {
             // The descriptor may have been replaced meanwhile.
             Ok(d) if linesock::id_of(d.as_fd()).ok() == Some(id) => Ok(d),
             Ok(_) => Err(target),
@@ -514,11 +490,10 @@ impl Supervisor {
             return Answer::Continue;
         };
         let pty = self.target_fd(n.pid, fd, id);
-        let pid = Pid::from_raw(n.pid as i32);
         let t0 = std::time::Instant::now();
         let answer = self.carry(
             call,
-            pid,
+            n.pid,
             n.id,
             pty.as_ref().map(|d| d.as_fd()).map_err(|t| *t),
             &sock,
@@ -531,10 +506,17 @@ impl Supervisor {
     }
 
     /// Carries one call on a devshim pty to serve.
+    ///
+    /// The call is checked to still wait (its caller was not killed or
+    /// interrupted) right before the port is acted on and right before
+    /// anything is written back to the caller; one that no longer waits
+    /// gets nothing. The caller's memory is opened before the first check,
+    /// so it is the caller's that is read and written, whoever has the pid
+    /// later ([`Mem`]).
     fn carry(
         &mut self,
         call: Call,
-        pid: Pid,
+        tid: u32,
         id: u64,
         pty: Result<BorrowedFd<'_>, Target>,
         sock: &Path,
@@ -564,19 +546,28 @@ impl Supervisor {
         };
         match call {
             Call::GetModem { out } => {
+                let Ok(mem) = Mem::open(tid) else {
+                    return Answer::Errno(libc::EFAULT);
+                };
+                if !self.still_waiting(id) {
+                    return Answer::Continue;
+                }
                 let Some(r) = ask(self, LineRequest::GetModem) else {
                     return Answer::Errno(libc::EIO);
                 };
                 if r.errno != 0 {
                     return Answer::Errno(r.errno);
                 }
-                match write_mem(pid, out, &r.modem.to_ne_bytes()) {
+                if !self.still_waiting(id) {
+                    return Answer::Continue;
+                }
+                match mem.write(out, &r.modem.to_ne_bytes()) {
                     Ok(()) => Answer::Value(0),
                     Err(_) => Answer::Errno(libc::EFAULT),
                 }
             }
             Call::SetModem { op, from } => {
-                let Ok(b) = read_mem(pid, from, 4) else {
+                let Ok(b) = Mem::open(tid).and_then(|m| m.read(from, 4)) else {
                     return Answer::Errno(libc::EFAULT);
                 };
                 if !self.still_waiting(id) {
@@ -585,6 +576,9 @@ impl Supervisor {
                 let bits = i32::from_ne_bytes(b[..4].try_into().unwrap());
                 done(ask(self, LineRequest::Modem { op, bits }))
             }
+            Call::Break(_) | Call::TimedBreak(_) | Call::Drain if !self.still_waiting(id) => {
+                Answer::Continue
+            }
             Call::Break(on) => done(ask(self, LineRequest::Break { on })),
             Call::TimedBreak(ms) => done(ask(self, LineRequest::TimedBreak { ms })),
             Call::Drain => match ask(self, LineRequest::Drain) {
@@ -592,7 +586,7 @@ impl Supervisor {
                 r => done(r),
             },
             Call::SetTermios { req, from, len } => {
-                let Ok(termios) = read_mem(pid, from, len) else {
+                let Ok(termios) = Mem::open(tid).and_then(|m| m.read(from, len)) else {
                     return Answer::Errno(libc::EFAULT);
                 };
                 if !self.still_waiting(id) {
@@ -609,14 +603,23 @@ impl Supervisor {
                 }
             }
             Call::GetTermios { req, out, len } => {
+                let Ok(mem) = Mem::open(tid) else {
+                    return Answer::Errno(libc::EFAULT);
+                };
+                if !self.still_waiting(id) {
+                    return Answer::Continue;
+                }
                 let Some(r) = ask(self, LineRequest::GetTermios { req }) else {
                     return Answer::Continue;
                 };
                 if r.errno != 0 {
                     return Answer::Errno(r.errno);
                 }
+                if !self.still_waiting(id) {
+                    return Answer::Continue;
+                }
                 match r.termios.filter(|t| t.len() == len) {
-                    Some(t) => match write_mem(pid, out, &t) {
+                    Some(t) => match mem.write(out, &t) {
                         Ok(()) => Answer::Value(0),
                         Err(_) => Answer::Errno(libc::EFAULT),
                     },
@@ -627,33 +630,73 @@ impl Supervisor {
     }
 }
 
-fn read_mem(pid: Pid, addr: u64, len: usize) -> io::Result<Vec<u8>> {
-    let mut b = vec![0u8; len];
-    let n = process_vm_readv(
-        pid,
-        &mut [IoSliceMut::new(&mut b)],
-        &[RemoteIoVec {
-            base: addr as usize,
-            len,
-        }],
-    )?;
-    if n != len {
-        return Err(io::Error::from_raw_os_error(libc::EFAULT));
+/// A notified caller's memory, through `/proc/<tid>/mem`. The file keeps
+/// the address space it was opened on: opened before the call is checked
+/// to still wait, it reaches the caller's memory and no other process's,
+/// even if the pid is taken over later (reads and writes then fail).
+struct Mem(std::fs::File);
+
+impl Mem {
+    fn open(tid: u32) -> io::Result<Mem> {
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{tid}/mem"))
+            .map(Mem)
     }
-    Ok(b)
+
+    fn read(&self, addr: u64, len: usize) -> io::Result<Vec<u8>> {
+        use std::os::unix::fs::FileExt;
+        let mut b = vec![0u8; len];
+        self.0.read_exact_at(&mut b, addr)?;
+        Ok(b)
+    }
+
+    fn write(&self, addr: u64, data: &[u8]) -> io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        self.0.write_all_at(data, addr)
+    }
 }
 
-fn write_mem(pid: Pid, addr: u64, data: &[u8]) -> io::Result<()> {
-    let n = process_vm_writev(
-        pid,
-        &[IoSlice::new(data)],
-        &[RemoteIoVec {
-            base: addr as usize,
-            len: data.len(),
-        }],
-    )?;
-    if n != data.len() {
-        return Err(io::Error::from_raw_os_error(libc::EFAULT));
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_callers_memory_is_read_and_written() {
+        let tid = nix::unistd::gettid().as_raw() as u32;
+        let mem = Mem::open(tid).unwrap();
+        let mut target = std::hint::black_box([0u8; 8]);
+        let addr = target.as_mut_ptr() as u64;
+        mem.write(addr, &0x1122_3344_5566_7788u64.to_ne_bytes())
+            .unwrap();
+        // SAFETY: reading our own initialized array.
+        let now = unsafe { std::ptr::read_volatile(&target) };
+        assert_eq!(u64::from_ne_bytes(now), 0x1122_3344_5566_7788);
+        assert_eq!(mem.read(addr, 8).unwrap(), now);
+        // Nothing is mapped at 0.
+        assert!(mem.read(0, 4).is_err());
+        assert!(mem.write(0, &[1]).is_err());
     }
-    Ok(())
+
+    #[test]
+    fn a_caller_that_is_gone_is_not_reached() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        let mem = Mem::open(pid).unwrap();
+        // An address mapped in the child: the top of its stack.
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap();
+        let stack = maps.lines().find(|l| l.ends_with("[stack]")).unwrap();
+        let end = stack.split([' ', '-']).nth(1).unwrap();
+        let addr = u64::from_str_radix(end, 16).unwrap() - 8;
+        assert_eq!(mem.read(addr, 8).unwrap().len(), 8);
+        child.kill().unwrap();
+        child.wait().unwrap();
+        // Whoever has the pid now, the file is the old process's memory.
+        assert!(mem.read(addr, 8).is_err());
+        assert!(mem.write(addr, &[0; 8]).is_err());
+    }
 }

@@ -608,14 +608,16 @@ fn handle_status(
     }
     if status & pkt::IOCTL != 0 {
         // The status byte overtakes data written before the change: send
-        // that data first, so it goes out at the old rate.
-        while let Some(n) = pty.try_read_packet(buf)? {
-            if n > 1 && buf[0] == pkt::DATA {
-                telnet::escape_into(&buf[1..n], out);
-            } else if n == 1 && buf[0] & (pkt::FLUSHREAD | pkt::FLUSHWRITE) != 0 {
-                handle_status(buf[0] & !pkt::IOCTL, pty, buf, out, last, framing)?;
-            }
-        }
+        // that data first, so it goes out at the old rate. Flushes among it
+        // are handled in order; further changes are the one sent below.
+        move_written(
+            pty,
+            buf,
+            out,
+            last,
+            framing,
+            pkt::FLUSHREAD | pkt::FLUSHWRITE,
+        )?;
         pty.ensure_extproc()?;
         settings_changed(pty, out, last, framing)?;
     }
@@ -648,11 +650,24 @@ fn drain_pty(
     last: &mut wire::rfc2217::LineSettings,
     framing: Option<u32>,
 ) -> io::Result<()> {
+    move_written(pty, buf, out, last, framing, u8::MAX)
+}
+
+/// Moves what waits in the pty into `out`: data, and the status bytes
+/// among it, handled with their `statuses` bits only (others are dropped).
+fn move_written(
+    pty: &Pty,
+    buf: &mut [u8],
+    out: &mut Vec<u8>,
+    last: &mut wire::rfc2217::LineSettings,
+    framing: Option<u32>,
+    statuses: u8,
+) -> io::Result<()> {
     while let Some(n) = pty.try_read_packet(buf)? {
         if n > 1 && buf[0] == pkt::DATA {
             telnet::escape_into(&buf[1..n], out);
-        } else if n >= 1 && buf[0] != pkt::DATA {
-            handle_status(buf[0], pty, buf, out, last, framing)?;
+        } else if n >= 1 && buf[0] & statuses != 0 {
+            handle_status(buf[0] & statuses, pty, buf, out, last, framing)?;
         }
     }
     Ok(())
@@ -685,13 +700,25 @@ async fn line_call(
             .map_err(|_| io::Error::other("the session ended"))
     }
     out.clear();
+    // Anyone may send requests (the line socket is 0666): those no tool's
+    // call makes are refused before anything is done.
+    if let LineRequest::TimedBreak { ms } = req {
+        if ms > linecall::MAX_BREAK_MS {
+            return Ok(invalid(format!(
+                "a {ms} ms break (at most {} ms)",
+                linecall::MAX_BREAK_MS
+            )));
+        }
+    }
     if let LineRequest::GetTermios { req } = req {
         // Nothing for the port: the pty's settings, with the tool's framing.
-        let len = linecall::termios_len(req).unwrap_or(linecall::TERMIOS2_LEN);
-        let mut t = vec![0u8; len];
-        if let Err(e) = pty.slave_termios(req.into(), &mut t) {
-            return Ok(errno_reply(&e));
-        }
+        let Some(layout) = termios::Layout::of_get(req) else {
+            return Ok(invalid(format!("{req:#x} is not a termios read")));
+        };
+        let mut t = match pty.slave_termios(layout) {
+            Ok(t) => t,
+            Err(e) => return Ok(errno_reply(&e)),
+        };
         if let Some(c) = linecall::cflag_of(&t) {
             linecall::set_cflag(&mut t, linecall::patch_cflag(c, line.framing));
         }
@@ -754,17 +781,18 @@ async fn line_call(
             applied(out, fences, wr).await?;
         }
         LineRequest::Drain => applied(out, fences, wr).await?,
-        LineRequest::SetTermios { req, mut termios } => {
+        LineRequest::SetTermios { req, termios } => {
             // What the tool wrote is out of the pty: a drain has nothing
             // left to wait for.
-            let (set, flush) = match (linecall::set_after_drain(req), linecall::termios_len(req)) {
-                (Some(s), Some(len)) if termios.len() >= len => s,
-                _ => return Ok(errno_reply(&io::Error::from_raw_os_error(libc::EINVAL))),
+            let Some((layout, flush)) =
+                linecall::set_after_drain(req).filter(|(layout, _)| termios.len() >= layout.size())
+            else {
+                return Ok(errno_reply(&io::Error::from_raw_os_error(libc::EINVAL)));
             };
             if flush {
                 pty.flush_input_as_tool()?;
             }
-            if let Err(e) = pty.slave_termios(set, &mut termios) {
+            if let Err(e) = pty.set_slave_termios(layout, &termios) {
                 return Ok(errno_reply(&e));
             }
             line.framing = linecall::cflag_of(&termios).map(|c| c & linecall::FRAMING);
@@ -779,15 +807,23 @@ async fn line_call(
     Ok(reply(line, fences))
 }
 
-/// The reply to a call that went through: the modem bits and framing now.
+/// The reply to a call that went through: the modem bits now.
 fn reply(line: &LineState, fences: &Fences) -> LineReply {
     let ms = fences.modemstate.load(Ordering::Relaxed);
     LineReply {
         errno: 0,
         modem: linecall::modem_bits(line.dtr, line.rts, ms),
-        framing: line.framing,
         termios: None,
         why: None,
+    }
+}
+
+/// The reply to a request no tool's call makes.
+fn invalid(why: String) -> LineReply {
+    LineReply {
+        errno: libc::EINVAL,
+        why: Some(why),
+        ..LineReply::default()
     }
 }
 

@@ -72,48 +72,87 @@ impl Peer {
     }
 }
 
+/// A `devshim serve` with one tty, against a scripted broker.
+struct Shim {
+    _tmp: tempfile::TempDir,
+    _control: UnixStream,
+    tty_listener: UnixListener,
+    shim: std::process::Child,
+    link: std::path::PathBuf,
+    state: std::path::PathBuf,
+}
+
+impl Shim {
+    fn start() -> Shim {
+        let tmp = tempfile::tempdir().unwrap();
+        let dir = tmp.path().join("machine");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("ttys.json"),
+            r#"{"version":1,"ttys":[{"board":"b","tty":"t","by_id":"usb-Test_X-if00","rate":115200}]}"#,
+        )
+        .unwrap();
+        let tty_listener = UnixListener::bind(dir.join("b.t.sock")).unwrap();
+        let control = UnixListener::bind(dir.join("control.sock")).unwrap();
+        let ctl = std::thread::spawn(move || {
+            let (s, _) = control.accept().unwrap();
+            let mut r = BufReader::new(s.try_clone().unwrap());
+            let mut line = String::new();
+            r.read_line(&mut line).unwrap();
+            assert!(line.contains("\"hello\""), "{line}");
+            (&s).write_all(b"{\"reply\":\"hello\",\"version\":1,\"server\":\"test\"}\n")
+                .unwrap();
+            s // keep the control connection open: the broker is "alive"
+        });
+        let guest = tmp.path().join("guest");
+        let state = tmp.path().join("state");
+        let shim = Command::new(devshim())
+            .args(["serve", "--dir"])
+            .arg(&dir)
+            .arg("--link-root")
+            .arg(&guest)
+            .arg("--state-dir")
+            .arg(&state)
+            .args(["--user", &nix::unistd::getuid().to_string()])
+            .die_with_parent()
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let link = guest.join("serial/by-id/usb-Test_X-if00");
+        wait_for(Duration::from_secs(5), "the links", || {
+            exists(&link) && exists(&guest.join("devbroker/b.t"))
+        });
+        Shim {
+            _control: ctl.join().unwrap(),
+            _tmp: tmp,
+            tty_listener,
+            shim,
+            link,
+            state,
+        }
+    }
+
+    /// serve's line socket.
+    fn line_socket(&self) -> std::path::PathBuf {
+        devshim::linesock::path(&self.state, self.shim.id())
+    }
+}
+
+impl Drop for Shim {
+    fn drop(&mut self) {
+        let _ = self.shim.kill();
+        let _ = self.shim.wait();
+    }
+}
+
 #[test]
 fn tool_actions_become_rfc2217_commands() {
-    let tmp = tempfile::tempdir().unwrap();
-    let dir = tmp.path().join("machine");
-    std::fs::create_dir_all(&dir).unwrap();
-    std::fs::write(
-        dir.join("ttys.json"),
-        r#"{"version":1,"ttys":[{"board":"b","tty":"t","by_id":"usb-Test_X-if00","rate":115200}]}"#,
-    )
-    .unwrap();
-    let tty_listener = UnixListener::bind(dir.join("b.t.sock")).unwrap();
-    let control = UnixListener::bind(dir.join("control.sock")).unwrap();
-    let ctl = std::thread::spawn(move || {
-        let (s, _) = control.accept().unwrap();
-        let mut r = BufReader::new(s.try_clone().unwrap());
-        let mut line = String::new();
-        r.read_line(&mut line).unwrap();
-        assert!(line.contains("\"hello\""), "{line}");
-        (&s).write_all(b"{\"reply\":\"hello\",\"version\":1,\"server\":\"test\"}\n")
-            .unwrap();
-        s // keep the control connection open: the broker is "alive"
-    });
-    let guest = tmp.path().join("guest");
-    let mut shim = Command::new(devshim())
-        .args(["serve", "--dir"])
-        .arg(&dir)
-        .arg("--link-root")
-        .arg(&guest)
-        .args(["--user", &nix::unistd::getuid().to_string()])
-        .die_with_parent()
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let link = guest.join("serial/by-id/usb-Test_X-if00");
-    wait_for(Duration::from_secs(5), "the links", || {
-        exists(&link) && exists(&guest.join("devbroker/b.t"))
-    });
-    let _ctl = ctl.join().unwrap();
+    let s = Shim::start();
+    let (tty_listener, link) = (&s.tty_listener, &s.link);
 
     // A tool opens the pty: devshim connects, sends the line settings and raises DTR/RTS.
-    let tool = Tool::open(&link).unwrap();
-    let mut p = Peer::accept(&tty_listener);
+    let tool = Tool::open(link).unwrap();
+    let mut p = Peer::accept(tty_listener);
     p.expect("WILL COM-PORT-OPTION", |s| {
         s.contains(&OwnedEvent::Negotiate(
             wire::telnet::Verb::Will,
@@ -182,10 +221,77 @@ fn tool_actions_become_rfc2217_commands() {
     drop(p);
 
     // The pty stays: a new tool gets a new session.
-    let tool = Tool::open(&link).unwrap();
-    let mut p = Peer::accept(&tty_listener);
+    let tool = Tool::open(link).unwrap();
+    let mut p = Peer::accept(tty_listener);
     p.expect_cmd(Cmd::SetBaudRate(460_800));
     drop(tool);
-    let _ = shim.kill();
-    let _ = shim.wait();
+}
+
+/// The line socket takes requests from anyone (mode 0666): serve, root,
+/// runs only the termios reads a `GetTermios` stands for, and breaks no
+/// longer than a tool's call can ask.
+#[test]
+fn the_line_socket_refuses_requests_no_tool_call_makes() {
+    use devshim::linecall::{LineRequest, TERMIOS2_LEN, TERMIOS_LEN};
+    let s = Shim::start();
+    let tool = Tool::open(&s.link).unwrap();
+    let mut p = Peer::accept(&s.tty_listener);
+    p.expect_cmd(Cmd::SetControl(control::RTS_ON));
+    let before = wire::termios::get(&tool.fd).unwrap();
+    let mut client = devshim::linesock::Client::new(s.line_socket());
+    let mut ask = |req: LineRequest| {
+        client
+            .call(Ok(std::os::fd::AsFd::as_fd(&tool.fd)), &req)
+            .unwrap()
+    };
+
+    // Not a termios read: a set (which would have cleared the tool's
+    // settings), TIOCSTI (input pushed into the tool's tty as root), any
+    // number.
+    for req in [
+        libc::TCSETS as u32,
+        libc::TCSETSF2 as u32,
+        libc::TIOCSTI as u32,
+        libc::TIOCMGET as u32,
+        0xdead_beef,
+    ] {
+        let r = ask(LineRequest::GetTermios { req });
+        assert_eq!(r.errno, libc::EINVAL, "GetTermios {req:#x}: {r:?}");
+        assert_eq!(r.termios, None, "GetTermios {req:#x}");
+    }
+    let after = wire::termios::get(&tool.fd).unwrap();
+    assert_eq!(
+        (after.c_cflag, after.c_ospeed, after.c_lflag),
+        (before.c_cflag, before.c_ospeed, before.c_lflag),
+        "the tool's settings were changed"
+    );
+    assert!(
+        read_exact_timeout(tool.fd.as_raw_fd(), 1, Duration::from_millis(300)).is_err(),
+        "something was pushed into the tool's input"
+    );
+
+    // The reads a tool's TCGETS/TCGETS2 make still work.
+    for (req, len) in [(libc::TCGETS, TERMIOS_LEN), (libc::TCGETS2, TERMIOS2_LEN)] {
+        let r = ask(LineRequest::GetTermios { req: req as u32 });
+        assert_eq!(r.errno, 0, "{r:?}");
+        let t = r.termios.expect("the pty's settings");
+        assert_eq!(t.len(), len);
+        assert_eq!(
+            devshim::linecall::cflag_of(&t),
+            Some(before.c_cflag),
+            "{req:#x}"
+        );
+    }
+
+    // A break longer than a tool's TCSBRKP can ask (60 s) is refused
+    // without touching the line.
+    let r = ask(LineRequest::TimedBreak { ms: 3_600_000 });
+    assert_eq!(r.errno, libc::EINVAL, "{r:?}");
+    let until = Instant::now() + Duration::from_millis(300);
+    p.expect("a moment", |_| Instant::now() >= until);
+    assert!(
+        !Peer::has(&p.seen, &Cmd::SetControl(control::BREAK_ON)),
+        "{:?}",
+        p.seen
+    );
 }

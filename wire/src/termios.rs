@@ -59,6 +59,83 @@ pub fn set(fd: impl AsFd, t: &libc::termios2, when: When) -> io::Result<()> {
     check(unsafe { libc::ioctl(fd.as_fd().as_raw_fd(), req as _, t) })
 }
 
+/// The two termios structs a tool's `TCGETS*`/`TCSETS*` carry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    /// The kernel's `struct termios` (`TCGETS`/`TCSETS`; not glibc's).
+    Termios,
+    /// `struct termios2` (`TCGETS2`/`TCSETS2`).
+    Termios2,
+}
+
+impl Layout {
+    /// The struct's size in bytes.
+    pub const fn size(self) -> usize {
+        match self {
+            // c_iflag, c_oflag, c_cflag, c_lflag, c_line, c_cc[19].
+            Layout::Termios => 4 * 4 + 1 + 19,
+            Layout::Termios2 => std::mem::size_of::<libc::termios2>(),
+        }
+    }
+
+    /// The layout a termios read (`TCGETS`, `TCGETS2`) fills; `None` for
+    /// any other request.
+    pub fn of_get(req: u32) -> Option<Layout> {
+        match libc::c_ulong::from(req) {
+            libc::TCGETS => Some(Layout::Termios),
+            libc::TCGETS2 => Some(Layout::Termios2),
+            _ => None,
+        }
+    }
+
+    fn get_request(self) -> libc::c_ulong {
+        match self {
+            Layout::Termios => libc::TCGETS,
+            Layout::Termios2 => libc::TCGETS2,
+        }
+    }
+
+    fn set_request(self) -> libc::c_ulong {
+        match self {
+            Layout::Termios => libc::TCSETS,
+            Layout::Termios2 => libc::TCSETS2,
+        }
+    }
+}
+
+/// Reads the terminal's settings as the struct of `layout`, in its bytes
+/// (as a tool's `TCGETS`/`TCGETS2` gets them).
+pub fn get_bytes(fd: impl AsFd, layout: Layout) -> io::Result<Vec<u8>> {
+    let mut b = vec![0u8; layout.size()];
+    // SAFETY: TCGETS/TCGETS2 write one struct of `layout.size()` bytes, the
+    // buffer's size; the descriptor is borrowed, so open, for the call.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_fd().as_raw_fd(),
+            layout.get_request() as _,
+            b.as_mut_ptr(),
+        )
+    })?;
+    Ok(b)
+}
+
+/// Applies settings given as the bytes of a struct of `layout`, at once
+/// (`TCSETS`/`TCSETS2`); fails with `EINVAL` if `bytes` is not that long.
+pub fn set_bytes(fd: impl AsFd, layout: Layout, bytes: &[u8]) -> io::Result<()> {
+    let Some(b) = bytes.get(..layout.size()) else {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    };
+    // SAFETY: TCSETS/TCSETS2 read one struct of `layout.size()` bytes, which
+    // `b` has.
+    check(unsafe {
+        libc::ioctl(
+            fd.as_fd().as_raw_fd(),
+            layout.set_request() as _,
+            b.as_ptr(),
+        )
+    })
+}
+
 /// The modem lines (`TIOCM_*` bits) as the tty has them now. A device
 /// without modem lines (a pty) fails with `ENOTTY`.
 pub fn modem_lines(fd: impl AsFd) -> io::Result<libc::c_int> {
@@ -213,6 +290,56 @@ pub fn make_raw(t: &mut libc::termios2) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn termios_structs_by_request() {
+        assert_eq!(Layout::Termios.size(), 36);
+        assert_eq!(Layout::Termios2.size(), 44);
+        assert_eq!(Layout::of_get(libc::TCGETS as u32), Some(Layout::Termios));
+        assert_eq!(Layout::of_get(libc::TCGETS2 as u32), Some(Layout::Termios2));
+        for req in [libc::TCSETS, libc::TCSETS2, libc::TIOCSTI, libc::TIOCMGET] {
+            assert_eq!(Layout::of_get(req as u32), None, "{req:#x}");
+        }
+        assert_eq!(Layout::of_get(u32::MAX), None);
+    }
+
+    #[test]
+    fn settings_as_bytes_on_a_pty() {
+        let master = openpt();
+        let t = get(&master).unwrap();
+        let b2 = get_bytes(&master, Layout::Termios2).unwrap();
+        let b1 = get_bytes(&master, Layout::Termios).unwrap();
+        assert_eq!(b2.len(), 44);
+        assert_eq!(b1.len(), 36);
+        let cflag = |b: &[u8]| u32::from_ne_bytes(b[8..12].try_into().unwrap());
+        assert_eq!(cflag(&b2), t.c_cflag);
+        assert_eq!(cflag(&b1), t.c_cflag);
+        // Too short a struct is refused, not read past.
+        assert_eq!(
+            set_bytes(&master, Layout::Termios2, &b2[..40])
+                .unwrap_err()
+                .raw_os_error(),
+            Some(libc::EINVAL)
+        );
+        let mut raw = t;
+        make_raw(&mut raw);
+        set(&master, &raw, When::Now).unwrap();
+        set_bytes(&master, Layout::Termios2, &b2).unwrap();
+        assert_eq!(get(&master).unwrap().c_lflag, t.c_lflag);
+        set(&master, &raw, When::Now).unwrap();
+        set_bytes(&master, Layout::Termios, &b1).unwrap();
+        assert_eq!(get(&master).unwrap().c_lflag, t.c_lflag);
+    }
+
+    /// A pty master (its termios are the slave's).
+    fn openpt() -> std::os::fd::OwnedFd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: posix_openpt returns a new descriptor or -1.
+        let fd = unsafe { libc::posix_openpt(libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC) };
+        assert!(fd >= 0, "{}", io::Error::last_os_error());
+        // SAFETY: a fresh descriptor we own.
+        unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) }
+    }
 
     #[test]
     fn settings_roundtrip() {
