@@ -138,10 +138,6 @@ impl Stop {
         self.wake.notify_all();
     }
 
-    fn is_stopped(&self) -> bool {
-        *self.stopped.lock().unwrap()
-    }
-
     /// Sleeps until `t`, or until stopped: false then.
     fn sleep_until(&self, t: Instant) -> bool {
         let mut stopped = self.stopped.lock().unwrap();
@@ -287,9 +283,6 @@ pub fn run(
         });
     }
     if !stop.sleep_until(start + nominal) {
-        return Err(stopped());
-    }
-    if stop.is_stopped() {
         return Err(stopped());
     }
     Ok(out)

@@ -454,8 +454,10 @@ async fn session(
         // it, it is blocked in the call.
         let mut stash: Vec<u8> = Vec::new();
         loop {
-            // What was read last is handled: the buffer may resize.
+            // What was read last is handled: the buffer may resize, and
+            // the join buffer with it.
             buf.filled(std::mem::take(&mut last));
+            buf.fit(&mut gather);
             let readable = if fences.pending() {
                 stash.len() < STASH_WHILE_CALLING
             } else {
@@ -542,10 +544,6 @@ async fn session(
                     Some(Event::Malformed(why)) => warn!("broker sent a malformed command: {why}"),
                     _ => {}
                 }
-            }
-            if n < DRAIN_AFTER && gather.capacity() > SMALL {
-                // The session quieted down: so does the join buffer.
-                gather = Vec::new();
             }
         }
     };

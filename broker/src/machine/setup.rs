@@ -329,12 +329,9 @@ fn steps_for(opts: &SetupOptions, roots: &Roots) -> anyhow::Result<(Vec<Step>, u
         }
     }
     let job = (shift + opts.uid, shift + opts.uid);
-    let home = passwd
-        .lines()
-        .find(|l| l.starts_with(&format!("{}:", opts.user)))
-        .and_then(|l| l.split(':').nth(5))
-        .map(str::to_owned)
-        .unwrap_or(format!("/home/{}", opts.user));
+    let home = wire::accounts::find_user(&passwd, &opts.user)
+        .filter(|u| u.name == opts.user)
+        .map_or(format!("/home/{}", opts.user), |u| u.home);
     steps.push(Step {
         path: opts.tree.join(home_in_tree(&home, &opts.user, &opts.tree)?),
         content: Content::Dir { mode: 0o750 },
