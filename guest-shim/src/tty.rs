@@ -328,25 +328,18 @@ async fn session(
     send(Command::SetControl(control::DTR_ON), &mut hello);
     send(Command::SetControl(control::RTS_ON), &mut hello);
     (line.dtr, line.rts) = (true, true);
+    // Name the tool to the broker (a scan of /proc, off the async threads)
+    // in the opening, not later: a name arriving on its own could be all a
+    // broker killed at that moment left unread, and the reset it causes
+    // would hang the tool up as if its own bytes were lost.
+    let path = pty.path.clone();
+    if let Ok(Some(tool)) = tokio::task::spawn_blocking(move || crate::tool::find(&path)).await {
+        send(Command::Signature(tool.to_bytes()), &mut hello);
+    }
     if let Err(e) = wr.write_all(&hello).await {
         return SessionEnd::BrokerClosed(format!("broker socket: {e}"));
     }
     let (ans_tx, mut ans_rx) = mpsc::channel::<Vec<u8>>(16);
-    // Name the tool to the broker, once it is found (a scan of /proc, off
-    // the data path); a session that ended by then just drops it.
-    {
-        let path = pty.path.clone();
-        let tx = ans_tx.clone();
-        tokio::spawn(async move {
-            if let Ok(Some(tool)) =
-                tokio::task::spawn_blocking(move || crate::tool::find(&path)).await
-            {
-                let mut out = Vec::new();
-                send(Command::Signature(tool.to_bytes()), &mut out);
-                let _ = tx.send(out).await;
-            }
-        });
-    }
     let closing = AtomicBool::new(false);
     // The kernel resets a unix socket (`ECONNRESET`) whose peer went away
     // with bytes it had not read: a broker killed before reading what the
