@@ -11,10 +11,12 @@
 //! The queue is kept per board: each waiter is filed under the boards it
 //! could be given (its *candidates*: the boards its request names or whose
 //! types match, that its client may use), in arrival order. A board that
-//! becomes free goes to the earliest waiter filed under it. Every event costs
-//! O(k log n) for a waiter with k candidates among n waiters, so thousands of
-//! waiters cost the broker nothing it would notice, and one machine's type
-//! request never stands in front of another machine's own boards.
+//! becomes free goes to the earliest waiter filed under it. Every grant,
+//! release and withdrawal costs O(k log n) for a waiter with k candidates
+//! among n waiters (telling a new waiter its place counts those before it,
+//! once), so thousands of waiters cost the broker nothing it would notice,
+//! and one machine's type request never stands in front of another
+//! machine's own boards.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::SystemTime;

@@ -42,6 +42,14 @@ pub fn devshim() -> PathBuf {
     static_devshim::path()
 }
 
+/// `devshim run --state-dir STATE --`, for the command to follow: a job
+/// whose line calls on devshim's ptys reach the port.
+pub fn devshim_run(state: &Path) -> Command {
+    let mut c = Command::new(devshim());
+    c.arg("run").arg("--state-dir").arg(state).arg("--");
+    c
+}
+
 /// True under CI (`CI=true`), where every test must run.
 pub fn under_ci() -> bool {
     std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")

@@ -62,12 +62,6 @@ fn split_filters(out: &str) -> (String, u32) {
     (rest.to_string(), n)
 }
 
-fn devshim_run(state: &std::path::Path) -> Command {
-    let mut c = Command::new(devshim());
-    c.arg("run").arg("--state-dir").arg(state).arg("--");
-    c
-}
-
 #[test]
 fn other_ttys_and_files_see_the_kernel_as_without_it() {
     let dir = tempfile::tempdir().unwrap();
@@ -130,13 +124,11 @@ fn exit_status_signals_and_nesting() {
     assert_eq!(code(&["no-such-command-here"]), Some(127));
     // A nested run can't get a second listener: it runs the command under
     // the outer supervisor, silently, and its status comes back.
+    let inner = devshim_run(&state);
     let out = devshim_run(&state)
-        .arg(devshim())
-        .arg("run")
-        .arg("--state-dir")
-        .arg(&state)
+        .arg(inner.get_program())
+        .args(inner.get_args())
         .args([
-            "--",
             "sh",
             "-c",
             "grep ^Seccomp_filters: /proc/self/status; exit 3",

@@ -104,6 +104,10 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     std::fs::create_dir_all("/var/lib/machines").unwrap();
     let _ = std::fs::remove_file(&link);
     std::os::unix::fs::symlink(tree.path(), &link).unwrap();
+    let _leftovers = Leftovers(vec![
+        link.clone(),
+        PathBuf::from(format!("/run/systemd/nspawn/{name}.nspawn")),
+    ]);
     let state = w.path("state");
     let tree_s = tree.path().to_str().unwrap().to_string();
     let state_s = state.to_str().unwrap().to_string();
@@ -311,6 +315,16 @@ fn a_hostile_container_root_changes_nothing_of_the_host() {
     assert_eq!(before, after, "a host file changed");
     let m = std::fs::metadata(w.run.join(format!("machines/{name}"))).unwrap();
     assert_eq!((m.uid(), m.gid(), m.mode() & 0o7777), (0, 0, 0o755));
-    let _ = std::fs::remove_file(&link);
-    let _ = std::fs::remove_file(format!("/run/systemd/nspawn/{name}.nspawn"));
+}
+
+/// The host files naming the machine, removed however the test ends (after
+/// the container, which is dropped first).
+struct Leftovers(Vec<PathBuf>);
+
+impl Drop for Leftovers {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
 }

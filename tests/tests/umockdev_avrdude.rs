@@ -120,12 +120,9 @@ fn avrdude_arduino_resets_the_board_by_dtr_under_devshim_run() {
     let hex = w.path("sketch.hex");
     std::fs::write(&hex, ihex(&image)).unwrap();
     let t0 = Instant::now();
-    let out = Command::new(devshim())
-        .arg("run")
-        .arg("--state-dir")
-        .arg(w.state_dir("ci1"))
+    let out = devshim_run(&w.state_dir("ci1"))
         .args([
-            "--", "avrdude", "-c", "arduino", "-p", "m328p", "-b", "115200", "-P",
+            "avrdude", "-c", "arduino", "-p", "m328p", "-b", "115200", "-P",
         ])
         .arg(&link)
         .arg("-D")

@@ -233,14 +233,7 @@ fn esptool5_read_mac_and_write_flash_under_devshim_run() {
         return;
     };
     let link = rig.link.display().to_string();
-    let devshim_run = || {
-        let mut c = Command::new(devshim());
-        c.arg("run")
-            .arg("--state-dir")
-            .arg(rig.w.state_dir("ci1"))
-            .arg("--");
-        c
-    };
+    let devshim_run = || devshim_run(&rig.w.state_dir("ci1"));
 
     // read-mac, as a job runs it.
     let since = rig.chip_said().len();

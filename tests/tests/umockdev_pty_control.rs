@@ -69,14 +69,10 @@ s.close()
 step("closed")
 "#;
 
-/// `devshim run` for machine `machine` of `w`.
-pub fn devshim_run(w: &World, machine: &str) -> Command {
-    let mut c = Command::new(devshim());
-    c.arg("run")
-        .arg("--state-dir")
-        .arg(w.state_dir(machine))
-        .arg("--")
-        .env("DEVSHIM_LOG", "debug");
+/// `devshim run` for machine `machine` of `w`, logging its calls.
+fn run_for(w: &World, machine: &str) -> Command {
+    let mut c = devshim_run(&w.state_dir(machine));
+    c.env("DEVSHIM_LOG", "debug");
     c
 }
 
@@ -99,7 +95,7 @@ fn pyserial_modem_api_on_the_pty_under_devshim_run() {
 
     let log = w.path("pyserial.log");
     let mut py = Stepped::start(
-        devshim_run(&w, "ci1")
+        run_for(&w, "ci1")
             .args(["/usr/bin/python3", "-c", MODEM])
             .arg(&link),
         &log,

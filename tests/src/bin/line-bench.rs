@@ -24,6 +24,7 @@ use std::os::fd::AsRawFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use devbroker_tests::procstat::{self, percentile};
 use devbroker_tests::umockdev::{self, testdata};
 use devbroker_tests::*;
 
@@ -119,11 +120,6 @@ fn spin(kind: &str, n: usize, filtered: bool) {
     println!("{}", now_ns() - t0);
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[((v.len() - 1) as f64 * p).round() as usize]
-}
-
 /// Runs this binary in tool mode (under `devshim run` when `state` is
 /// given); the (start, return) of each call.
 fn run_tool(
@@ -135,8 +131,8 @@ fn run_tool(
     let me = std::env::current_exe().unwrap();
     let mut c = match state {
         Some(s) => {
-            let mut c = Command::new(devshim());
-            c.arg("run").arg("--state-dir").arg(s).arg("--").arg(&me);
+            let mut c = devshim_run(s);
+            c.arg(&me);
             c
         }
         None => Command::new(&me),
@@ -167,12 +163,8 @@ fn spins(kind: &str, n: usize, state: &std::path::Path) -> [f64; 3] {
     for _ in 0..5 {
         for (i, r) in runs.iter_mut().enumerate() {
             let mut c = if i == 2 {
-                let mut c = Command::new(devshim());
-                c.arg("run")
-                    .arg("--state-dir")
-                    .arg(state)
-                    .arg("--")
-                    .arg(&me);
+                let mut c = devshim_run(state);
+                c.arg(&me);
                 c
             } else {
                 Command::new(&me)
@@ -186,7 +178,7 @@ fn spins(kind: &str, n: usize, state: &std::path::Path) -> [f64; 3] {
             r.push(ns / n as f64);
         }
     }
-    runs.map(|mut r| pct(&mut r, 0.5))
+    runs.map(|mut r| procstat::median(&mut r))
 }
 
 fn main() {
@@ -264,16 +256,16 @@ fn main() {
         .collect();
     let mut dur: Vec<f64> = calls.iter().map(|(a, b)| (b - a) as f64 / 1e3).collect();
     let mut ddur: Vec<f64> = direct.iter().map(|(a, b)| (b - a) as f64 / 1e3).collect();
-    let (d50, d99) = (pct(&mut dur, 0.5), pct(&mut dur, 0.99));
-    let (b50, b99) = (pct(&mut ddur, 0.5), pct(&mut ddur, 0.99));
+    let (d50, d99) = (percentile(&mut dur, 50), percentile(&mut dur, 99));
+    let (b50, b99) = (percentile(&mut ddur, 50), percentile(&mut ddur, 99));
     println!("edge at the adapter after the call returned ({} of {n} matched; negative: before it returned)", late.len());
     let (l50, l99, lmax) = if late.is_empty() {
         (f64::NAN, f64::NAN, f64::NAN)
     } else {
         (
-            pct(&mut late, 0.5),
-            pct(&mut late, 0.99),
-            pct(&mut late, 1.0),
+            percentile(&mut late, 50),
+            percentile(&mut late, 99),
+            percentile(&mut late, 100),
         )
     };
     println!("  p50 {l50:9.1} us   p99 {l99:9.1} us   max {lmax:9.1} us");
