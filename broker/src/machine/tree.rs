@@ -1165,15 +1165,20 @@ mod tests {
         assert!(t.check_replaceable(rel, &Found::Missing, false).is_ok());
     }
 
-    #[test]
-    fn own_dir_at_makes_fixes_and_refuses() {
-        let d = tempfile::tempdir().unwrap();
-        let top = rustix::fs::open(
-            d.path(),
+    /// A directory of the test, opened as the functions take it.
+    fn dir_fd(p: &Path) -> OwnedFd {
+        rustix::fs::open(
+            p,
             OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
             Mode::empty(),
         )
-        .unwrap();
+        .unwrap()
+    }
+
+    #[test]
+    fn own_dir_at_makes_fixes_and_refuses() {
+        let d = tempfile::tempdir().unwrap();
+        let top = dir_fd(d.path());
         let name = OsStr::new("x");
         let (_, made) = own_dir_at(&top, name, Meta::new(me(), 0o750), true).unwrap();
         assert!(made);
@@ -1203,12 +1208,7 @@ mod tests {
     #[test]
     fn create_file_at_never_goes_through_a_link() {
         let d = tempfile::tempdir().unwrap();
-        let top = rustix::fs::open(
-            d.path(),
-            OFlags::RDONLY | OFlags::DIRECTORY | OFlags::CLOEXEC,
-            Mode::empty(),
-        )
-        .unwrap();
+        let top = dir_fd(d.path());
         let f = create_file_at(&top, OsStr::new("a"), b"secret", 0o600, Some(me())).unwrap();
         drop(f);
         let m = std::fs::symlink_metadata(d.path().join("a")).unwrap();
